@@ -1,0 +1,276 @@
+//! The immutable tree a mount serves.
+//!
+//! Built once from a selection and never changed: a driver change produces a
+//! new `View` that is swapped in whole. Laid out like the `/usr/local/nvidia`
+//! convention that CUDA images and GKE expect (`bin/`, `lib64/`, `lib/` for
+//! 32-bit), plus firmware and vendor configs, with the symlinks a container's
+//! loader needs already in place, so nothing has to run `ldconfig` inside it.
+//! Inode numbers are indexes into one vector: lookups are a map probe.
+
+use crate::catalog::GLX_INDIRECT;
+use crate::pin::PinnedVersion;
+use crate::select::{FileKind, Selected};
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
+
+pub type Ino = u64;
+/// FUSE's root inode.
+pub const ROOT_INO: Ino = 1;
+
+#[derive(Debug)]
+pub struct View {
+    pin: PinnedVersion,
+    driver_root: PathBuf,
+    nodes: Vec<Node>,
+    /// When the view was built: the time shown for directories and links.
+    built: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub parent: Ino,
+    pub kind: NodeKind,
+}
+
+#[derive(Debug)]
+pub enum NodeKind {
+    /// Entries sorted by name, so listings are stable.
+    Dir(BTreeMap<OsString, Ino>),
+    File(Selected),
+    /// Relative, and never leaves the view.
+    Symlink(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeType {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// What `stat` shows; FUSE-independent so the core is tested without a mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub node_type: NodeType,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub mtime: SystemTime,
+}
+
+impl View {
+    pub fn build(pin: PinnedVersion, driver_root: PathBuf, files: Vec<Selected>) -> View {
+        let mut view = View {
+            pin,
+            driver_root,
+            nodes: vec![Node {
+                parent: ROOT_INO,
+                kind: NodeKind::Dir(BTreeMap::new()),
+            }],
+            built: SystemTime::now(),
+        };
+        // Present even when empty, so `PATH`/`LD_LIBRARY_PATH` entries never dangle.
+        view.make_dirs(Path::new("bin"));
+        view.make_dirs(Path::new("lib64"));
+        let mut links = Vec::new();
+        for file in files {
+            links.extend(loader_links(&file));
+            view.insert(&file.view_path.clone(), NodeKind::File(file));
+        }
+        for (path, target) in links {
+            view.insert(&path, NodeKind::Symlink(target));
+        }
+        view
+    }
+
+    /// Adds a node unless its name is taken: the first file or link to claim
+    /// a name keeps it.
+    fn insert(&mut self, path: &Path, kind: NodeKind) {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return;
+        };
+        let dir = self.make_dirs(parent);
+        let ino = self.nodes.len() as Ino + 1;
+        if let NodeKind::Dir(entries) = &mut self.nodes[(dir - 1) as usize].kind {
+            if entries.contains_key(name) {
+                tracing::debug!(path = %path.display(), "name already taken in the view");
+                return;
+            }
+            entries.insert(name.to_owned(), ino);
+        }
+        self.nodes.push(Node { parent: dir, kind });
+    }
+
+    fn make_dirs(&mut self, path: &Path) -> Ino {
+        let mut dir = ROOT_INO;
+        for part in path.components() {
+            let Component::Normal(name) = part else { continue };
+            dir = match self.lookup(dir, name) {
+                Some(ino) => ino,
+                None => {
+                    let ino = self.nodes.len() as Ino + 1;
+                    if let NodeKind::Dir(entries) = &mut self.nodes[(dir - 1) as usize].kind {
+                        entries.insert(name.to_owned(), ino);
+                    }
+                    self.nodes.push(Node {
+                        parent: dir,
+                        kind: NodeKind::Dir(BTreeMap::new()),
+                    });
+                    ino
+                }
+            };
+        }
+        dir
+    }
+
+    pub fn pin(&self) -> &PinnedVersion {
+        &self.pin
+    }
+
+    pub fn node(&self, ino: Ino) -> Option<&Node> {
+        self.nodes.get(usize::try_from(ino).ok()?.checked_sub(1)?)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> Option<Ino> {
+        match &self.node(parent)?.kind {
+            NodeKind::Dir(entries) => entries.get(name).copied(),
+            _ => None,
+        }
+    }
+
+    /// Follows a relative path from the root, without following links.
+    pub fn lookup_path(&self, path: &Path) -> Option<Ino> {
+        path.components().try_fold(ROOT_INO, |dir, part| match part {
+            Component::Normal(name) => self.lookup(dir, name),
+            Component::CurDir | Component::RootDir => Some(dir),
+            _ => None,
+        })
+    }
+
+    pub fn attr(&self, ino: Ino) -> Option<Attr> {
+        let node = self.node(ino)?;
+        let (node_type, size, perm, nlink, mtime) = match &node.kind {
+            NodeKind::Dir(entries) => {
+                let subdirs = entries
+                    .values()
+                    .filter(|&&i| matches!(self.node(i).map(|n| &n.kind), Some(NodeKind::Dir(_))))
+                    .count();
+                (NodeType::Dir, 0, 0o555, 2 + subdirs as u32, self.built)
+            }
+            NodeKind::File(f) => (NodeType::File, f.size, f.kind.perm(), 1, f.mtime),
+            NodeKind::Symlink(target) => (NodeType::Symlink, target.as_os_str().len() as u64, 0o777, 1, self.built),
+        };
+        Some(Attr {
+            ino,
+            node_type,
+            size,
+            perm,
+            nlink,
+            mtime,
+        })
+    }
+
+    /// Every node below the root, depth first in name order, with its path.
+    pub fn walk(&self) -> Vec<(PathBuf, Ino)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(PathBuf::new(), ROOT_INO)];
+        while let Some((path, ino)) = stack.pop() {
+            if let Some(NodeKind::Dir(entries)) = self.node(ino).map(|n| &n.kind) {
+                for (name, &child) in entries.iter().rev() {
+                    stack.push((path.join(name), child));
+                }
+            }
+            if ino != ROOT_INO {
+                out.push((path, ino));
+            }
+        }
+        out
+    }
+
+    pub fn manifest(&self) -> Manifest {
+        let mut files = Vec::new();
+        let mut symlinks = Vec::new();
+        for (path, ino) in self.walk() {
+            match &self.nodes[(ino - 1) as usize].kind {
+                NodeKind::File(f) => files.push(ManifestFile {
+                    path: path.display().to_string(),
+                    source: f.source.to_string(),
+                    size: f.size,
+                    kind: f.kind,
+                    soname: f.soname.clone(),
+                }),
+                NodeKind::Symlink(target) => symlinks.push(ManifestLink {
+                    path: path.display().to_string(),
+                    target: target.display().to_string(),
+                }),
+                NodeKind::Dir(_) => {}
+            }
+        }
+        Manifest {
+            driver_version: self.pin.version.to_string(),
+            version_source: self.pin.source.to_string(),
+            driver_root: self.driver_root.display().to_string(),
+            files,
+            symlinks,
+        }
+    }
+}
+
+/// The names a container's loader asks for, pointing at the real file in the
+/// same directory: SONAME -> file, `lib*.so` -> SONAME, and GLVND's indirect
+/// GLX name.
+fn loader_links(file: &Selected) -> Vec<(PathBuf, PathBuf)> {
+    let (Some(spec), Some(soname), Some(dir), Some(name)) = (
+        file.library,
+        &file.soname,
+        file.view_path.parent(),
+        file.view_path.file_name(),
+    ) else {
+        return Vec::new();
+    };
+    if !matches!(file.kind, FileKind::Lib64 | FileKind::Lib32) {
+        return Vec::new();
+    }
+    let mut links = Vec::new();
+    if soname.as_str() != name {
+        links.push((dir.join(soname), PathBuf::from(name)));
+    }
+    let dev = format!("{}.so", spec.name);
+    if dev != *soname {
+        links.push((dir.join(dev), PathBuf::from(soname)));
+    }
+    if spec.name == GLX_INDIRECT.1 {
+        links.push((dir.join(GLX_INDIRECT.0), PathBuf::from(name)));
+    }
+    links
+}
+
+/// What a view serves: `nvlibfs scan --json` prints it (with the rejected
+/// candidates), and its field names are a stable interface.
+#[derive(Debug, serde::Serialize)]
+pub struct Manifest {
+    pub driver_version: String,
+    pub version_source: String,
+    pub driver_root: String,
+    pub files: Vec<ManifestFile>,
+    pub symlinks: Vec<ManifestLink>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ManifestFile {
+    pub path: String,
+    pub source: String,
+    pub size: u64,
+    pub kind: FileKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soname: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ManifestLink {
+    pub path: String,
+    pub target: String,
+}
