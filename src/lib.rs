@@ -8,7 +8,9 @@
 //! says why it dropped the rest; [`view`] lays them out as an immutable tree
 //! that a mount serves.
 
+pub mod args;
 pub mod catalog;
+pub mod control;
 pub mod discover;
 pub mod elf;
 pub mod hostroot;

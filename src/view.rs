@@ -7,7 +7,7 @@
 //! loader needs already in place, so nothing has to run `ldconfig` inside it.
 //! Inode numbers are indexes into one vector: lookups are a map probe.
 
-use crate::catalog::GLX_INDIRECT;
+use crate::catalog::{Versioning, GLX_INDIRECT};
 use crate::pin::PinnedVersion;
 use crate::select::{FileKind, Selected};
 use std::collections::BTreeMap;
@@ -124,6 +124,15 @@ impl View {
             };
         }
         dir
+    }
+
+    /// Whether any library versioned with the driver is served: without
+    /// one, there is no driver here to speak of.
+    pub fn has_driver_libraries(&self) -> bool {
+        self.nodes.iter().any(|n| match &n.kind {
+            NodeKind::File(f) => f.library.is_some_and(|l| l.versioning == Versioning::Driver),
+            _ => false,
+        })
     }
 
     pub fn pin(&self) -> &PinnedVersion {

@@ -1,5 +1,8 @@
 //! nvlibfs-mountd: the FUSE daemon that serves an nvlibfs `View`.
 //!
-//! Empty until the mount lands (issue "Serve the view"): the crate exists so
-//! the workspace has its final shape and the daemon's dependencies stay out
-//! of the core, which is tested without FUSE.
+//! [`fs`] is the thin FUSE adapter, [`served`] holds a view with its data
+//! path and counters, [`daemon`] runs a mount from checks to clean unmount.
+
+pub mod daemon;
+pub mod fs;
+pub mod served;

@@ -1,0 +1,114 @@
+//! Command-line arguments shared by `nvlibfs` and `nvlibfs-mountd`, so the
+//! two binaries read the same flags the same way.
+
+use crate::discover::KernelInfo;
+use crate::pin::PinRequest;
+use crate::{Plan, PlanError};
+use clap::Args;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Which driver to serve: every command that builds a view takes these.
+#[derive(Args, Clone, Debug)]
+pub struct DriverArgs {
+    /// Look for the driver's files under DIR instead of /. Links are
+    /// followed inside DIR only; nothing outside it is ever served
+    #[arg(long, value_name = "DIR", default_value = "/", help_heading = "Driver")]
+    pub driver_root: PathBuf,
+
+    /// Read the kernel module's version from FILE (sysfs or
+    /// /proc/driver/nvidia/version format) instead of the running kernel's
+    #[arg(
+        long,
+        value_name = "FILE",
+        group = "pin",
+        help_heading = "Version pin (default: the loaded module's)"
+    )]
+    pub module_version_file: Option<PathBuf>,
+
+    /// Serve this driver version, whatever module is loaded
+    #[arg(
+        long,
+        value_name = "VERSION",
+        group = "pin",
+        help_heading = "Version pin (default: the loaded module's)"
+    )]
+    pub driver_version: Option<String>,
+}
+
+impl DriverArgs {
+    pub fn pin_request(&self) -> PinRequest {
+        match (&self.module_version_file, &self.driver_version) {
+            (Some(file), _) => PinRequest::ModuleFile(file.clone()),
+            (None, Some(version)) => PinRequest::Version(version.clone()),
+            (None, None) => PinRequest::LoadedModule,
+        }
+    }
+
+    pub fn plan(&self) -> Result<Plan, PlanError> {
+        crate::plan(&self.driver_root, &self.pin_request(), &KernelInfo::running())
+    }
+
+    /// The same flags as arguments, for handing to another process.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args = vec!["--driver-root".into(), self.driver_root.clone().into()];
+        if let Some(f) = &self.module_version_file {
+            args.extend(["--module-version-file".into(), f.clone().into()]);
+        }
+        if let Some(v) = &self.driver_version {
+            args.extend(["--driver-version".into(), v.into()]);
+        }
+        args
+    }
+}
+
+/// How the daemon serves a view.
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Serve reads through the daemon and the page cache instead of FUSE
+    /// passthrough (for kernels or privileges without it)
+    #[arg(long, help_heading = "Serving")]
+    pub no_passthrough: bool,
+
+    /// Threads answering FUSE requests
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Serving")]
+    pub threads: u16,
+
+    /// Where the daemon puts its control socket (for `nvlibfs status`)
+    #[arg(long, value_name = "DIR", default_value = crate::control::DEFAULT_STATE_DIR, help_heading = "Serving")]
+    pub state_dir: PathBuf,
+}
+
+impl ServeArgs {
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args = vec![
+            "--threads".into(),
+            self.threads.to_string().into(),
+            "--state-dir".into(),
+            self.state_dir.clone().into(),
+        ];
+        if self.no_passthrough {
+            args.push("--no-passthrough".into());
+        }
+        args
+    }
+}
+
+/// Logs to stderr: `-v` for info, `-vv` debug, `-vvv` trace, or any
+/// tracing filter in `NVLIBFS_LOG`. fuser's `log` records come along.
+pub fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn,nvlibfs=info,nvlibfs_mountd=info",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("NVLIBFS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}

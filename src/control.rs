@@ -1,0 +1,115 @@
+//! How `nvlibfs status` talks to a running daemon: a Unix socket per mount
+//! point in the state directory; the daemon writes one JSON `Status` to each
+//! connection and closes it. Nothing is read from the client, so the socket
+//! offers nothing to attack beyond a connect.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_STATE_DIR: &str = "/run/nvlibfs";
+
+/// Longest socket path the kernel takes (`sun_path` is 108 bytes with NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The socket of the daemon serving `mountpoint` (an absolute, canonical path):
+/// `/run/nvlibfs/run-nvlibs.sock` for `/run/nvlibs`.
+pub fn socket_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
+    let escaped: String = mountpoint
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = if escaped.is_empty() { "root".to_owned() } else { escaped };
+    let path = state_dir.join(format!("{name}.sock"));
+    if path.as_os_str().len() <= MAX_SOCKET_PATH {
+        return path;
+    }
+    // FNV-1a: stable across runs and builds, unlike std's hasher.
+    let hash = mountpoint
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    state_dir.join(format!("{hash:016x}.sock"))
+}
+
+/// Requests the daemon answered, since it started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    pub lookups: u64,
+    pub getattrs: u64,
+    pub readlinks: u64,
+    pub opens: u64,
+    pub readdirs: u64,
+    /// READ requests: zero while passthrough serves every read in the kernel.
+    pub reads: u64,
+    pub bytes_read: u64,
+    /// Requests refused because the view is read-only.
+    pub write_attempts: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub mountpoint: PathBuf,
+    pub pid: u32,
+    pub driver_version: String,
+    pub version_source: String,
+    pub driver_root: PathBuf,
+    /// `passthrough` or `cached`.
+    pub data_path: String,
+    /// Why passthrough is not in use, when it is not.
+    pub fallback_reason: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+    pub symlinks: u64,
+    pub uptime_s: f64,
+    pub rss_bytes: Option<u64>,
+    pub counters: Counters,
+}
+
+/// Asks the daemon serving `mountpoint` for its status.
+pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
+    let path = socket_path(state_dir, mountpoint);
+    let mut stream = UnixStream::connect(&path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "no nvlibfs daemon answers at {} ({e}); is {} mounted by nvlibfs?",
+                path.display(),
+                mountpoint.display()
+            ),
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    serde_json::from_str(&text)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_names_are_readable_and_bounded() {
+        let dir = Path::new(DEFAULT_STATE_DIR);
+        assert_eq!(
+            socket_path(dir, Path::new("/run/nvlibs")),
+            Path::new("/run/nvlibfs/run-nvlibs.sock")
+        );
+        let long = PathBuf::from(format!("/{}", "x".repeat(200)));
+        let p = socket_path(dir, &long);
+        assert!(p.as_os_str().len() <= MAX_SOCKET_PATH, "{p:?}");
+        assert_eq!(p, socket_path(dir, &long));
+    }
+}
