@@ -1,12 +1,12 @@
 //! The `nvlibfs` command.
 
+mod mount;
+
 use clap::{Args, Parser, Subcommand};
-use nvlibfs::discover::KernelInfo;
-use nvlibfs::pin::PinRequest;
+use nvlibfs::args::DriverArgs;
 use nvlibfs::select::Reason;
 use nvlibfs::view::Manifest;
 use nvlibfs::Plan;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -38,45 +38,21 @@ enum Command {
         nvlibfs scan --json | jq '.files[].path'\n  \
         nvlibfs scan --driver-root /host --module-version-file /host/sys/module/nvidia/version")]
     Scan(ScanArgs),
-}
 
-/// Which driver to serve: shared by every command that builds a view.
-#[derive(Args)]
-struct DriverArgs {
-    /// Look for the driver's files under DIR instead of /. Links are
-    /// followed inside DIR only; nothing outside it is ever served
-    #[arg(long, value_name = "DIR", default_value = "/", help_heading = "Driver")]
-    driver_root: PathBuf,
+    /// Mount the view at MOUNTPOINT (e.g. /run/nvlibs) and serve it
+    #[command(after_help = "Examples:\n  \
+        nvlibfs mount /run/nvlibs\n  \
+        nvlibfs mount --foreground /run/nvlibs        # under systemd or in a container\n  \
+        docker run -v /run/nvlibs:/usr/local/nvidia:ro ... # then, in containers\n\n\
+        Without --foreground it returns once the mount answers (exit 0) or has failed (exit 1, with the reason).")]
+    Mount(mount::MountArgs),
 
-    /// Read the kernel module's version from FILE (sysfs or
-    /// /proc/driver/nvidia/version format) instead of the running kernel's
-    #[arg(
-        long,
-        value_name = "FILE",
-        group = "pin",
-        help_heading = "Version pin (default: the loaded module's)"
-    )]
-    module_version_file: Option<PathBuf>,
+    /// Unmount a view mounted by `nvlibfs mount`; its daemon then exits
+    Umount(mount::UmountArgs),
 
-    /// Serve this driver version, whatever module is loaded
-    #[arg(
-        long,
-        value_name = "VERSION",
-        group = "pin",
-        help_heading = "Version pin (default: the loaded module's)"
-    )]
-    driver_version: Option<String>,
-}
-
-impl DriverArgs {
-    fn plan(&self) -> Result<Plan, nvlibfs::PlanError> {
-        let pin = match (&self.module_version_file, &self.driver_version) {
-            (Some(file), _) => PinRequest::ModuleFile(file.clone()),
-            (None, Some(version)) => PinRequest::Version(version.clone()),
-            (None, None) => PinRequest::LoadedModule,
-        };
-        nvlibfs::plan(&self.driver_root, &pin, &KernelInfo::running())
-    }
+    /// Show what the daemon serving MOUNTPOINT serves and how (pinned version,
+    /// data path, request counters, memory)
+    Status(mount::StatusArgs),
 }
 
 #[derive(Args)]
@@ -95,9 +71,12 @@ struct ScanArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    nvlibfs::args::init_logging(cli.verbose);
     let result = match cli.command {
         Command::Scan(args) => scan(args),
+        Command::Mount(args) => mount::mount(args, cli.verbose),
+        Command::Umount(args) => mount::umount(args),
+        Command::Status(args) => mount::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,21 +85,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(verbose: u8) {
-    use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_env("NVLIBFS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// `nvlibfs scan --json`: the manifest plus what was left out.
@@ -146,7 +110,7 @@ fn scan(args: ScanArgs) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         print_plan(&manifest, &plan, args.all);
     }
-    if !manifest.files.iter().any(|f| f.path.starts_with("lib")) {
+    if !plan.view.has_driver_libraries() {
         eprintln!(
             "nvlibfs: warning: no driver library of version {} under {}; see the rejected list above, \
              or pin another version with --driver-version",
@@ -192,7 +156,7 @@ fn print_plan(m: &Manifest, plan: &Plan, all: bool) {
     println!("\nScanned in {:.1} ms.", plan.elapsed.as_secs_f64() * 1e3);
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut value = bytes as f64;
     let mut unit = 0;

@@ -1,0 +1,311 @@
+//! `nvlibfs mount`, `umount` and `status`: the CLI side of the daemon.
+//! The daemon itself is the `nvlibfs-mountd` binary installed beside this
+//! one; `mount` starts it and waits until the mount answers.
+
+use crate::human;
+use clap::Args;
+use nvlibfs::args::{DriverArgs, ServeArgs};
+use nvlibfs::control::{self, Status};
+use std::error::Error;
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DAEMON: &str = "nvlibfs-mountd";
+/// Longer than any scan plus mount; the daemon reports failures at once.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    driver: DriverArgs,
+
+    #[command(flatten)]
+    serve: ServeArgs,
+
+    /// Stay in the foreground and log to stderr (for systemd and containers)
+    #[arg(long, help_heading = "Daemon")]
+    foreground: bool,
+
+    /// Where the background daemon logs [default: STATE_DIR/<mount point>.log]
+    #[arg(long, value_name = "FILE", conflicts_with = "foreground", help_heading = "Daemon")]
+    log_file: Option<PathBuf>,
+
+    /// Where to mount the view; created if missing
+    mountpoint: PathBuf,
+}
+
+#[derive(Args)]
+pub struct UmountArgs {
+    /// Detach now even if processes still use the mount; it goes away when the last one is done
+    #[arg(long)]
+    lazy: bool,
+
+    #[arg(long, value_name = "DIR", default_value = control::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+
+    mountpoint: PathBuf,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Print the status as one JSON object
+    #[arg(long)]
+    json: bool,
+
+    #[arg(long, value_name = "DIR", default_value = control::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+
+    mountpoint: PathBuf,
+}
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+fn daemon_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let beside = exe.with_file_name(DAEMON);
+    if beside.exists() {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(DAEMON))
+        .find(|p| p.exists())
+        .ok_or_else(|| format!("{DAEMON} is not installed beside {} nor on PATH", exe.display()).into())
+}
+
+pub fn mount(args: MountArgs, verbose: u8) -> Result<()> {
+    let daemon = daemon_binary()?;
+    let mut daemon_args: Vec<OsString> = args.driver.to_args();
+    daemon_args.extend(args.serve.to_args());
+    if verbose > 0 {
+        daemon_args.push(format!("-{}", "v".repeat(verbose as usize)).into());
+    }
+    if args.foreground {
+        daemon_args.push(args.mountpoint.into());
+        // Become the daemon, so supervisors see and signal it directly.
+        let e = Command::new(&daemon).args(&daemon_args).exec();
+        return Err(format!("starting {}: {e}", daemon.display()).into());
+    }
+
+    let mountpoint = absolute(&args.mountpoint)?;
+    let log = args
+        .log_file
+        .unwrap_or_else(|| control::socket_path(&args.serve.state_dir, &mountpoint).with_extension("log"));
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| format!("log file {}: {e}", log.display()))?;
+
+    let (read_end, write_end) = pipe()?;
+    let write_fd = write_end.as_raw_fd();
+    daemon_args.extend([
+        "--ready-fd".into(),
+        write_fd.to_string().into(),
+        mountpoint.clone().into(),
+    ]);
+    let mut cmd = Command::new(&daemon);
+    cmd.args(&daemon_args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A session of its own: the daemon outlives this terminal.
+            libc::setsid();
+            // Keep the readiness pipe open across exec.
+            if libc::fcntl(write_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("starting {}: {e}", daemon.display()))?;
+    drop(write_end);
+
+    let answer = read_answer(read_end)?;
+    match answer.trim() {
+        "ready" => {
+            let status = control::query(&args.serve.state_dir, &mountpoint)?;
+            println!(
+                "nvlibfs: serving NVIDIA driver {} at {} ({} files, {}, {}; daemon pid {}, log {})",
+                status.driver_version,
+                mountpoint.display(),
+                status.files,
+                human(status.bytes),
+                status.data_path,
+                status.pid,
+                log.display()
+            );
+            if let Some(reason) = status.fallback_reason {
+                println!("nvlibfs: not using passthrough: {reason}");
+            }
+            Ok(())
+        }
+        other => {
+            let _ = child.wait();
+            let why = other.strip_prefix("error: ").unwrap_or(other);
+            if why.is_empty() {
+                Err(format!("the daemon exited before the mount was ready; see {}", log.display()).into())
+            } else {
+                Err(why.to_owned().into())
+            }
+        }
+    }
+}
+
+/// Reads the daemon's one-line answer; EOF (it died) reads as empty.
+fn read_answer(read_end: OwnedFd) -> Result<String> {
+    let mut pipe = std::fs::File::from(read_end);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut answer = String::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: pipe.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if ready == 0 {
+            return Err(format!("the daemon was not ready within {} s", READY_TIMEOUT.as_secs()).into());
+        }
+        match pipe.read(&mut buf) {
+            Ok(0) => return Ok(answer),
+            Ok(n) => {
+                answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if answer.ends_with('\n') {
+                    return Ok(answer);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fresh descriptors from pipe2.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    // The daemon creates missing mount points; name them as it will.
+    match std::fs::canonicalize(path) {
+        Ok(p) => Ok(p),
+        Err(_) => Ok(std::path::absolute(path)?),
+    }
+}
+
+pub fn umount(args: UmountArgs) -> Result<()> {
+    let mountpoint =
+        std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
+    let daemon = control::query(&args.state_dir, &mountpoint).ok().map(|s| s.pid);
+    let flags = if args.lazy { libc::MNT_DETACH } else { 0 };
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a NUL-terminated path and flags.
+    if unsafe { libc::umount2(path.as_ptr(), flags) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EINVAL) => format!("{} is not a mount point", mountpoint.display()),
+            Some(libc::EBUSY) => format!(
+                "{} is in use ({e}); stop the processes using it, or `nvlibfs umount --lazy` to detach it now",
+                mountpoint.display()
+            ),
+            Some(libc::EPERM) => format!(
+                "unmounting {} is not permitted ({e}); run as root",
+                mountpoint.display()
+            ),
+            _ => format!("unmounting {}: {e}", mountpoint.display()),
+        }
+        .into());
+    }
+    // The daemon exits once the kernel ends the session; wait briefly so a
+    // mount right after this one does not meet the old daemon.
+    if let Some(pid) = daemon {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline && !args.lazy {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    println!("nvlibfs: unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let mountpoint =
+        std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
+    let status = control::query(&args.state_dir, &mountpoint)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_status(&status);
+    }
+    Ok(())
+}
+
+fn print_status(s: &Status) {
+    let c = &s.counters;
+    println!(
+        "Mount point  {} (daemon pid {}, up {})",
+        s.mountpoint.display(),
+        s.pid,
+        uptime(s.uptime_s)
+    );
+    println!(
+        "Driver       {} (pinned from {}), driver root {}",
+        s.driver_version,
+        s.version_source,
+        s.driver_root.display()
+    );
+    match &s.fallback_reason {
+        None => println!("Data path    {}", s.data_path),
+        Some(why) => println!("Data path    {} ({why})", s.data_path),
+    }
+    println!(
+        "View         {} files, {}, {} symlinks",
+        s.files,
+        human(s.bytes),
+        s.symlinks
+    );
+    println!(
+        "Requests     {} lookups, {} getattrs, {} readlinks, {} opens, {} readdirs, {} reads ({}), {} refused writes",
+        c.lookups,
+        c.getattrs,
+        c.readlinks,
+        c.opens,
+        c.readdirs,
+        c.reads,
+        human(c.bytes_read),
+        c.write_attempts
+    );
+    if let Some(rss) = s.rss_bytes {
+        println!("Daemon RSS   {}", human(rss));
+    }
+}
+
+fn uptime(seconds: f64) -> String {
+    let s = seconds as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
