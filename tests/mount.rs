@@ -1,0 +1,508 @@
+//! Real mounts: `nvlibfs mount` on fixture drivers, libraries loaded through
+//! them with dlopen by real processes, from other mount namespaces and as an
+//! unprivileged user; writes refused; passthrough proven by the daemon's own
+//! READ counter and the page cache. Needs root and /dev/fuse.
+
+use nvlibfs::control::Status;
+use nvlibfs_fixture::{build, build_loader, Fixture, FixtureSpec};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const VERSION: &str = "580.159.04";
+
+/// Mounts in this file run one at a time: the page-cache test measures the
+/// whole machine's cache, which another test's fixture build would disturb.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// `nvlibfs mount` starts the `nvlibfs-mountd` binary beside it, which
+/// belongs to another package: `cargo test --workspace` builds it, but a
+/// narrower `cargo test` would leave an old one there, so build it once.
+fn fresh_daemon() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let Ok(cargo) = std::env::var("CARGO") else { return };
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "nvlibfs-mountd", "--bin", "nvlibfs-mountd"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        ok(cmd.output().unwrap(), "building nvlibfs-mountd");
+    });
+}
+
+fn nvlibfs() -> Command {
+    fresh_daemon();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nvlibfs"));
+    c.env_remove("NVLIBFS_LOG");
+    c
+}
+
+fn ok(out: Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A fixture driver mounted by `nvlibfs mount`, unmounted on drop.
+struct Mounted {
+    fixture: Fixture,
+    mountpoint: PathBuf,
+    state_dir: PathBuf,
+    loader: PathBuf,
+    // Last: removed after the unmount in drop().
+    dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    fn new(spec: FixtureSpec, extra: &[&str]) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        // Unprivileged users in these tests must reach the mount and the loader.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fixture = build(&spec, &dir.path().join("host")).expect("fixture builds");
+        let loader = build_loader(dir.path()).expect("loader builds");
+        let mountpoint = dir.path().join("mnt");
+        let state_dir = dir.path().join("state");
+        let vf = fixture.module_version_file();
+        let out = nvlibfs()
+            .args(["mount", "--driver-root"])
+            .arg(&fixture.root)
+            .arg("--module-version-file")
+            .arg(&vf)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(extra)
+            .arg(&mountpoint)
+            .output()
+            .unwrap();
+        ok(out, "nvlibfs mount");
+        Mounted {
+            fixture,
+            mountpoint,
+            state_dir,
+            loader,
+            dir,
+        }
+    }
+
+    fn status(&self) -> Status {
+        let out = nvlibfs()
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.state_dir)
+            .arg(&self.mountpoint)
+            .output()
+            .unwrap();
+        serde_json::from_str(&ok(out, "nvlibfs status")).expect("status --json is JSON")
+    }
+
+    fn lib64(&self) -> Vec<(PathBuf, String)> {
+        self.fixture
+            .libraries
+            .iter()
+            .filter(|l| l.view_path.starts_with("lib64"))
+            .map(|l| (self.mountpoint.join(&l.view_path), l.version.clone()))
+            .collect()
+    }
+
+    /// Runs the loader on `libs` under `wrapper`; returns lib -> version.
+    fn load(&self, wrapper: &[&str], libs: &[PathBuf], touch: bool) -> Vec<(String, String)> {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&self.loader);
+                c
+            }
+            None => Command::new(&self.loader),
+        };
+        if touch {
+            cmd.arg("--touch");
+        }
+        let out = ok(cmd.args(libs).output().unwrap(), "loader");
+        out.lines()
+            .map(|l| {
+                let mut parts = l.split(' ');
+                (
+                    parts.next().unwrap().to_owned(),
+                    parts.next().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn assert_loads_everything(&self, wrapper: &[&str]) {
+        let libs = self.lib64();
+        assert!(libs.len() >= 30, "only {} libraries", libs.len());
+        let paths: Vec<PathBuf> = libs.iter().map(|(p, _)| p.clone()).collect();
+        let loaded = self.load(wrapper, &paths, false);
+        assert_eq!(loaded.len(), libs.len());
+        for ((path, version), (shown, got)) in libs.iter().zip(&loaded) {
+            assert_eq!(Path::new(shown), path);
+            assert_eq!(got, version, "{shown} under {wrapper:?}");
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let out = nvlibfs()
+            .args(["umount", "--state-dir"])
+            .arg(&self.state_dir)
+            .arg(&self.mountpoint)
+            .output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            let _ = nvlibfs().args(["umount", "--lazy"]).arg(&self.mountpoint).output();
+        }
+        let _ = &self.dir;
+    }
+}
+
+fn meminfo_cached_kib() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("Cached:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn loads_every_library_binary_and_firmware_through_the_mount() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    m.assert_loads_everything(&[]);
+
+    // By SONAME, the way CUDA programs find the driver.
+    let out = Command::new(&m.loader)
+        .env("LD_LIBRARY_PATH", m.mountpoint.join("lib64"))
+        .args([
+            "libcuda.so.1",
+            "libnvidia-ml.so.1",
+            "libEGL_nvidia.so.0",
+            "libnvidia-nvvm.so.4",
+        ])
+        .output()
+        .unwrap();
+    let out = ok(out, "load by SONAME");
+    assert_eq!(out.lines().filter(|l| l.ends_with(VERSION)).count(), 4, "{out}");
+
+    let smi = ok(
+        Command::new(m.mountpoint.join("bin/nvidia-smi")).output().unwrap(),
+        "bin/nvidia-smi",
+    );
+    assert!(smi.contains(&format!("Driver Version: {VERSION}")), "{smi}");
+
+    for (host, view) in &m.fixture.others {
+        let served = std::fs::read(m.mountpoint.join(view)).unwrap();
+        let source = std::fs::read(m.fixture.root.join(host)).unwrap();
+        assert!(served == source, "{view:?} differs from {host:?}");
+    }
+    let firmware = m.mountpoint.join(format!("firmware/nvidia/{VERSION}/gsp_ga10x.bin"));
+    assert!(std::fs::metadata(firmware).unwrap().len() > 0);
+}
+
+#[test]
+fn loads_from_another_mount_namespace_and_as_an_unprivileged_user() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    m.assert_loads_everything(&["unshare", "--mount", "--propagation", "private"]);
+    m.assert_loads_everything(&["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]);
+}
+
+#[test]
+fn writes_are_refused_and_secrets_stay_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(
+        FixtureSpec {
+            hostile: true,
+            ..FixtureSpec::new(VERSION)
+        },
+        &[],
+    );
+    let lib = m.mountpoint.join(format!("lib64/libcuda.so.{VERSION}"));
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(
+        std::fs::OpenOptions::new().write(true).open(&lib).map(drop),
+        "open for writing",
+    );
+    erofs(
+        std::fs::OpenOptions::new().read(true).write(true).open(&lib).map(drop),
+        "open read-write",
+    );
+    erofs(
+        std::fs::File::create(m.mountpoint.join("lib64/new.so")).map(drop),
+        "create",
+    );
+    erofs(
+        std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o777)),
+        "chmod",
+    );
+    erofs(std::fs::remove_file(&lib), "unlink");
+    erofs(std::fs::rename(&lib, m.mountpoint.join("lib64/renamed")), "rename");
+    erofs(std::fs::create_dir(m.mountpoint.join("newdir")), "mkdir");
+    erofs(
+        std::os::unix::fs::symlink("x", m.mountpoint.join("lib64/link")),
+        "symlink",
+    );
+
+    // The shadow link and the escapes are not in the view, and no served
+    // byte stream is the secret.
+    for trap in &m.fixture.hostile {
+        let name = trap.host_path.file_name().unwrap();
+        assert!(!m.mountpoint.join("lib64").join(name).exists(), "{} served", trap.what);
+    }
+    let secret = std::fs::read(m.fixture.root.join("etc/shadow")).unwrap();
+    let mut files = 0;
+    for entry in walk(&m.mountpoint) {
+        if entry.is_file() {
+            let bytes = std::fs::read(&entry).unwrap();
+            assert!(
+                !bytes.windows(secret.len().min(32)).any(|w| w == &secret[..w.len()]),
+                "{entry:?} holds the secret"
+            );
+            files += 1;
+        }
+    }
+    assert!(files > 30);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            out.extend(walk(&path));
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn passthrough_sends_no_reads_and_shares_the_hosts_page_cache() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = FixtureSpec {
+        libcuda_bytes: 100 << 20,
+        ..FixtureSpec::new(VERSION)
+    };
+    let m = Mounted::new(spec, &[]);
+    let status = m.status();
+    assert_eq!(
+        status.data_path, "passthrough",
+        "this kernel supports passthrough: {:?}",
+        status.fallback_reason
+    );
+
+    // The host already has the library cached, as a host that runs CUDA would.
+    let host_lib = m
+        .fixture
+        .root
+        .join(format!("usr/lib/x86_64-linux-gnu/libcuda.so.{VERSION}"));
+    std::fs::read(&host_lib).unwrap();
+    let lib = m.mountpoint.join(format!("lib64/libcuda.so.{VERSION}"));
+    let before = meminfo_cached_kib();
+    for _ in 0..2 {
+        let loaded = m.load(&[], std::slice::from_ref(&lib), true);
+        assert!(loaded[0].1 == VERSION);
+    }
+    let grew_mib = meminfo_cached_kib().saturating_sub(before) / 1024;
+    eprintln!("passthrough: page cache grew {grew_mib} MiB loading the cached 100 MiB libcuda twice");
+    let status = m.status();
+    assert_eq!(
+        status.counters.reads, 0,
+        "passthrough must keep reads out of the daemon"
+    );
+    assert!(status.counters.opens >= 2);
+    assert!(
+        grew_mib < 40,
+        "page cache grew by {grew_mib} MiB loading a cached 100 MiB library twice"
+    );
+}
+
+#[test]
+fn without_passthrough_later_loads_come_from_the_kernel_cache() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = FixtureSpec {
+        libcuda_bytes: 100 << 20,
+        ..FixtureSpec::new(VERSION)
+    };
+    let m = Mounted::new(spec, &["--no-passthrough"]);
+    let status = m.status();
+    assert_eq!(status.data_path, "cached");
+    assert!(status.fallback_reason.unwrap().contains("--no-passthrough"));
+
+    let host_lib = m
+        .fixture
+        .root
+        .join(format!("usr/lib/x86_64-linux-gnu/libcuda.so.{VERSION}"));
+    std::fs::read(&host_lib).unwrap();
+    let lib = m.mountpoint.join(format!("lib64/libcuda.so.{VERSION}"));
+    let before = meminfo_cached_kib();
+    m.load(&[], std::slice::from_ref(&lib), true);
+    let first = m.status().counters;
+    assert!(first.reads > 0 && first.bytes_read >= 100 << 20, "{first:?}");
+    // A second copy in the page cache: the contrast the passthrough test relies on.
+    let grew_mib = meminfo_cached_kib().saturating_sub(before) / 1024;
+    eprintln!("no passthrough: page cache grew {grew_mib} MiB loading the cached 100 MiB libcuda");
+    assert!(
+        grew_mib >= 80,
+        "the cached path should hold its own ~100 MiB copy, grew {grew_mib} MiB"
+    );
+
+    m.load(&[], std::slice::from_ref(&lib), true);
+    m.load(&[], std::slice::from_ref(&lib), true);
+    let later = m.status().counters;
+    assert_eq!(
+        later.reads, first.reads,
+        "later loads must be served from the kernel's cache"
+    );
+}
+
+#[test]
+fn mount_refuses_bad_mount_points_and_missing_drivers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let vf = m.fixture.module_version_file();
+    let try_mount = |mountpoint: &Path, extra: &[&str]| {
+        let out = nvlibfs()
+            .args(["mount", "--driver-root"])
+            .arg(&m.fixture.root)
+            .args(extra)
+            .arg("--state-dir")
+            .arg(m.dir.path().join("state2"))
+            .arg(mountpoint)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "mount at {mountpoint:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let pin = ["--module-version-file", vf.to_str().unwrap()];
+
+    let err = try_mount(&m.mountpoint, &pin);
+    assert!(err.contains("already a mount point"), "{err}");
+
+    let full = m.dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("x"), "").unwrap();
+    let err = try_mount(&full, &pin);
+    assert!(err.contains("not empty"), "{err}");
+
+    let file = m.dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let err = try_mount(&file, &pin);
+    assert!(err.contains("not a directory"), "{err}");
+
+    let err = try_mount(&m.dir.path().join("fresh"), &["--driver-version", "1.2.3"]);
+    assert!(err.contains("no driver found") && err.contains("1.2.3"), "{err}");
+    assert!(!nvlibfs_mountpoint(&m.dir.path().join("fresh")));
+}
+
+fn nvlibfs_mountpoint(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(path.to_str().unwrap()))
+}
+
+#[test]
+fn sigterm_unmounts_cleanly_and_a_missing_mount_point_is_created() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let mountpoint = dir.path().join("a/b/mnt");
+    let mut daemon = nvlibfs()
+        .args(["mount", "--foreground", "--driver-root"])
+        .arg(&fixture.root)
+        .arg("--module-version-file")
+        .arg(fixture.module_version_file())
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg(&mountpoint)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mountpoint.join("lib64/libcuda.so.1").exists() {
+        assert!(Instant::now() < deadline, "mount never appeared");
+        assert!(daemon.try_wait().unwrap().is_none(), "daemon exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(nvlibfs_mountpoint(&mountpoint));
+    nix_kill(daemon.id(), libc::SIGTERM);
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "daemon exited with {status}");
+    assert!(!nvlibfs_mountpoint(&mountpoint), "still mounted after SIGTERM");
+}
+
+fn nix_kill(pid: u32, signal: i32) {
+    // SAFETY: sends a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+}
+
+/// What `ls` and `readlink` show through the mount is exactly the plan
+/// `nvlibfs scan --json` prints for the same driver.
+#[test]
+fn the_mount_shows_exactly_the_scanned_view() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(
+        FixtureSpec {
+            lib32: true,
+            stale: Some("570.86.15".into()),
+            ..FixtureSpec::new(VERSION)
+        },
+        &[],
+    );
+    let out = nvlibfs()
+        .args(["scan", "--json", "--driver-root"])
+        .arg(&m.fixture.root)
+        .arg("--module-version-file")
+        .arg(m.fixture.module_version_file())
+        .output()
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&ok(out, "scan")).unwrap();
+    let mut expected: Vec<(String, String)> = Vec::new();
+    for f in plan["files"].as_array().unwrap() {
+        expected.push((f["path"].as_str().unwrap().to_owned(), format!("file {}", f["size"])));
+    }
+    for l in plan["symlinks"].as_array().unwrap() {
+        expected.push((
+            l["path"].as_str().unwrap().to_owned(),
+            format!("link {}", l["target"].as_str().unwrap()),
+        ));
+    }
+    expected.sort();
+
+    let mut seen = Vec::new();
+    let mut stack = vec![m.mountpoint.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(&m.mountpoint).unwrap().to_str().unwrap().to_owned();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                assert_eq!(meta.permissions().mode() & 0o7777, 0o555, "{rel}");
+                stack.push(path);
+            } else if meta.file_type().is_symlink() {
+                seen.push((rel, format!("link {}", std::fs::read_link(&path).unwrap().display())));
+            } else {
+                let mode = meta.permissions().mode() & 0o7777;
+                assert!(
+                    mode == 0o444 || (rel.starts_with("bin/") && mode == 0o555),
+                    "{rel}: {mode:o}"
+                );
+                seen.push((rel, format!("file {}", meta.len())));
+            }
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, expected);
+}
