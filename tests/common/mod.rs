@@ -1,0 +1,162 @@
+//! Helpers shared by the test files that mount real views.
+// Each test file uses its own subset of these.
+#![allow(dead_code)]
+
+use nvlibfs::control::Status;
+use nvlibfs_fixture::{build, build_loader, Fixture, FixtureSpec};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+pub const VERSION: &str = "580.159.04";
+
+/// Mounts in this file run one at a time: the page-cache test measures the
+/// whole machine's cache, which another test's fixture build would disturb.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// `nvlibfs mount` starts the `nvlibfs-mountd` binary beside it, which
+/// belongs to another package: `cargo test --workspace` builds it, but a
+/// narrower `cargo test` would leave an old one there, so build it once.
+fn fresh_daemon() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let Ok(cargo) = std::env::var("CARGO") else { return };
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "nvlibfs-mountd", "--bin", "nvlibfs-mountd"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        ok(cmd.output().unwrap(), "building nvlibfs-mountd");
+    });
+}
+
+pub fn nvlibfs() -> Command {
+    fresh_daemon();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nvlibfs"));
+    c.env_remove("NVLIBFS_LOG");
+    c
+}
+
+pub fn ok(out: Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A fixture driver mounted by `nvlibfs mount`, unmounted on drop.
+pub struct Mounted {
+    pub fixture: Fixture,
+    pub mountpoint: PathBuf,
+    pub state_dir: PathBuf,
+    pub loader: PathBuf,
+    // Last: removed after the unmount in drop().
+    pub dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    pub fn new(spec: FixtureSpec, extra: &[&str]) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        // Unprivileged users in these tests must reach the mount and the loader.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fixture = build(&spec, &dir.path().join("host")).expect("fixture builds");
+        let loader = build_loader(dir.path()).expect("loader builds");
+        let mountpoint = dir.path().join("mnt");
+        let state_dir = dir.path().join("state");
+        let vf = fixture.module_version_file();
+        let out = nvlibfs()
+            .args(["mount", "--driver-root"])
+            .arg(&fixture.root)
+            .arg("--module-version-file")
+            .arg(&vf)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(extra)
+            .arg(&mountpoint)
+            .output()
+            .unwrap();
+        ok(out, "nvlibfs mount");
+        Mounted {
+            fixture,
+            mountpoint,
+            state_dir,
+            loader,
+            dir,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let out = nvlibfs()
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.state_dir)
+            .arg(&self.mountpoint)
+            .output()
+            .unwrap();
+        serde_json::from_str(&ok(out, "nvlibfs status")).expect("status --json is JSON")
+    }
+
+    pub fn lib64(&self) -> Vec<(PathBuf, String)> {
+        self.fixture
+            .libraries
+            .iter()
+            .filter(|l| l.view_path.starts_with("lib64"))
+            .map(|l| (self.mountpoint.join(&l.view_path), l.version.clone()))
+            .collect()
+    }
+
+    /// Runs the loader on `libs` under `wrapper`; returns lib -> version.
+    pub fn load(&self, wrapper: &[&str], libs: &[PathBuf], touch: bool) -> Vec<(String, String)> {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&self.loader);
+                c
+            }
+            None => Command::new(&self.loader),
+        };
+        if touch {
+            cmd.arg("--touch");
+        }
+        let out = ok(cmd.args(libs).output().unwrap(), "loader");
+        out.lines()
+            .map(|l| {
+                let mut parts = l.split(' ');
+                (
+                    parts.next().unwrap().to_owned(),
+                    parts.next().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn assert_loads_everything(&self, wrapper: &[&str]) {
+        let libs = self.lib64();
+        assert!(libs.len() >= 30, "only {} libraries", libs.len());
+        let paths: Vec<PathBuf> = libs.iter().map(|(p, _)| p.clone()).collect();
+        let loaded = self.load(wrapper, &paths, false);
+        assert_eq!(loaded.len(), libs.len());
+        for ((path, version), (shown, got)) in libs.iter().zip(&loaded) {
+            assert_eq!(Path::new(shown), path);
+            assert_eq!(got, version, "{shown} under {wrapper:?}");
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let out = nvlibfs()
+            .args(["umount", "--state-dir"])
+            .arg(&self.state_dir)
+            .arg(&self.mountpoint)
+            .output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            let _ = nvlibfs().args(["umount", "--lazy"]).arg(&self.mountpoint).output();
+        }
+        let _ = &self.dir;
+    }
+}
