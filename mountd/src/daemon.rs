@@ -161,6 +161,11 @@ fn serve_until_stopped(
         status.bytes
     );
     ready.send("ready");
+    notify_systemd(&format!(
+        "READY=1\nSTATUS=serving NVIDIA driver {} at {}",
+        status.driver_version,
+        mountpoint.display()
+    ));
 
     let signal = signals
         .wait()
@@ -168,6 +173,7 @@ fn serve_until_stopped(
     if signal == Signal::SIGUSR1 {
         tracing::info!("{} was unmounted; exiting", mountpoint.display());
     } else {
+        notify_systemd("STOPPING=1");
         tracing::info!("{signal}: unmounting {}", mountpoint.display());
         if let Err(e) = unmounter.unmount() {
             // Still in use: detach now; the kernel ends the session when the
@@ -289,6 +295,24 @@ fn answer_status(listener: UnixListener, served: &Served) {
             }
             Err(e) => tracing::warn!("status socket: {e}"),
         }
+    }
+}
+
+/// Tells systemd (a `Type=notify` unit) how we are doing, if it asked.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = sent {
+        tracing::warn!("telling systemd {state:?} failed: {e}");
     }
 }
 
