@@ -11,6 +11,7 @@
 pub mod args;
 pub mod catalog;
 pub mod control;
+pub mod devices;
 pub mod discover;
 pub mod elf;
 pub mod hostroot;

@@ -50,6 +50,15 @@ enum Command {
     /// Unmount a view mounted by `nvlibfs mount`; its daemon then exits
     Umount(mount::UmountArgs),
 
+    /// Print the `docker run` flags that give a container the view and this
+    /// host's NVIDIA devices, one per line
+    #[command(
+        after_help = "Example:\n  docker run $(nvlibfs docker-flags) nvidia/cuda:12.8.0-base-ubuntu24.04 nvidia-smi\n\n\
+        LD_LIBRARY_PATH puts the view before the image's own library directories, so a libcuda baked \
+        into the image never shadows the host's."
+    )]
+    DockerFlags(mount::DockerFlagsArgs),
+
     /// Show what the daemon serving MOUNTPOINT serves and how (pinned version,
     /// data path, request counters, memory)
     Status(mount::StatusArgs),
@@ -77,6 +86,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount::mount(args, cli.verbose),
         Command::Umount(args) => mount::umount(args),
         Command::Status(args) => mount::status(args),
+        Command::DockerFlags(args) => mount::docker_flags(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -63,6 +63,17 @@ pub struct StatusArgs {
     mountpoint: PathBuf,
 }
 
+#[derive(Args)]
+pub struct DockerFlagsArgs {
+    /// Where the view is mounted where `docker run` runs
+    #[arg(long, value_name = "DIR", default_value = "/run/nvlibs")]
+    mountpoint: PathBuf,
+
+    /// Where containers see it: /usr/local/nvidia is what CUDA images expect
+    #[arg(long, value_name = "DIR", default_value = "/usr/local/nvidia")]
+    target: PathBuf,
+}
+
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 fn daemon_binary() -> Result<PathBuf> {
@@ -308,4 +319,16 @@ fn uptime(seconds: f64) -> String {
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
     }
+}
+
+pub fn docker_flags(args: DockerFlagsArgs) -> Result<()> {
+    for node in nvlibfs::devices::nvidia_device_nodes(Path::new("/dev")) {
+        println!("--device={}", node.display());
+    }
+    let t = args.target.display();
+    println!("--volume={}:{t}:ro", args.mountpoint.display());
+    // Searched before the image's ld.so.cache and default directories.
+    println!("--env=LD_LIBRARY_PATH={t}/lib64:{t}/lib");
+    println!("--env=PATH={t}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    Ok(())
 }
