@@ -355,3 +355,38 @@ fn the_mount_shows_exactly_the_scanned_view() {
     seen.sort();
     assert_eq!(seen, expected);
 }
+
+/// Under systemd (`Type=notify`) the daemon says READY=1 only once the
+/// mount answers: a socket standing in for systemd's receives it.
+#[test]
+fn foreground_daemon_notifies_systemd_when_ready() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let notify = dir.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mountpoint = dir.path().join("mnt");
+    let mut daemon = nvlibfs()
+        .args(["mount", "--foreground", "--driver-root"])
+        .arg(&fixture.root)
+        .arg("--module-version-file")
+        .arg(fixture.module_version_file())
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg(&mountpoint)
+        .env("NOTIFY_SOCKET", &notify)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = systemd.recv(&mut buf).expect("READY=1 within 30 s");
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(message.starts_with("READY=1\n"), "{message}");
+    assert!(message.contains(VERSION), "{message}");
+    // Ready means answering: no waiting here.
+    assert!(mountpoint.join("lib64/libcuda.so.1").exists());
+    nix_kill(daemon.id(), libc::SIGTERM);
+    let n = systemd.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(daemon.wait().unwrap().success());
+}
