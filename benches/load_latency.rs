@@ -248,8 +248,7 @@ impl Server {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            (pid != std::process::id() && args.contains(&m.as_bytes()) && !args[0].ends_with(b"nvlibfs"))
-                .then_some(pid)
+            (pid != std::process::id() && args.contains(&m.as_bytes()) && !args[0].ends_with(b"nvlibfs")).then_some(pid)
         })
     }
 }
@@ -725,7 +724,11 @@ fn report(rows: &[Row], kinds: &[Kind], label: &str, files: &Files, env: &Env) -
     );
     if !files.skipped.is_empty() {
         let names: Vec<String> = files.skipped.iter().map(|p| p.display().to_string()).collect();
-        let _ = writeln!(s, "- Left out (they do not load on this host even natively): {}\n", names.join(", "));
+        let _ = writeln!(
+            s,
+            "- Left out (they do not load on this host even natively): {}\n",
+            names.join(", ")
+        );
     }
     let _ = writeln!(s, "![ratios to native](PLOT)\n");
     let _ = write!(s, "| measurement |");

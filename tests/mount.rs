@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{nvlibfs, ok, Mounted, SERIAL, VERSION};
+use common::{mount_command, nvlibfs, ok, Mounted, SERIAL, VERSION};
 use nvlibfs_fixture::{build, FixtureSpec};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -269,13 +269,8 @@ fn sigterm_unmounts_cleanly_and_a_missing_mount_point_is_created() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
     let mountpoint = dir.path().join("a/b/mnt");
-    let mut daemon = nvlibfs()
-        .args(["mount", "--foreground", "--driver-root"])
-        .arg(&fixture.root)
-        .arg("--module-version-file")
-        .arg(fixture.module_version_file())
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
+    let mut daemon = mount_command(&fixture, &dir.path().join("state"))
+        .arg("--foreground")
         .arg(&mountpoint)
         .spawn()
         .unwrap();
@@ -367,13 +362,8 @@ fn foreground_daemon_notifies_systemd_when_ready() {
     let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     systemd.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mountpoint = dir.path().join("mnt");
-    let mut daemon = nvlibfs()
-        .args(["mount", "--foreground", "--driver-root"])
-        .arg(&fixture.root)
-        .arg("--module-version-file")
-        .arg(fixture.module_version_file())
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
+    let mut daemon = mount_command(&fixture, &dir.path().join("state"))
+        .arg("--foreground")
         .arg(&mountpoint)
         .env("NOTIFY_SOCKET", &notify)
         .spawn()

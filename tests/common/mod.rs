@@ -49,6 +49,19 @@ pub fn ok(out: Output, what: &str) -> String {
     stdout
 }
 
+/// `nvlibfs mount` of `fixture`, pinned by its module version file, with
+/// its own state directory; the caller adds flags and the mount point.
+pub fn mount_command(fixture: &Fixture, state_dir: &Path) -> Command {
+    let mut c = nvlibfs();
+    c.args(["mount", "--driver-root"])
+        .arg(&fixture.root)
+        .arg("--module-version-file")
+        .arg(fixture.module_version_file())
+        .arg("--state-dir")
+        .arg(state_dir);
+    c
+}
+
 /// A fixture driver mounted by `nvlibfs mount`, unmounted on drop.
 pub struct Mounted {
     pub fixture: Fixture,
@@ -68,14 +81,7 @@ impl Mounted {
         let loader = build_loader(dir.path()).expect("loader builds");
         let mountpoint = dir.path().join("mnt");
         let state_dir = dir.path().join("state");
-        let vf = fixture.module_version_file();
-        let out = nvlibfs()
-            .args(["mount", "--driver-root"])
-            .arg(&fixture.root)
-            .arg("--module-version-file")
-            .arg(&vf)
-            .arg("--state-dir")
-            .arg(&state_dir)
+        let out = mount_command(&fixture, &state_dir)
             .args(extra)
             .arg(&mountpoint)
             .output()
