@@ -73,7 +73,45 @@ pub struct Status {
     pub symlinks: u64,
     pub uptime_s: f64,
     pub rss_bytes: Option<u64>,
+    /// Starts at 0; each re-pin installs the next.
+    #[serde(default)]
+    pub generation: u32,
+    /// Earlier generations still referenced by open files or cached names.
+    #[serde(default)]
+    pub retired_generations: u64,
+    /// Served files whose host path now names another file or none (a
+    /// package upgrade replaced them); they are still served as held.
+    #[serde(default)]
+    pub held_files_replaced_on_disk: u64,
+    /// Why the view does not hold the loaded module's driver, if it does not.
+    #[serde(default)]
+    pub pin_problem: Option<String>,
     pub counters: Counters,
+}
+
+impl Status {
+    /// Before the first view is installed.
+    pub fn starting(mountpoint: PathBuf) -> Status {
+        Status {
+            mountpoint,
+            pid: std::process::id(),
+            driver_version: String::new(),
+            version_source: String::new(),
+            driver_root: PathBuf::new(),
+            data_path: "starting".into(),
+            fallback_reason: None,
+            files: 0,
+            bytes: 0,
+            symlinks: 0,
+            uptime_s: 0.0,
+            rss_bytes: None,
+            generation: 0,
+            retired_generations: 0,
+            held_files_replaced_on_disk: 0,
+            pin_problem: None,
+            counters: Counters::default(),
+        }
+    }
 }
 
 /// Asks the daemon serving `mountpoint` for its status.

@@ -291,11 +291,26 @@ fn print_status(s: &Status) {
         Some(why) => println!("Data path    {} ({why})", s.data_path),
     }
     println!(
-        "View         {} files, {}, {} symlinks",
+        "View         generation {}: {} files, {}, {} symlinks{}",
+        s.generation,
         s.files,
         human(s.bytes),
-        s.symlinks
+        s.symlinks,
+        match s.retired_generations {
+            0 => String::new(),
+            n => format!(" ({n} earlier generation(s) still held for open files)"),
+        }
     );
+    if s.held_files_replaced_on_disk > 0 {
+        println!(
+            "On disk      {} served file(s) were replaced or removed on disk since they were pinned (a driver \
+             upgrade?); the pinned copies are held and still served until the module changes",
+            s.held_files_replaced_on_disk
+        );
+    }
+    if let Some(problem) = &s.pin_problem {
+        println!("Problem      {problem}");
+    }
     println!(
         "Requests     {} lookups, {} getattrs, {} readlinks, {} opens, {} readdirs, {} reads ({}), {} refused writes",
         c.lookups,

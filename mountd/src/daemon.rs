@@ -132,7 +132,8 @@ fn serve_until_stopped(
             _ => format!("mounting {}: {e}", mountpoint.display()),
         })
     })?;
-    served.choose_data_path(&session);
+    served.start(&session);
+    let notifier = session.notifier();
     let mut unmounter = session.unmount_callable();
     let main_thread = nix::unistd::Pid::this();
     let loop_thread = std::thread::Builder::new()
@@ -149,6 +150,15 @@ fn serve_until_stopped(
         .name("status".into())
         .spawn(move || answer_status(listener, &status_served))
         .map_err(|e| DaemonError(format!("starting the status thread: {e}")))?;
+
+    let stop_watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (driver, served, stop) = (driver.clone(), served.clone(), stop_watching.clone());
+        std::thread::Builder::new()
+            .name("repin".into())
+            .spawn(move || crate::repin::watch(driver, served, notifier, stop))
+            .map_err(|e| DaemonError(format!("starting the module watcher: {e}")))?;
+    }
 
     wait_until_answering(&mountpoint)?;
     let status = served.status();
@@ -184,6 +194,7 @@ fn serve_until_stopped(
             }
         }
     }
+    stop_watching.store(true, std::sync::atomic::Ordering::Relaxed);
     let result = loop_thread.join();
     let _ = std::fs::remove_file(&socket);
     match result {

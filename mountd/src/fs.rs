@@ -2,13 +2,13 @@
 //! immutable `View` plus logging, counting and errno mapping. Everything
 //! that decides what exists lives in the view and is tested without FUSE.
 
-use crate::served::{DataPath, Served};
+use crate::served::{fuse_ino, DirEntries, Generation, Served, FUSE_ROOT};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use nvlibfs::view::{Attr, NodeKind, NodeType};
+use nvlibfs::view::{Attr, Ino, NodeKind, NodeType, ROOT_INO};
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime};
 /// The view never changes under a mount, so the kernel may cache names and
 /// attributes for long; a new driver generation will invalidate explicitly.
 const TTL: Duration = Duration::from_secs(24 * 3600);
-const GENERATION: Generation = Generation(0);
+/// FUSE's inode generation: inode numbers are never reused (a view
+/// generation's number is part of each), so it can stay 0.
+const GENERATION: fuser::Generation = fuser::Generation(0);
 
 /// Nothing is ever written, so a close needs no FLUSH round trip: one
 /// request fewer per dlopen.
@@ -35,10 +37,13 @@ impl NvlibFs {
     pub fn new(served: Arc<Served>) -> NvlibFs {
         NvlibFs { served }
     }
+}
 
-    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
-        self.served.view.attr(ino.0).map(to_fuse)
-    }
+/// The kernel's attributes of inode `local` of `generation`.
+fn attr_of(generation: &Generation, local: Ino) -> Option<FileAttr> {
+    let mut attr = to_fuse(generation.view.attr(local)?);
+    attr.ino = INodeNo(fuse_ino(generation.number, local));
+    Some(attr)
 }
 
 fn to_fuse(a: Attr) -> FileAttr {
@@ -76,6 +81,15 @@ fn negative_entry() -> FileAttr {
     })
 }
 
+impl NvlibFs {
+    /// A directory's entries as kernel inode numbers, with its generation.
+    fn entries(&self, ino: INodeNo) -> Option<(Arc<Generation>, DirEntries)> {
+        let (generation, local) = self.served.resolve(ino.0)?;
+        let entries = generation.dir_entries(local)?;
+        Some((generation, entries))
+    }
+}
+
 impl fuser::Filesystem for NvlibFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         for (flag, why) in [
@@ -99,13 +113,19 @@ impl fuser::Filesystem for NvlibFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.served.counters.lookups.fetch_add(1, Relaxed);
-        match self
-            .served
+        let Some((generation, local)) = self.served.resolve(parent.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match generation
             .view
-            .lookup(parent.0, name)
-            .and_then(|ino| self.attr(INodeNo(ino)))
+            .lookup(local, name)
+            .and_then(|child| attr_of(&generation, child))
         {
-            Some(attr) => reply.entry(&TTL, &attr, GENERATION),
+            Some(attr) => {
+                // The kernel now holds one more lookup of this inode.
+                generation.hold(1);
+                reply.entry(&TTL, &attr, GENERATION)
+            }
             // The loader probes many names that do not exist (glibc-hwcaps
             // subdirectories, every LD_LIBRARY_PATH entry). Node id 0 with a
             // TTL tells the kernel to cache the miss, so each is asked once.
@@ -113,9 +133,15 @@ impl fuser::Filesystem for NvlibFs {
         }
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if let Some((generation, _)) = self.served.resolve(ino.0) {
+            self.served.release(&generation, nlookup);
+        }
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.served.counters.getattrs.fetch_add(1, Relaxed);
-        match self.attr(ino) {
+        match self.served.resolve(ino.0).and_then(|(g, local)| attr_of(&g, local)) {
             Some(attr) => reply.attr(&TTL, &attr),
             None => reply.error(Errno::ENOENT),
         }
@@ -123,7 +149,10 @@ impl fuser::Filesystem for NvlibFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.served.counters.readlinks.fetch_add(1, Relaxed);
-        match self.served.view.node(ino.0).map(|n| &n.kind) {
+        let Some((generation, local)) = self.served.resolve(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match generation.view.node(local).map(|n| &n.kind) {
             Some(NodeKind::Symlink(target)) => reply.data(target.as_os_str().as_encoded_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
@@ -136,27 +165,29 @@ impl fuser::Filesystem for NvlibFs {
             self.served.counters.write_attempts.fetch_add(1, Relaxed);
             return reply.error(Errno::EROFS);
         }
-        match self.served.view.node(ino.0).map(|n| &n.kind) {
+        let Some((generation, local)) = self.served.resolve(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match generation.view.node(local).map(|n| &n.kind) {
             Some(NodeKind::File(_)) => {}
             Some(NodeKind::Dir(_)) => return reply.error(Errno::EISDIR),
             Some(NodeKind::Symlink(_)) => return reply.error(Errno::ELOOP),
             None => return reply.error(Errno::ENOENT),
         }
-        match self.served.data_path() {
-            DataPath::Passthrough(ids) => match ids.get(&ino.0) {
-                Some(&id) => {
-                    // SAFETY: `id` came from this session's BACKING_OPEN and
-                    // stays open for the session's life; into_raw() below
-                    // keeps this wrapper from closing it.
-                    let backing = unsafe { reply.wrap_backing(id) };
-                    reply.opened_passthrough(FileHandle(ino.0), OPEN_FLAGS, &backing);
-                    backing.into_raw();
-                }
-                None => reply.error(Errno::EIO),
-            },
-            // The view never changes, so the page cache stays valid across opens.
-            DataPath::Cached { .. } => reply.opened(FileHandle(ino.0), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
+        match generation.backing_id(local) {
+            Some(Some(id)) => {
+                // SAFETY: `id` came from this connection's BACKING_OPEN and
+                // stays open while its generation lives, which this open
+                // keeps alive; into_raw() keeps the wrapper from closing it.
+                let backing = unsafe { reply.wrap_backing(id) };
+                reply.opened_passthrough(FileHandle(ino.0), OPEN_FLAGS, &backing);
+                backing.into_raw();
+            }
+            Some(None) => return reply.error(Errno::EIO),
+            // A generation never changes, so its page cache stays valid across opens.
+            None => reply.opened(FileHandle(ino.0), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
         }
+        generation.hold(1);
     }
 
     fn read(
@@ -170,7 +201,10 @@ impl fuser::Filesystem for NvlibFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.served.read(ino.0, offset, size) {
+        let Some((generation, local)) = self.served.resolve(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match generation.read(local, offset, size) {
             Ok(bytes) => {
                 self.served.counters.reads.fetch_add(1, Relaxed);
                 self.served.counters.bytes_read.fetch_add(bytes.len() as u64, Relaxed);
@@ -178,6 +212,22 @@ impl fuser::Filesystem for NvlibFs {
             }
             Err(errno) => reply.error(Errno::from_i32(errno)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some((generation, _)) = self.served.resolve(ino.0) {
+            self.served.release(&generation, 1);
+        }
+        reply.ok()
     }
 
     /// Opens say FOPEN_NOFLUSH, so this only answers kernels that ignore it;
@@ -188,11 +238,14 @@ impl fuser::Filesystem for NvlibFs {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         self.served.counters.readdirs.fetch_add(1, Relaxed);
-        let Some(entries) = self.served.dir_entries(ino.0) else {
+        let Some((generation, entries)) = self.entries(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
         for (i, (name, child)) in entries.iter().enumerate().skip(offset as usize) {
-            let kind = self.attr(INodeNo(*child)).map_or(FileType::RegularFile, |a| a.kind);
+            let kind = generation
+                .view
+                .attr(*child & 0xffff_ffff)
+                .map_or(FileType::RegularFile, |a| to_fuse(a).kind);
             if reply.add(INodeNo(*child), i as u64 + 1, kind, name) {
                 break;
             }
@@ -202,22 +255,40 @@ impl fuser::Filesystem for NvlibFs {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         self.served.counters.readdirs.fetch_add(1, Relaxed);
-        let Some(entries) = self.served.dir_entries(ino.0) else {
+        let Some((generation, entries)) = self.entries(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
         for (i, (name, child)) in entries.iter().enumerate().skip(offset as usize) {
-            let Some(attr) = self.attr(INodeNo(*child)) else {
+            let local = if *child == FUSE_ROOT {
+                ROOT_INO
+            } else {
+                *child & 0xffff_ffff
+            };
+            let Some(attr) = attr_of(&generation, local) else {
                 continue;
             };
             if reply.add(INodeNo(*child), i as u64 + 1, name, &TTL, &attr, GENERATION) {
                 break;
+            }
+            // Like a lookup, except for "." and "..", which the kernel does not count.
+            if i >= 2 {
+                generation.hold(1);
             }
         }
         reply.ok()
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (nodes, bytes) = self.served.totals();
+        let current = self.served.current();
+        let walk = current.view.walk();
+        let bytes: u64 = walk
+            .iter()
+            .filter_map(|(_, ino)| match &current.view.node(*ino)?.kind {
+                NodeKind::File(f) => Some(f.size),
+                _ => None,
+            })
+            .sum();
+        let nodes = walk.len() as u64 + 1;
         reply.statfs(bytes.div_ceil(4096), 0, 0, nodes, 0, 4096, 255, 4096)
     }
 
