@@ -1,5 +1,6 @@
 //! The `nvlibfs` command.
 
+mod check;
 mod mount;
 
 use clap::{Args, Parser, Subcommand};
@@ -50,6 +51,11 @@ enum Command {
     /// Unmount a view mounted by `nvlibfs mount`; its daemon then exits
     Umount(mount::UmountArgs),
 
+    /// Diagnose this host: the loaded module's version, the driver versions
+    /// on disk, what nvlibfs serves and holds, and what to do (exit 1 when
+    /// something needs doing)
+    Check(check::CheckArgs),
+
     /// Print the `docker run` flags that give a container the view and this
     /// host's NVIDIA devices, one per line
     #[command(
@@ -87,6 +93,11 @@ fn main() -> ExitCode {
         Command::Umount(args) => mount::umount(args),
         Command::Status(args) => mount::status(args),
         Command::DockerFlags(args) => mount::docker_flags(args),
+        Command::Check(args) => match check::check(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

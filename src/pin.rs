@@ -36,6 +36,11 @@ impl DriverVersion {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The numbers, for ordering (`1000.1` is newer than `999.9`).
+    pub fn components(&self) -> Vec<u32> {
+        self.0.split('.').map(|p| p.parse().unwrap_or(0)).collect()
+    }
 }
 
 impl fmt::Display for DriverVersion {
