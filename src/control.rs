@@ -11,6 +11,11 @@ use std::time::Duration;
 
 pub const DEFAULT_STATE_DIR: &str = "/run/nvlibfs";
 
+/// Below a mount point: where the FUSE mount itself sits, and the file that
+/// marks the mount point as set up by nvlibfs (see mountd's layout).
+pub const LIVE_DIR: &str = ".live";
+pub const MARKER: &str = ".nvlibfs";
+
 /// Longest socket path the kernel takes (`sun_path` is 108 bytes with NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -112,6 +117,18 @@ impl Status {
             counters: Counters::default(),
         }
     }
+}
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper does
+/// not: a detached daemon's parent is whatever init the host has).
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+        })
+        .is_some_and(|state| state != "Z" && state != "X")
 }
 
 /// Asks the daemon serving `mountpoint` for its status.

@@ -229,35 +229,61 @@ pub fn umount(args: UmountArgs) -> Result<()> {
     let mountpoint =
         std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
     let daemon = control::query(&args.state_dir, &mountpoint).ok().map(|s| s.pid);
-    let flags = if args.lazy { libc::MNT_DETACH } else { 0 };
-    let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a NUL-terminated path and flags.
-    if unsafe { libc::umount2(path.as_ptr(), flags) } < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EINVAL) => format!("{} is not a mount point", mountpoint.display()),
-            Some(libc::EBUSY) => format!(
-                "{} is in use ({e}); stop the processes using it, or `nvlibfs umount --lazy` to detach it now",
-                mountpoint.display()
-            ),
-            Some(libc::EPERM) => format!(
-                "unmounting {} is not permitted ({e}); run as root",
-                mountpoint.display()
-            ),
-            _ => format!("unmounting {}: {e}", mountpoint.display()),
-        }
-        .into());
+    // nvlibfs's own mount points hold the FUSE mount one level below.
+    let ours = mountpoint.join(control::MARKER).exists();
+    let fuse = if ours {
+        mountpoint.join(control::LIVE_DIR)
+    } else {
+        mountpoint.clone()
+    };
+    let lazy = if args.lazy { libc::MNT_DETACH } else { 0 };
+    if !ours || is_mounted(&fuse) {
+        unmount(&fuse, lazy).map_err(|e| explain(&mountpoint, e))?;
     }
     // The daemon exits once the kernel ends the session; wait briefly so a
     // mount right after this one does not meet the old daemon.
     if let Some(pid) = daemon {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline && !args.lazy {
+        while control::process_running(pid) && Instant::now() < deadline && !args.lazy {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    if ours {
+        unmount(&mountpoint, lazy).map_err(|e| explain(&mountpoint, e))?;
+    }
     println!("nvlibfs: unmounted {}", mountpoint.display());
     Ok(())
+}
+
+fn unmount(path: &Path, flags: i32) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a NUL-terminated path and flags.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let path = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(path.as_ref()))
+}
+
+fn explain(mountpoint: &Path, e: std::io::Error) -> Box<dyn Error> {
+    match e.raw_os_error() {
+        Some(libc::EINVAL) => format!("{} is not a mount point", mountpoint.display()),
+        Some(libc::EBUSY) => format!(
+            "{} is in use ({e}); stop the processes using it, or `nvlibfs umount --lazy` to detach it now",
+            mountpoint.display()
+        ),
+        Some(libc::EPERM) => format!(
+            "unmounting {} is not permitted ({e}); run as root",
+            mountpoint.display()
+        ),
+        _ => format!("unmounting {}: {e}", mountpoint.display()),
+    }
+    .into()
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
@@ -341,7 +367,8 @@ pub fn docker_flags(args: DockerFlagsArgs) -> Result<()> {
         println!("--device={}", node.display());
     }
     let t = args.target.display();
-    println!("--volume={}:{t}:ro", args.mountpoint.display());
+    // rslave: a restarted daemon's new mount reaches running containers.
+    println!("--volume={}:{t}:ro,rslave", args.mountpoint.display());
     // Searched before the image's ld.so.cache and default directories.
     println!("--env=LD_LIBRARY_PATH={t}/lib64:{t}/lib");
     println!("--env=PATH={t}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");

@@ -3,6 +3,7 @@
 //! serve `status`, and unmount cleanly on SIGTERM/SIGINT.
 
 use crate::fs::NvlibFs;
+use crate::layout;
 use crate::served::Served;
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
@@ -13,8 +14,11 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
+
+/// How long a stopping daemon waits for a detached mount's session to end.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug)]
 pub struct DaemonError(String);
@@ -90,12 +94,17 @@ fn serve_until_stopped(
         plan.elapsed.as_secs_f64() * 1e3
     );
 
-    let mountpoint = prepare_mountpoint(mountpoint)?;
+    let mountpoint = layout::mount_point(mountpoint).map_err(DaemonError)?;
     if !Path::new("/dev/fuse").exists() {
         return fail("no /dev/fuse: load the fuse module (`modprobe fuse`) or pass the device into this container");
     }
+    // First, so a live daemon here is reported as such, not as a busy mount point.
     let socket = control::socket_path(&serve.state_dir, &mountpoint);
     let listener = bind_control_socket(&serve.state_dir, &socket, &mountpoint)?;
+    let live = layout::prepare(&mountpoint).map_err(|e| {
+        let _ = std::fs::remove_file(&socket);
+        DaemonError(e)
+    })?;
 
     // Block the stop signals before any thread starts, so every thread
     // inherits the mask and only the main thread's sigwait sees them.
@@ -120,7 +129,7 @@ fn serve_until_stopped(
     config.acl = SessionACL::All;
     config.n_threads = Some(serve.threads.into());
     config.clone_fd = true;
-    let mut session = fuser::Session::new(NvlibFs::new(served.clone()), &mountpoint, &config).map_err(|e| {
+    let mut session = fuser::Session::new(NvlibFs::new(served.clone()), &live, &config).map_err(|e| {
         let _ = std::fs::remove_file(&socket);
         DaemonError(match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => {
@@ -160,7 +169,7 @@ fn serve_until_stopped(
             .map_err(|e| DaemonError(format!("starting the module watcher: {e}")))?;
     }
 
-    wait_until_answering(&mountpoint)?;
+    wait_until_answering(&live)?;
     let status = served.status();
     tracing::info!(
         mountpoint = %mountpoint.display(),
@@ -189,83 +198,32 @@ fn serve_until_stopped(
             // Still in use: detach now; the kernel ends the session when the
             // last user is gone, and until then we keep answering.
             tracing::warn!("unmount failed ({e}); detaching lazily and serving until the last user closes it");
-            if let Err(e) = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH) {
-                tracing::error!("lazy unmount of {} failed: {e}", mountpoint.display());
+            if let Err(e) = nix::mount::umount2(&live, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::error!("lazy unmount of {} failed: {e}", live.display());
             }
         }
     }
     stop_watching.store(true, std::sync::atomic::Ordering::Relaxed);
-    let result = loop_thread.join();
+    // A detached mount ends only when its last user lets go, which can take
+    // a while under load. Nothing needs us for that: the mount is gone from
+    // every namespace, and files opened by passthrough keep their mappings
+    // when the connection closes. So a restart (an upgrade of nvlibfs) is
+    // not held up by it.
+    let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+    while !loop_thread.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let _ = std::fs::remove_file(&socket);
+    if !loop_thread.is_finished() {
+        tracing::info!("exiting with the detached mount still in use; its users keep their open files");
+        return Ok(());
+    }
+    let result = loop_thread.join();
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => fail(format!("FUSE session ended with an error: {e}")),
         Err(_) => fail("the FUSE session thread panicked"),
     }
-}
-
-/// Creates a missing mount point (like `mount --mkdir`); refuses one that is
-/// not an empty directory or already has something mounted on it.
-fn prepare_mountpoint(path: &Path) -> Result<PathBuf, DaemonError> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(path)
-                .map_err(|e| DaemonError(format!("creating mount point {}: {e}", path.display())))?;
-            tracing::info!("created mount point {}", path.display());
-        }
-        Err(e) => return fail(format!("mount point {}: {e}", path.display())),
-        Ok(_) => {}
-    }
-    let path = std::fs::canonicalize(path).map_err(|e| DaemonError(format!("mount point {}: {e}", path.display())))?;
-    if !path.is_dir() {
-        return fail(format!("mount point {} is not a directory", path.display()));
-    }
-    if is_mountpoint(&path) {
-        return fail(format!(
-            "{} is already a mount point (`nvlibfs umount {0}` or `umount {0}` first)",
-            path.display()
-        ));
-    }
-    let mut entries =
-        std::fs::read_dir(&path).map_err(|e| DaemonError(format!("mount point {}: {e}", path.display())))?;
-    if entries.next().is_some() {
-        return fail(format!(
-            "mount point {} is not empty; nvlibfs would hide its contents",
-            path.display()
-        ));
-    }
-    Ok(path)
-}
-
-/// Whether something is mounted exactly at `path`, per this namespace's mountinfo.
-pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().any(|line| {
-        line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(path.as_os_str().to_string_lossy().as_ref())
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash as octal escapes.
-fn unescape_mountinfo(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut chars = field.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            let code: String = chars.by_ref().take(3).collect();
-            match u8::from_str_radix(&code, 8) {
-                Ok(b) => out.push(b as char),
-                Err(_) => {
-                    out.push('\\');
-                    out.push_str(&code);
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn bind_control_socket(state_dir: &Path, socket: &Path, mountpoint: &Path) -> Result<UnixListener, DaemonError> {

@@ -7,5 +7,6 @@
 
 pub mod daemon;
 pub mod fs;
+pub mod layout;
 pub mod repin;
 pub mod served;

@@ -1,0 +1,162 @@
+//! What sits at the mount point, so that a daemon restart never strands
+//! running containers.
+//!
+//! A FUSE mount whose server dies answers "Transport endpoint is not
+//! connected" for good in every container that bound it. So the mount point
+//! users bind (`/run/nvlibs`) is a small read-only tmpfs of our own, made a
+//! shared mount, holding relative links (`lib64 -> .live/lib64`, ...) to the
+//! FUSE mount one level below at `.live`. A restarted daemon detaches the
+//! dead `.live` and mounts afresh there; both events propagate into every
+//! container that bound the mount point with `rslave`, and the paths users
+//! see (`/run/nvlibs/lib64`, `/usr/local/nvidia/lib64`) never change.
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::path::{Path, PathBuf};
+
+/// Where the FUSE mount sits inside the mount point.
+pub use nvlibfs::control::LIVE_DIR as LIVE;
+/// Marks a mount point as nvlibfs's own, so a restart knows it may take over.
+use nvlibfs::control::MARKER;
+/// The view's top-level directories, linked from the mount point. A link
+/// to a directory the current view lacks (`lib` without 32-bit libraries)
+/// dangles, which loaders and PATH lookups treat as absent.
+const ENTRIES: &[&str] = &["bin", "etc", "firmware", "lib", "lib64", "share"];
+
+/// Creates a missing mount point (like `mount --mkdir`) and returns it,
+/// canonical.
+pub fn mount_point(path: &Path) -> Result<PathBuf, String> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(|e| format!("creating mount point {}: {e}", path.display()))?;
+            tracing::info!("created mount point {}", path.display());
+        }
+        Err(e) => return Err(format!("mount point {}: {e}", path.display())),
+        Ok(_) => {}
+    }
+    let path = std::fs::canonicalize(path).map_err(|e| format!("mount point {}: {e}", path.display()))?;
+    if !path.is_dir() {
+        return Err(format!("mount point {} is not a directory", path.display()));
+    }
+    Ok(path)
+}
+
+/// Whether `top` is a mount point set up by nvlibfs.
+pub fn is_ours(top: &Path) -> bool {
+    is_mountpoint(top) && top.join(MARKER).exists()
+}
+
+/// Makes `top` ready for a FUSE mount at `top/.live`: sets up the shared
+/// tmpfs with its links, or takes over one a previous daemon left (the
+/// caller has made sure no live daemon serves it). Returns `.live`.
+pub fn prepare(top: &Path) -> Result<PathBuf, String> {
+    let live = top.join(LIVE);
+    if is_ours(top) {
+        if is_mountpoint(&live) {
+            match std::fs::read_dir(&live) {
+                Ok(_) => {
+                    return Err(format!(
+                        "{} is already served by a running nvlibfs daemon (`nvlibfs umount {0}` first)",
+                        top.display()
+                    ))
+                }
+                // The previous daemon's FUSE mount, dead: detaching it here
+                // detaches it in every container too.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) => {
+                    umount2(&live, MntFlags::MNT_DETACH)
+                        .map_err(|e| format!("detaching the old {}: {e}", live.display()))?;
+                    tracing::warn!("took over {} from a daemon that is gone", top.display());
+                }
+                Err(e) => return Err(format!("{}: {e}", live.display())),
+            }
+        }
+        return Ok(live);
+    }
+    if is_mountpoint(top) {
+        return Err(format!(
+            "{} is already a mount point (`nvlibfs umount {0}` or `umount {0}` first)",
+            top.display()
+        ));
+    }
+    if std::fs::read_dir(top)
+        .map_err(|e| format!("mount point {}: {e}", top.display()))?
+        .next()
+        .is_some()
+    {
+        return Err(format!(
+            "mount point {} is not empty; nvlibfs would hide its contents",
+            top.display()
+        ));
+    }
+    let step = |what: &str, r: nix::Result<()>| r.map_err(|e| format!("{what} at {}: {e}", top.display()));
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    step(
+        "mounting a tmpfs",
+        mount(Some("nvlibfs"), top, Some("tmpfs"), flags, Some("mode=0755,size=64k")),
+    )?;
+    let populate = || -> std::io::Result<()> {
+        std::fs::write(
+            top.join(MARKER),
+            "nvlibfs: the view is below .live; see `nvlibfs status`\n",
+        )?;
+        std::fs::create_dir(&live)?;
+        for name in ENTRIES {
+            std::os::unix::fs::symlink(Path::new(LIVE).join(name), top.join(name))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = populate() {
+        let _ = umount2(top, MntFlags::MNT_DETACH);
+        return Err(format!("setting up {}: {e}", top.display()));
+    }
+    step(
+        "making the mount read-only",
+        mount(
+            None::<&str>,
+            top,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | flags,
+            None::<&str>,
+        ),
+    )?;
+    step(
+        "making the mount shared",
+        mount(None::<&str>, top, None::<&str>, MsFlags::MS_SHARED, None::<&str>),
+    )?;
+    Ok(live)
+}
+
+/// Removes the mount point's own tmpfs after the FUSE mount below it is gone.
+pub fn remove(top: &Path) -> Result<(), String> {
+    umount2(top, MntFlags::empty()).map_err(|e| format!("unmounting {}: {e}", top.display()))
+}
+
+/// Whether something is mounted exactly at `path`, per this namespace's mountinfo.
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|line| {
+        line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(path.as_os_str().to_string_lossy().as_ref())
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            match u8::from_str_radix(&code, 8) {
+                Ok(b) => out.push(b as char),
+                Err(_) => {
+                    out.push('\\');
+                    out.push_str(&code);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
