@@ -139,7 +139,8 @@ impl Outer {
                 "a *:* rwm",
             ])
             .arg(format!("--volume={}:/var/lib/docker", outer.volume))
-            .arg(format!("--volume={}:/nvlibs:ro", view.display()))
+            // rslave: a restarted daemon's mount reaches this container.
+            .arg(format!("--volume={}:/nvlibs:ro,rslave", view.display()))
             .arg(format!("--volume={}:/work:ro", work.display()))
             .arg(format!("--volume={}:/cache:ro", cache.display()))
             .args([image, "sh", "-c", entry]))?;
@@ -269,7 +270,7 @@ fn inner_containers_load_the_hosts_driver_through_docker_in_docker() {
         files.join(" ")
     );
     let volume = vec![
-        "--volume=/nvlibs:/usr/local/nvidia:ro".to_owned(),
+        "--volume=/nvlibs:/usr/local/nvidia:ro,rslave".to_owned(),
         "--volume=/work:/work:ro".to_owned(),
         "--env=LD_LIBRARY_PATH=/usr/local/nvidia/lib64".to_owned(),
     ];

@@ -238,6 +238,19 @@ fn mount_refuses_bad_mount_points_and_missing_drivers() {
     let pin = ["--module-version-file", vf.to_str().unwrap()];
 
     let err = try_mount(&m.mountpoint, &pin);
+    assert!(err.contains("already served by"), "{err}");
+    let other = m.dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "x"])
+            .arg(&other)
+            .output()
+            .unwrap(),
+        "mount tmpfs",
+    );
+    let err = try_mount(&other, &pin);
+    ok(Command::new("umount").arg(&other).output().unwrap(), "umount tmpfs");
     assert!(err.contains("already a mount point"), "{err}");
 
     let full = m.dir.path().join("full");
@@ -284,7 +297,18 @@ fn sigterm_unmounts_cleanly_and_a_missing_mount_point_is_created() {
     nix_kill(daemon.id(), libc::SIGTERM);
     let status = daemon.wait().unwrap();
     assert!(status.success(), "daemon exited with {status}");
-    assert!(!nvlibfs_mountpoint(&mountpoint), "still mounted after SIGTERM");
+    // The FUSE mount is gone; the mount point's own small tmpfs stays for
+    // the next daemon (containers keep their bind of it) until `umount`.
+    assert!(
+        !nvlibfs_mountpoint(&mountpoint.join(".live")),
+        "still mounted after SIGTERM"
+    );
+    assert!(nvlibfs_mountpoint(&mountpoint));
+    ok(
+        nvlibfs().arg("umount").arg(&mountpoint).output().unwrap(),
+        "nvlibfs umount",
+    );
+    assert!(!nvlibfs_mountpoint(&mountpoint));
 }
 
 fn nix_kill(pid: u32, signal: i32) {
@@ -325,12 +349,18 @@ fn the_mount_shows_exactly_the_scanned_view() {
     }
     expected.sort();
 
+    // The mount point itself: links into the FUSE mount below it.
+    for name in ["bin", "etc", "firmware", "lib", "lib64", "share"] {
+        let target = std::fs::read_link(m.mountpoint.join(name)).unwrap();
+        assert_eq!(target, Path::new(".live").join(name));
+    }
+    let live = m.mountpoint.join(".live");
     let mut seen = Vec::new();
-    let mut stack = vec![m.mountpoint.clone()];
+    let mut stack = vec![live.clone()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
-            let rel = path.strip_prefix(&m.mountpoint).unwrap().to_str().unwrap().to_owned();
+            let rel = path.strip_prefix(&live).unwrap().to_str().unwrap().to_owned();
             let meta = std::fs::symlink_metadata(&path).unwrap();
             if meta.is_dir() {
                 assert_eq!(meta.permissions().mode() & 0o7777, 0o555, "{rel}");
@@ -379,4 +409,8 @@ fn foreground_daemon_notifies_systemd_when_ready() {
     let n = systemd.recv(&mut buf).expect("STOPPING=1");
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(daemon.wait().unwrap().success());
+    ok(
+        nvlibfs().arg("umount").arg(&mountpoint).output().unwrap(),
+        "nvlibfs umount",
+    );
 }
