@@ -51,7 +51,10 @@ fn child_load(args: &[String]) {
             eprintln!("{lib}: {}", why.to_string_lossy());
             std::process::exit(1);
         }
-        let touched = if touch { touch_mappings(lib) } else { Duration::ZERO };
+        // The loader maps the file by its real path (nvlibfs's mount point
+        // links into the FUSE mount below it).
+        let real = std::fs::canonicalize(lib).map_or_else(|_| lib.clone(), |p| p.display().to_string());
+        let touched = if touch { touch_mappings(&real) } else { Duration::ZERO };
         println!("{} {}", opened.as_nanos(), touched.as_nanos());
     }
 }
@@ -227,9 +230,18 @@ impl Server {
         )
     }
 
-    fn unmount(&self) {
+    fn unmount(&self, env: &Env) {
         if let Some(m) = &self.mountpoint {
-            let out = Command::new("umount").arg(m).output().unwrap();
+            let out = if self.kind.is_nvlibfs() {
+                Command::new(&env.nvlibfs)
+                    .args(["umount", "--state-dir"])
+                    .arg(env.work.join("state"))
+                    .arg(m)
+                    .output()
+            } else {
+                Command::new("umount").arg(m).output()
+            }
+            .unwrap();
             assert!(
                 out.status.success(),
                 "umount {}: {}",
@@ -532,11 +544,11 @@ fn bench(args: &[String]) {
             let big = server.path(&env, &files.big);
             put(r_first, ms(load(std::slice::from_ref(&big), false)[0].0));
             put(r_ready, ready);
-            server.unmount();
+            server.unmount(&env);
             let (server, _) = Server::mount(&env, kind);
             let t = load(std::slice::from_ref(&server.path(&env, &files.big)), true)[0];
             put(r_touch_first, ms(t.0 + t.1));
-            server.unmount();
+            server.unmount(&env);
         }
         let (server, _) = Server::mount(&env, kind);
         let big = server.path(&env, &files.big);
@@ -564,7 +576,7 @@ fn bench(args: &[String]) {
         }
         // The host already has the library cached; what does loading it here add?
         let (fresh, _) = {
-            server.unmount();
+            server.unmount(&env);
             drop_caches();
             std::fs::read(env.root.join(&files.big.1)).unwrap();
             Server::mount(&env, kind)
@@ -630,7 +642,7 @@ fn bench(args: &[String]) {
                 put(r_cpu, ticks / hz * 1e3);
             }
         }
-        fresh.unmount();
+        fresh.unmount(&env);
     }
 
     let report = report(&rows, &kinds, &label, &files, &env);
