@@ -19,7 +19,7 @@ else
     dir=${NVLIBFS_DEMO_DIR:-/tmp/nvlibfs-demo}
     mnt=${NVLIBFS_DEMO_MOUNT:-$dir/mnt}
     echo "== No NVIDIA driver here: generating a fake one in $dir/host"
-    if grep -q " $mnt fuse" /proc/self/mounts; then "$bin/nvlibfs" umount "$mnt"; fi
+    if [ -e "$mnt/.nvlibfs" ]; then "$bin/nvlibfs" umount "$mnt"; fi
     rm -rf "$dir/host"
     "$bin/nvlibfs-fixture" "$dir/host" --driver-version 580.159.04 --stale 570.86.15 --libcuda-mib 100
     driver=(--driver-root "$dir/host" --module-version-file "$dir/host/sys/module/nvidia/version")
@@ -29,7 +29,7 @@ echo; echo "== nvlibfs scan ${driver[*]}"
 "$bin/nvlibfs" scan "${driver[@]}"
 
 echo; echo "== nvlibfs mount ${driver[*]} $mnt"
-if grep -q " $mnt fuse" /proc/self/mounts; then "$bin/nvlibfs" umount "$mnt"; fi
+if [ -e "$mnt/.nvlibfs" ]; then "$bin/nvlibfs" umount "$mnt"; fi
 "$bin/nvlibfs" mount "${driver[@]}" "$mnt"
 
 echo; echo "== nvidia-smi from the mount, loading libnvidia-ml.so.1 through it"
@@ -41,7 +41,7 @@ echo; echo "== nvlibfs status $mnt"
 cat <<MSG
 
 The view stays mounted at $mnt. Give it to containers read-only, e.g.
-  docker run -v $mnt:/usr/local/nvidia:ro ...
+  docker run -v $mnt:/usr/local/nvidia:ro,rslave ...   (or: docker run \$(nvlibfs docker-flags --mountpoint $mnt) ...)
 and unmount it with
   $bin/nvlibfs umount $mnt
 MSG
