@@ -25,6 +25,9 @@ const GENERATION: fuser::Generation = fuser::Generation(0);
 /// request fewer per dlopen.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
+/// Longest name in the view, as statfs reports it.
+const NAME_MAX: usize = 255;
+
 /// Passthrough backing files may sit on a stacked filesystem (overlayfs in
 /// containers); the kernel allows at most 2.
 const MAX_STACK_DEPTH: u32 = 2;
@@ -113,6 +116,10 @@ impl fuser::Filesystem for NvlibFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.served.counters.lookups.fetch_add(1, Relaxed);
+        // The kernel lets FUSE names reach 1024 bytes; statfs says 255.
+        if name.len() > NAME_MAX {
+            return reply.error(Errno::ENAMETOOLONG);
+        }
         let Some((generation, local)) = self.served.resolve(parent.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -289,7 +296,7 @@ impl fuser::Filesystem for NvlibFs {
             })
             .sum();
         let nodes = walk.len() as u64 + 1;
-        reply.statfs(bytes.div_ceil(4096), 0, 0, nodes, 0, 4096, 255, 4096)
+        reply.statfs(bytes.div_ceil(4096), 0, 0, nodes, 0, 4096, NAME_MAX as u32, 4096)
     }
 
     // Extended attributes: none. ENOSYS makes the kernel stop asking.
