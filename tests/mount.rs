@@ -414,3 +414,29 @@ fn foreground_daemon_notifies_systemd_when_ready() {
         "nvlibfs umount",
     );
 }
+
+/// Once mounted, the daemon keeps only CAP_SYS_ADMIN and
+/// CAP_DAC_READ_SEARCH, in every set including the bounding set, with
+/// no_new_privs; it still serves.
+#[test]
+fn the_daemon_drops_to_the_capabilities_it_needs() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let pid = m.status().pid;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let kept = format!("{:016x}", (1u64 << 21) | (1u64 << 2));
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(set), kept, "{set} of the daemon");
+    }
+    assert_eq!(field("CapInh:"), "0000000000000000");
+    assert_eq!(field("CapAmb:"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    m.assert_loads_everything(&[]);
+}

@@ -75,6 +75,7 @@ fn serve_until_stopped(
     mountpoint: &Path,
     ready: &mut Readiness,
 ) -> Result<(), DaemonError> {
+    raise_file_limit();
     let plan = driver.plan().map_err(|e| DaemonError(e.to_string()))?;
     let manifest = plan.view.manifest();
     if !plan.view.has_driver_libraries() {
@@ -142,6 +143,17 @@ fn serve_until_stopped(
         })
     })?;
     served.start(&session);
+    // Mounted and every file held: from here on, only what is still used.
+    match crate::privileges::drop_to_kept() {
+        Ok(()) => {
+            let kept: Vec<&str> = crate::privileges::KEPT.iter().map(|(_, why)| *why).collect();
+            tracing::info!(
+                "dropped all other capabilities and set no_new_privs; keeping {}",
+                kept.join(", ")
+            );
+        }
+        Err(e) => tracing::warn!("could not drop capabilities ({e}); continuing with what we have"),
+    }
     let notifier = session.notifier();
     let mut unmounter = session.unmount_callable();
     let main_thread = nix::unistd::Pid::this();
@@ -263,6 +275,22 @@ fn answer_status(listener: UnixListener, served: &Served) {
                 }
             }
             Err(e) => tracing::warn!("status socket: {e}"),
+        }
+    }
+}
+
+/// Every served file is held open (two generations' worth during a
+/// re-pin): take the hard limit rather than the usual 1024 soft one.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

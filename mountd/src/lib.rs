@@ -8,5 +8,6 @@
 pub mod daemon;
 pub mod fs;
 pub mod layout;
+pub mod privileges;
 pub mod repin;
 pub mod served;

@@ -1,0 +1,82 @@
+//! Least privilege once mounted: the daemon keeps only the capabilities it
+//! still uses, in every set including the bounding set, and sets
+//! no_new_privs, so a bug in request handling cannot be turned into more
+//! than what is left.
+//!
+//! Kept: CAP_SYS_ADMIN, because registering passthrough backing files for a
+//! new driver generation (FUSE_DEV_IOC_BACKING_OPEN) and unmounting at
+//! shutdown need it; CAP_DAC_READ_SEARCH, to re-scan a driver root whose
+//! directories only root may search. Capabilities are per thread, so this
+//! runs on the main thread before any serving thread is started.
+
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_ADMIN: u32 = 21;
+pub const KEPT: &[(u32, &str)] = &[
+    (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH (re-scanning the driver root)"),
+    (
+        CAP_SYS_ADMIN,
+        "CAP_SYS_ADMIN (passthrough backing files for new generations, unmounting)",
+    ),
+];
+/// _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+pub fn drop_to_kept() -> std::io::Result<()> {
+    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(40);
+    let keep = |cap: u32| KEPT.iter().any(|(c, _)| *c == cap);
+    for cap in (0..=last).filter(|c| !keep(*c)) {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } < 0 {
+            let e = std::io::Error::last_os_error();
+            // EINVAL: a capability this kernel does not know.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+    }
+    let mut data = [CapData::default(); 2];
+    for (cap, _) in KEPT {
+        let word = &mut data[(*cap / 32) as usize];
+        word.effective |= 1 << (cap % 32);
+        word.permitted |= 1 << (cap % 32);
+    }
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: capset reads a header and two data words we own.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
