@@ -243,6 +243,24 @@ impl fuser::Filesystem for NvlibFs {
         reply.error(Errno::ENOSYS)
     }
 
+    /// A generation's directories never change (a new generation has new
+    /// inode numbers, and the root is invalidated on a swap), so the kernel
+    /// may keep their listings.
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self
+            .served
+            .resolve(ino.0)
+            .map(|(g, local)| g.view.node(local).map(|n| matches!(n.kind, NodeKind::Dir(_))))
+        {
+            Some(Some(true)) => reply.opened(
+                FileHandle(ino.0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Some(Some(false)) => reply.error(Errno::ENOTDIR),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         self.served.counters.readdirs.fetch_add(1, Relaxed);
         let Some((generation, entries)) = self.entries(ino) else {

@@ -100,6 +100,22 @@ impl Generation {
                 };
                 let start = (offset as usize).min(map.len());
                 let end = start.saturating_add(size as usize).min(map.len());
+                // Touching mapped pages past the file's end would kill the
+                // daemon with SIGBUS, and a file whose size changed on disk
+                // is not the one that was checked: refuse it loudly.
+                let now = file
+                    .file
+                    .metadata()
+                    .map(|m| m.len())
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                if now != file.size {
+                    tracing::error!(
+                        "{} changed size on disk ({} -> {now} bytes) while served; refusing its reads",
+                        file.source,
+                        file.size
+                    );
+                    return Err(libc::EIO);
+                }
                 Ok(map[start..end].to_vec())
             }
             // A read that reached us anyway: answer from the file.
