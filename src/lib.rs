@@ -36,7 +36,14 @@ pub struct Plan {
 #[derive(Debug)]
 pub enum PlanError {
     Pin(pin::PinError),
-    DriverRoot { path: PathBuf, error: std::io::Error },
+    DriverRoot {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// Holding every served file open needs a descriptor each.
+    TooManyOpenFiles {
+        at: String,
+    },
 }
 
 impl fmt::Display for PlanError {
@@ -46,6 +53,11 @@ impl fmt::Display for PlanError {
             PlanError::DriverRoot { path, error } => {
                 write!(f, "--driver-root {}: {error}", path.display())
             }
+            PlanError::TooManyOpenFiles { at } => write!(
+                f,
+                "ran out of file descriptors opening {at}: nvlibfs holds every served file open; raise the \
+                 limit (ulimit -n, or LimitNOFILE= in the unit)"
+            ),
         }
     }
 }
@@ -63,6 +75,9 @@ pub fn plan(driver_root: &Path, pin: &pin::PinRequest, kernel: &discover::Kernel
     })?;
     let scan = discover::DriverScan::run(&root, &pinned.version, kernel);
     let select::Selection { files, rejected } = select::select(&root, &pinned, scan);
+    if let Some(r) = rejected.iter().find(|r| r.reason == select::Reason::TooManyOpenFiles) {
+        return Err(PlanError::TooManyOpenFiles { at: r.source.clone() });
+    }
     let view = view::View::build(pinned, root.path().to_owned(), files);
     Ok(Plan {
         view,

@@ -51,6 +51,9 @@ pub enum Reason {
         kind: &'static str,
     },
     Unreadable(String),
+    /// The process ran out of file descriptors: says nothing about the
+    /// file, and fails the whole scan.
+    TooManyOpenFiles,
     Duplicate {
         of: String,
     },
@@ -76,6 +79,7 @@ impl Reason {
             Reason::Missing { .. } => "missing",
             Reason::NotRegularFile { .. } => "not_regular_file",
             Reason::Unreadable(_) => "unreadable",
+            Reason::TooManyOpenFiles => "too_many_open_files",
             Reason::Duplicate { .. } => "duplicate",
             Reason::BadConfig(_) => "bad_config",
             Reason::BadLdCache(_) => "bad_ld_cache",
@@ -102,6 +106,7 @@ impl fmt::Display for Reason {
             Reason::Missing { at } => write!(f, "dangling: {at} does not exist inside the driver root"),
             Reason::NotRegularFile { kind } => write!(f, "not a regular file ({kind})"),
             Reason::Unreadable(e) => write!(f, "unreadable: {e}"),
+            Reason::TooManyOpenFiles => f.write_str("out of file descriptors"),
             Reason::Duplicate { of } => write!(f, "duplicate of {of}"),
             Reason::BadConfig(e) => write!(f, "invalid config: {e}"),
             Reason::BadLdCache(e) => write!(f, "unusable ld.so cache: {e}"),
@@ -311,7 +316,10 @@ impl Selector<'_> {
         let file = self
             .root
             .open_file(&resolved.path)
-            .map_err(|e| Reason::Unreadable(e.to_string()))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EMFILE) | Some(libc::ENFILE) => Reason::TooManyOpenFiles,
+                _ => Reason::Unreadable(e.to_string()),
+            })?;
         let meta = file.metadata().map_err(|e| Reason::Unreadable(e.to_string()))?;
         // The view is readable by everyone; a file the host keeps from others
         // must not become readable through it.
