@@ -3,7 +3,7 @@
 mod check;
 mod mount;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use nvlibfs::args::DriverArgs;
 use nvlibfs::select::Reason;
 use nvlibfs::view::Manifest;
@@ -13,7 +13,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "nvlibfs",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("NVLIBFS_GIT_REV"), ")"),
     about = "Serve the host's NVIDIA driver files to containers, pinned to the loaded kernel module's version",
     long_about = "Serve the host's NVIDIA driver files to containers, pinned to the loaded kernel module's version.\n\n\
         Containers (Docker-in-Docker included) bind-mount the view at /usr/local/nvidia and always load \
@@ -65,6 +65,14 @@ enum Command {
     )]
     DockerFlags(mount::DockerFlagsArgs),
 
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(after_help = "Example:\n  nvlibfs completions bash > /etc/bash_completion.d/nvlibfs")]
+    Completions { shell: clap_complete::Shell },
+
+    /// Print the man page (roff)
+    #[command(after_help = "Example:\n  nvlibfs manpage > /usr/local/share/man/man1/nvlibfs.1")]
+    Manpage,
+
     /// Show what the daemon serving MOUNTPOINT serves and how (pinned version,
     /// data path, request counters, memory)
     Status(mount::StatusArgs),
@@ -93,6 +101,13 @@ fn main() -> ExitCode {
         Command::Umount(args) => mount::umount(args),
         Command::Status(args) => mount::status(args),
         Command::DockerFlags(args) => mount::docker_flags(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "nvlibfs", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpage => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
         Command::Check(args) => match check::check(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

@@ -53,14 +53,29 @@ pub struct UmountArgs {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// Print the status as one JSON object
-    #[arg(long)]
+    /// How to print it
+    #[arg(long, value_enum, default_value_t = StatusFormat::Text)]
+    format: StatusFormat,
+
+    /// Same as --format json
+    #[arg(long, conflicts_with = "format")]
     json: bool,
 
     #[arg(long, value_name = "DIR", default_value = control::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
 
     mountpoint: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusFormat {
+    /// For people
+    Text,
+    /// One JSON object (fields of nvlibfs::control::Status)
+    Json,
+    /// Prometheus text exposition format, for a node exporter's textfile
+    /// collector or a scrape wrapper
+    Prometheus,
 }
 
 #[derive(Args)]
@@ -290,12 +305,113 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let mountpoint =
         std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
     let status = control::query(&args.state_dir, &mountpoint)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print_status(&status);
+    match if args.json { StatusFormat::Json } else { args.format } {
+        StatusFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        StatusFormat::Prometheus => print!("{}", prometheus(&status)),
+        StatusFormat::Text => print_status(&status),
     }
     Ok(())
+}
+
+/// The status as Prometheus metrics, labelled by mount point.
+fn prometheus(s: &Status) -> String {
+    let mp = escape_label(&s.mountpoint.to_string_lossy());
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        out.push_str(&format!("# HELP nvlibfs_{name} {help}\n# TYPE nvlibfs_{name} {kind}\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("nvlibfs_{name}{{mountpoint=\"{mp}\"{labels}}} {value}\n"));
+        }
+    };
+    let info = format!(
+        ",driver_version=\"{}\",data_path=\"{}\"",
+        escape_label(&s.driver_version),
+        escape_label(&s.data_path)
+    );
+    metric(
+        "info",
+        "gauge",
+        "The pinned driver version and data path (always 1).",
+        &[(info, 1.0)],
+    );
+    metric(
+        "up",
+        "gauge",
+        "1 when the view holds the loaded module's driver.",
+        &[(String::new(), f64::from(u8::from(s.pin_problem.is_none())))],
+    );
+    metric(
+        "generation",
+        "gauge",
+        "Generation of the served view; each re-pin adds one.",
+        &[(String::new(), s.generation as f64)],
+    );
+    metric(
+        "retired_generations",
+        "gauge",
+        "Earlier generations still held for open files.",
+        &[(String::new(), s.retired_generations as f64)],
+    );
+    metric(
+        "files",
+        "gauge",
+        "Files in the view.",
+        &[(String::new(), s.files as f64)],
+    );
+    metric(
+        "bytes",
+        "gauge",
+        "Bytes of file data in the view.",
+        &[(String::new(), s.bytes as f64)],
+    );
+    metric(
+        "held_files_replaced_on_disk",
+        "gauge",
+        "Served files replaced or removed on disk since they were pinned.",
+        &[(String::new(), s.held_files_replaced_on_disk as f64)],
+    );
+    let c = &s.counters;
+    let ops = [
+        ("lookup", c.lookups),
+        ("getattr", c.getattrs),
+        ("readlink", c.readlinks),
+        ("open", c.opens),
+        ("readdir", c.readdirs),
+        ("read", c.reads),
+        ("refused_write", c.write_attempts),
+    ];
+    let samples: Vec<(String, f64)> = ops.iter().map(|(op, n)| (format!(",op=\"{op}\""), *n as f64)).collect();
+    metric(
+        "requests_total",
+        "counter",
+        "FUSE requests answered, by operation.",
+        &samples,
+    );
+    metric(
+        "read_bytes_total",
+        "counter",
+        "Bytes served through READ (0 with passthrough).",
+        &[(String::new(), c.bytes_read as f64)],
+    );
+    metric(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        &[(String::new(), s.uptime_s)],
+    );
+    if let Some(rss) = s.rss_bytes {
+        metric(
+            "resident_memory_bytes",
+            "gauge",
+            "Daemon resident set size.",
+            &[(String::new(), rss as f64)],
+        );
+    }
+    out
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn print_status(s: &Status) {

@@ -440,3 +440,41 @@ fn the_daemon_drops_to_the_capabilities_it_needs() {
     assert_eq!(field("NoNewPrivs:"), "1");
     m.assert_loads_everything(&[]);
 }
+
+/// `status --format prometheus`: every sample has HELP and TYPE, parses as
+/// `name{labels} value`, and the counters say what the JSON says.
+#[test]
+fn status_speaks_prometheus() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let out = nvlibfs()
+        .args(["status", "--format", "prometheus", "--state-dir"])
+        .arg(&m.state_dir)
+        .arg(&m.mountpoint)
+        .output()
+        .unwrap();
+    let text = ok(out, "status --format prometheus");
+    let mut typed = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap().to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = series
+            .split_once('{')
+            .unwrap_or_else(|| panic!("no labels in {line:?}"));
+        assert!(labels.ends_with('}') && labels.contains("mountpoint=\""), "{line}");
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
+        assert!(typed.contains(name), "{name} has no TYPE line");
+    }
+    assert!(text.contains(&format!("driver_version=\"{VERSION}\"")), "{text}");
+    assert!(
+        text.contains("nvlibfs_requests_total{") && text.contains("op=\"read\"} 0"),
+        "{text}"
+    );
+}
