@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod catalog;
+pub mod cdi;
 pub mod control;
 pub mod devices;
 pub mod discover;

@@ -8,6 +8,7 @@ use nvlibfs::args::DriverArgs;
 use nvlibfs::select::Reason;
 use nvlibfs::view::Manifest;
 use nvlibfs::Plan;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -65,6 +66,10 @@ enum Command {
     )]
     DockerFlags(mount::DockerFlagsArgs),
 
+    /// CDI specs for CDI-aware runtimes (podman, containerd, CRI-O, docker 25+)
+    #[command(subcommand)]
+    Cdi(CdiCommand),
+
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(after_help = "Example:\n  nvlibfs completions bash > /etc/bash_completion.d/nvlibfs")]
     Completions { shell: clap_complete::Shell },
@@ -76,6 +81,49 @@ enum Command {
     /// Show what the daemon serving MOUNTPOINT serves and how (pinned version,
     /// data path, request counters, memory)
     Status(mount::StatusArgs),
+}
+
+#[derive(Subcommand)]
+enum CdiCommand {
+    /// Write a CDI spec (kind nvidia.com/gpu: a device per GPU, and all)
+    /// that mounts the view read-only at /usr/local/nvidia, sets PATH and
+    /// LD_LIBRARY_PATH and adds the NVIDIA device nodes
+    #[command(after_help = "Example:\n  nvlibfs cdi generate --output /etc/cdi/nvlibfs.json\n  \
+        podman run --device nvidia.com/gpu=all IMAGE nvidia-smi")]
+    Generate(CdiArgs),
+}
+
+#[derive(Args)]
+struct CdiArgs {
+    /// Where the view is mounted on this host
+    #[arg(long, value_name = "DIR", default_value = "/run/nvlibs")]
+    mountpoint: PathBuf,
+
+    /// Where to look for the NVIDIA device nodes
+    #[arg(long, value_name = "DIR", default_value = "/dev")]
+    dev: PathBuf,
+
+    /// Write the spec here (JSON, which CDI runtimes read from /etc/cdi or
+    /// /var/run/cdi) instead of standard output
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+fn cdi_generate(args: CdiArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let spec = nvlibfs::cdi::generate(&args.mountpoint, &args.dev);
+    let json = serde_json::to_string_pretty(&spec)? + "\n";
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, json).map_err(|e| format!("--output {}: {e}", path.display()))?;
+            eprintln!(
+                "nvlibfs: wrote a CDI spec with {} device(s) to {}",
+                spec.devices.len(),
+                path.display()
+            );
+        }
+        None => print!("{json}"),
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -105,6 +153,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "nvlibfs", &mut std::io::stdout());
             Ok(())
         }
+        Command::Cdi(CdiCommand::Generate(args)) => cdi_generate(args),
         Command::Manpage => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map_err(Into::into),

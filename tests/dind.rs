@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::images::{cache_dir, inner_rootfs, run, IMAGE_KEY};
 use common::{nvlibfs, Mounted, SERIAL, VERSION};
 use nvlibfs_fixture::FixtureSpec;
 use std::collections::BTreeMap;
@@ -16,28 +17,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const STALE: &str = "570.86.15";
-/// Bump to rebuild the cached images.
-const IMAGE_KEY: &str = "bookworm-minbase-1";
-
-/// Where the slow parts (debootstrap, the outer image's dockerd install)
-/// are kept between runs.
-fn cache_dir() -> PathBuf {
-    std::env::var_os("NVLIBFS_TEST_CACHE").map_or_else(|| PathBuf::from("/var/cache/nvlibfs-test"), PathBuf::from)
-}
-
-/// Runs `cmd`; its stdout, or why it failed with the end of its stderr.
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Err(format!("{cmd:?} exited with {}:\n{}", out.status, tail.join("\n")))
-    }
-}
-
 fn docker() -> Command {
     Command::new("docker")
 }
@@ -52,31 +31,6 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<T, String>) -> T {
         }
         Err(why) => panic!("dind: step '{name}' failed: {why}"),
     }
-}
-
-/// A Debian minbase root file system as a tarball, built once.
-fn inner_rootfs() -> Result<PathBuf, String> {
-    let cache = cache_dir();
-    let tar = cache.join(format!("inner-{IMAGE_KEY}.tar"));
-    if tar.exists() {
-        return Ok(tar);
-    }
-    std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let rootfs = cache.join(format!("rootfs-{IMAGE_KEY}.tmp"));
-    let _ = std::fs::remove_dir_all(&rootfs);
-    run(Command::new("debootstrap")
-        .args(["--variant=minbase", "bookworm"])
-        .arg(&rootfs))?;
-    let partial = tar.with_extension("partial");
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&partial)
-        .arg("."))?;
-    std::fs::rename(&partial, &tar).map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(&rootfs);
-    Ok(tar)
 }
 
 /// The outer image: the same Debian with Debian's docker.io, imported into

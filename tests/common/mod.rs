@@ -2,6 +2,8 @@
 // Each test file uses its own subset of these.
 #![allow(dead_code)]
 
+pub mod images;
+
 use nvlibfs::control::Status;
 use nvlibfs_fixture::{build, build_loader, Fixture, FixtureSpec};
 use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,125 @@
+//! A CDI (Container Device Interface) spec for the view, so CDI-aware
+//! runtimes (podman, containerd, CRI-O, docker 25+) give a container the
+//! view and the GPU with `--device nvidia.com/gpu=all`.
+
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// The oldest version with every field used here (device hostPath), so
+/// that older runtimes (podman 4.3 in Debian 12) accept the spec.
+pub const CDI_VERSION: &str = "0.5.0";
+pub const KIND: &str = "nvidia.com/gpu";
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spec {
+    pub cdi_version: String,
+    pub kind: String,
+    pub devices: Vec<Device>,
+    /// Applied once whenever any device of this spec is requested.
+    pub container_edits: ContainerEdits,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    pub name: String,
+    pub container_edits: ContainerEdits,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerEdits {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub device_nodes: Vec<DeviceNode>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceNode {
+    /// In the container.
+    pub path: PathBuf,
+    /// On the host, where it is not the same path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<PathBuf>,
+}
+
+/// The node at `host` (under `dev`) as the container sees it, under /dev.
+fn node(dev: &Path, host: &Path) -> DeviceNode {
+    let path = Path::new("/dev").join(host.strip_prefix(dev).unwrap_or(host));
+    let host_path = (path != host).then(|| host.to_owned());
+    DeviceNode { path, host_path }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub container_path: PathBuf,
+    pub options: Vec<String>,
+}
+
+/// The spec for the view mounted at `mountpoint` and the NVIDIA device
+/// nodes under `dev`: one device per GPU (`/dev/nvidiaN`, named `N`) and
+/// `all`; the control nodes, the view and the environment come with any.
+pub fn generate(mountpoint: &Path, dev: &Path) -> Spec {
+    let nodes = crate::devices::nvidia_device_nodes(dev);
+    let gpu_index = |p: &PathBuf| {
+        let name = p.file_name()?.to_str()?;
+        let n = name.strip_prefix("nvidia")?;
+        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| n.to_owned())
+    };
+    let (gpus, control): (Vec<&PathBuf>, Vec<&PathBuf>) = nodes.iter().partition(|p| gpu_index(p).is_some());
+    let mut devices: Vec<Device> = gpus
+        .iter()
+        .map(|p| {
+            let index = gpu_index(p).expect("partitioned on it");
+            Device {
+                name: index.clone(),
+                container_edits: ContainerEdits {
+                    env: vec![format!("NVIDIA_VISIBLE_DEVICES={index}")],
+                    device_nodes: vec![node(dev, p)],
+                    ..ContainerEdits::default()
+                },
+            }
+        })
+        .collect();
+    devices.push(Device {
+        name: "all".into(),
+        container_edits: ContainerEdits {
+            env: vec!["NVIDIA_VISIBLE_DEVICES=all".into()],
+            device_nodes: gpus.iter().map(|p| node(dev, p)).collect(),
+            ..ContainerEdits::default()
+        },
+    });
+    let target = Path::new("/usr/local/nvidia");
+    Spec {
+        cdi_version: CDI_VERSION.into(),
+        kind: KIND.into(),
+        devices,
+        container_edits: ContainerEdits {
+            env: vec![
+                format!(
+                    "PATH={}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    target.join("bin").display()
+                ),
+                format!(
+                    "LD_LIBRARY_PATH={}:{}",
+                    target.join("lib64").display(),
+                    target.join("lib").display()
+                ),
+            ],
+            device_nodes: control.iter().map(|p| node(dev, p)).collect(),
+            mounts: vec![Mount {
+                host_path: mountpoint.to_owned(),
+                container_path: target.to_owned(),
+                // rslave: a restarted daemon's new mount reaches running containers.
+                options: ["ro", "nosuid", "nodev", "rbind", "rslave"].map(String::from).to_vec(),
+            }],
+        },
+    }
+}

@@ -1,0 +1,257 @@
+//! `nvlibfs cdi generate`: the spec checked against the CDI specification's
+//! rules, then used by a real CDI consumer (Debian's podman) to run a local
+//! image that loads the fixture libraries through the view.
+
+mod common;
+
+use common::images::{inner_rootfs, run};
+use common::{nvlibfs, ok, Mounted, SERIAL, VERSION};
+use nvlibfs_fixture::FixtureSpec;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A /dev stand-in: two GPUs, control nodes and a MIG capability, all
+/// character devices (1:3, like /dev/null) so containers can open them.
+fn fake_dev(dir: &Path) -> PathBuf {
+    let dev = dir.join("dev");
+    std::fs::create_dir_all(dev.join("nvidia-caps")).unwrap();
+    for name in [
+        "nvidia0",
+        "nvidia1",
+        "nvidiactl",
+        "nvidia-uvm",
+        "nvidia-uvm-tools",
+        "nvidia-caps/nvidia-cap1",
+    ] {
+        let out = Command::new("mknod")
+            .arg(dev.join(name))
+            .args(["c", "1", "3"])
+            .output()
+            .unwrap();
+        ok(out, "mknod");
+    }
+    std::fs::write(dev.join("nvidia-not-a-device"), "").unwrap();
+    dev
+}
+
+fn generate(mountpoint: &Path, dev: &Path) -> Value {
+    let out = nvlibfs()
+        .args(["cdi", "generate", "--mountpoint"])
+        .arg(mountpoint)
+        .arg("--dev")
+        .arg(dev)
+        .output()
+        .unwrap();
+    serde_json::from_str(&ok(out, "cdi generate")).expect("the spec is JSON")
+}
+
+fn is_abs(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| s.starts_with('/'))
+}
+
+/// The specification's rules for container edits (CDI SPEC.md).
+fn check_edits(edits: &Value, what: &str) {
+    let obj = edits
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: containerEdits must be an object"));
+    for key in obj.keys() {
+        assert!(
+            ["env", "deviceNodes", "mounts", "hooks"].contains(&key.as_str()),
+            "{what}: unknown field {key}"
+        );
+    }
+    for e in edits["env"].as_array().into_iter().flatten() {
+        let e = e.as_str().expect("env entries are strings");
+        assert!(
+            e.split_once('=').is_some_and(|(k, _)| !k.is_empty()),
+            "{what}: env {e:?} is not KEY=VALUE"
+        );
+    }
+    for n in edits["deviceNodes"].as_array().into_iter().flatten() {
+        assert!(is_abs(&n["path"]), "{what}: deviceNodes[].path must be absolute: {n}");
+        assert!(
+            n.get("hostPath").is_none_or(is_abs),
+            "{what}: hostPath must be absolute: {n}"
+        );
+    }
+    for m in edits["mounts"].as_array().into_iter().flatten() {
+        assert!(
+            is_abs(&m["hostPath"]) && is_abs(&m["containerPath"]),
+            "{what}: mount paths: {m}"
+        );
+        let options = m["options"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: mount options must be a list: {m}"));
+        assert!(options.iter().all(Value::is_string), "{what}: options are strings: {m}");
+    }
+}
+
+#[test]
+fn the_spec_follows_the_cdi_specification() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = fake_dev(dir.path());
+    let spec = generate(Path::new("/run/nvlibs"), &dev);
+
+    let version: Vec<u32> = spec["cdiVersion"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(version.len() == 3 && version >= vec![0, 5, 0], "cdiVersion {version:?}");
+    assert_eq!(spec["kind"], "nvidia.com/gpu");
+    let devices = spec["devices"].as_array().expect("devices is a list");
+    let names: Vec<&str> = devices.iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["0", "1", "all"]);
+    for d in devices {
+        let name = d["name"].as_str().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)),
+            "device name {name}"
+        );
+        check_edits(&d["containerEdits"], name);
+        assert!(
+            d["containerEdits"].as_object().is_some_and(|o| !o.is_empty()),
+            "{name}: empty edits"
+        );
+    }
+    let all: Vec<&str> = devices[2]["containerEdits"]["deviceNodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(all, ["/dev/nvidia0", "/dev/nvidia1"]);
+    assert_eq!(
+        devices[0]["containerEdits"]["deviceNodes"][0]["hostPath"],
+        dev.join("nvidia0").to_str().unwrap()
+    );
+
+    let common = &spec["containerEdits"];
+    check_edits(common, "spec-wide");
+    let control: Vec<&str> = common["deviceNodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        control,
+        [
+            "/dev/nvidia-caps/nvidia-cap1",
+            "/dev/nvidia-uvm",
+            "/dev/nvidia-uvm-tools",
+            "/dev/nvidiactl"
+        ]
+    );
+    let mount = &common["mounts"][0];
+    assert_eq!(
+        (mount["hostPath"].as_str(), mount["containerPath"].as_str()),
+        (Some("/run/nvlibs"), Some("/usr/local/nvidia"))
+    );
+    let options: Vec<&str> = mount["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect();
+    assert!(
+        options.contains(&"ro") && options.contains(&"rbind") && options.contains(&"rslave"),
+        "{options:?}"
+    );
+    let env: Vec<&str> = common["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        env.iter()
+            .any(|e| e.starts_with("LD_LIBRARY_PATH=/usr/local/nvidia/lib64")),
+        "{env:?}"
+    );
+    assert!(
+        env.iter().any(|e| e.starts_with("PATH=/usr/local/nvidia/bin:")),
+        "{env:?}"
+    );
+}
+
+/// Removes the spec from the runtime's directory whatever happens.
+struct InstalledSpec(PathBuf);
+
+impl Drop for InstalledSpec {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn podman_runs_a_container_from_the_spec() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let dev = fake_dev(m.dir.path());
+    let spec_dir = Path::new("/var/run/cdi");
+    std::fs::create_dir_all(spec_dir).unwrap();
+    let spec = InstalledSpec(spec_dir.join(format!("nvlibfs-test-{}.json", std::process::id())));
+    let out = nvlibfs()
+        .args(["cdi", "generate", "--mountpoint"])
+        .arg(&m.mountpoint)
+        .arg("--dev")
+        .arg(&dev)
+        .arg("--output")
+        .arg(&spec.0)
+        .output()
+        .unwrap();
+    ok(out, "cdi generate --output");
+
+    let image = "nvlibfs-cdi-test";
+    let podman = || {
+        let mut c = Command::new("podman");
+        // No systemd here: cgroupfs and file events; no network needed.
+        c.args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+        c
+    };
+    if run(podman().args(["image", "exists", image])).is_err() {
+        let tar = inner_rootfs().unwrap_or_else(|e| panic!("building the image's root file system: {e}"));
+        run(podman().args(["import", "--quiet"]).arg(&tar).arg(image)).unwrap_or_else(|e| panic!("podman import: {e}"));
+    }
+    let libs: Vec<String> = m
+        .lib64()
+        .iter()
+        .map(|(p, _)| {
+            Path::new("/usr/local/nvidia")
+                .join(p.strip_prefix(&m.mountpoint).unwrap())
+                .display()
+                .to_string()
+        })
+        .collect();
+    for device in ["nvidia.com/gpu=all", "nvidia.com/gpu=1"] {
+        let script = format!(
+            "set -e; ls /dev/nvidia1 /dev/nvidiactl /dev/nvidia-caps/nvidia-cap1; /work/nvlibfs-load {} libcuda.so.1; nvidia-smi",
+            libs.join(" ")
+        );
+        let out = run(podman()
+            .args(["run", "--rm", "--network", "none"])
+            // This machine's limits: podman's defaults for root exceed them.
+            .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"])
+            .arg(format!("--device={device}"))
+            .arg(format!("--volume={}:/work:ro", m.dir.path().display()))
+            .args([image, "sh", "-c", &script]))
+        .unwrap_or_else(|e| panic!("podman run --device {device}: {e}"));
+        for ((_, version), lib) in m.lib64().iter().zip(&libs) {
+            assert!(
+                out.contains(&format!("{lib} {version}\n")),
+                "{lib} not loaded at {version} with {device}:\n{out}"
+            );
+        }
+        assert!(
+            out.contains(&format!("libcuda.so.1 {VERSION}\n")),
+            "LD_LIBRARY_PATH from the spec:\n{out}"
+        );
+        assert!(
+            out.contains(&format!("Driver Version: {VERSION}")),
+            "PATH from the spec:\n{out}"
+        );
+    }
+}

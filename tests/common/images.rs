@@ -1,0 +1,52 @@
+//! Container images for the tests, built from a debootstrapped Debian
+//! (no registry is reachable) and cached between runs.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Bump to rebuild the cached images.
+pub const IMAGE_KEY: &str = "bookworm-minbase-1";
+
+/// Where the slow parts (debootstrap, the outer image's dockerd install)
+/// are kept between runs.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("NVLIBFS_TEST_CACHE").map_or_else(|| PathBuf::from("/var/cache/nvlibfs-test"), PathBuf::from)
+}
+
+/// Runs `cmd`; its stdout, or why it failed with the end of its stderr.
+pub fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!("{cmd:?} exited with {}:\n{}", out.status, tail.join("\n")))
+    }
+}
+
+/// A Debian minbase root file system as a tarball, built once.
+pub fn inner_rootfs() -> Result<PathBuf, String> {
+    let cache = cache_dir();
+    let tar = cache.join(format!("inner-{IMAGE_KEY}.tar"));
+    if tar.exists() {
+        return Ok(tar);
+    }
+    std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    let rootfs = cache.join(format!("rootfs-{IMAGE_KEY}.tmp"));
+    let _ = std::fs::remove_dir_all(&rootfs);
+    run(Command::new("debootstrap")
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&rootfs))?;
+    let partial = tar.with_extension("partial");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&partial)
+        .arg("."))?;
+    std::fs::rename(&partial, &tar).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&rootfs);
+    Ok(tar)
+}
