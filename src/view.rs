@@ -83,6 +83,9 @@ impl View {
         for (path, target) in links {
             view.insert(&path, NodeKind::Symlink(target));
         }
+        for (path, target) in DRIVER_ROOT_MIRROR {
+            view.insert(Path::new(path), NodeKind::Symlink(PathBuf::from(target)));
+        }
         view
     }
 
@@ -227,6 +230,31 @@ impl View {
         }
     }
 }
+
+/// Host-style paths into the view, so tools that take a driver root
+/// (`nvidia-ctk --driver-root`, `nvidia-container-cli --root`, nvlibfs
+/// itself) find every file where a distribution would put it:
+/// `usr/lib/x86_64-linux-gnu/libcuda.so.1`, `lib/firmware/nvidia/<v>/`,
+/// `usr/bin/nvidia-smi`, `usr/share/glvnd/...`. `lib/firmware` sits in the
+/// 32-bit library directory, which loaders ignore it in.
+#[cfg(target_arch = "x86_64")]
+const DRIVER_ROOT_MIRROR: &[(&str, &str)] = &[
+    ("usr/lib/x86_64-linux-gnu", "../../lib64"),
+    ("usr/lib/i386-linux-gnu", "../../lib"),
+    ("usr/lib64", "../lib64"),
+    ("usr/bin", "../bin"),
+    ("usr/share", "../share"),
+    ("lib/firmware", "../firmware"),
+];
+#[cfg(target_arch = "aarch64")]
+const DRIVER_ROOT_MIRROR: &[(&str, &str)] = &[
+    ("usr/lib/aarch64-linux-gnu", "../../lib64"),
+    ("usr/lib/arm-linux-gnueabihf", "../../lib"),
+    ("usr/lib64", "../lib64"),
+    ("usr/bin", "../bin"),
+    ("usr/share", "../share"),
+    ("lib/firmware", "../firmware"),
+];
 
 /// The names a container's loader asks for, pointing at the real file in the
 /// same directory: SONAME -> file, `lib*.so` -> SONAME, and GLVND's indirect

@@ -176,6 +176,17 @@ fn random_host(rng: &mut Rng, root: &Path, pool: &Pool) -> Model {
             }
         }
     }
+    // The host-style mirror every view carries, for tools that take a driver root.
+    for (path, target) in [
+        ("usr/lib/x86_64-linux-gnu", "../../lib64"),
+        ("usr/lib/i386-linux-gnu", "../../lib"),
+        ("usr/lib64", "../lib64"),
+        ("usr/bin", "../bin"),
+        ("usr/share", "../share"),
+        ("lib/firmware", "../firmware"),
+    ] {
+        model.links.insert(path.into(), target.into());
+    }
     // Strays: ignored among the distribution's libraries, reported in the driver tree.
     let stray = rng.below(1000);
     std::fs::write(root.join(SHARED).join(format!("libfoo{stray}.so.1")), "x").unwrap();

@@ -350,7 +350,7 @@ fn the_mount_shows_exactly_the_scanned_view() {
     expected.sort();
 
     // The mount point itself: links into the FUSE mount below it.
-    for name in ["bin", "etc", "firmware", "lib", "lib64", "share"] {
+    for name in ["bin", "etc", "firmware", "lib", "lib64", "share", "usr"] {
         let target = std::fs::read_link(m.mountpoint.join(name)).unwrap();
         assert_eq!(target, Path::new(".live").join(name));
     }
@@ -476,5 +476,55 @@ fn status_speaks_prometheus() {
     assert!(
         text.contains("nvlibfs_requests_total{") && text.contains("op=\"read\"} 0"),
         "{text}"
+    );
+}
+
+/// The view also works as a driver root for tools that take one: NVIDIA's
+/// lookup rules (FACTS.md §1: the distribution's library directories, the
+/// kernel's firmware path, the bin directories, the vendor config paths)
+/// find every served file, and nvlibfs's own scan of the mount finds
+/// exactly the view again.
+#[test]
+fn the_view_is_a_driver_root_for_nvidia_tools() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let root = &m.mountpoint;
+    for path in [
+        format!("usr/lib/x86_64-linux-gnu/libcuda.so.{VERSION}"),
+        "usr/lib/x86_64-linux-gnu/libcuda.so.1".into(),
+        "usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1".into(),
+        format!("usr/lib/x86_64-linux-gnu/vdpau/libvdpau_nvidia.so.{VERSION}"),
+        format!("usr/lib64/libnvidia-ml.so.{VERSION}"),
+        format!("lib/firmware/nvidia/{VERSION}/gsp_ga10x.bin"),
+        "usr/bin/nvidia-smi".into(),
+        "usr/share/glvnd/egl_vendor.d/10_nvidia.json".into(),
+        "etc/vulkan/icd.d/nvidia_icd.json".into(),
+    ] {
+        assert!(
+            root.join(&path).is_file(),
+            "{path} not found under the view as a driver root"
+        );
+    }
+
+    let scan = |driver_root: &Path| -> Vec<(String, u64)> {
+        let out = nvlibfs()
+            .args(["scan", "--json", "--driver-version", VERSION, "--driver-root"])
+            .arg(driver_root)
+            .output()
+            .unwrap();
+        let plan: serde_json::Value = serde_json::from_str(&ok(out, "scan")).unwrap();
+        let mut files: Vec<(String, u64)> = plan["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["path"].as_str().unwrap().to_owned(), f["size"].as_u64().unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    assert_eq!(
+        scan(root),
+        scan(&m.fixture.root),
+        "the view, scanned as a driver root, is not the view"
     );
 }

@@ -173,7 +173,17 @@ fn follow(view: &View, mut ino: u64, path: &Path) -> Option<u64> {
     for _ in 0..8 {
         match &view.node(ino)?.kind {
             NodeKind::Symlink(t) => {
-                path = path.parent()?.join(t);
+                // Resolve `..` lexically: the view's links never lead through another link.
+                let mut resolved = PathBuf::new();
+                for part in path.parent()?.join(t).components() {
+                    match part {
+                        std::path::Component::ParentDir => {
+                            resolved.pop();
+                        }
+                        other => resolved.push(other),
+                    }
+                }
+                path = resolved;
                 ino = view.lookup_path(&path)?;
             }
             _ => return Some(ino),

@@ -20,7 +20,7 @@ use nvlibfs::control::MARKER;
 /// The view's top-level directories, linked from the mount point. A link
 /// to a directory the current view lacks (`lib` without 32-bit libraries)
 /// dangles, which loaders and PATH lookups treat as absent.
-const ENTRIES: &[&str] = &["bin", "etc", "firmware", "lib", "lib64", "share"];
+const ENTRIES: &[&str] = &["bin", "etc", "firmware", "lib", "lib64", "share", "usr"];
 
 /// Creates a missing mount point (like `mount --mkdir`) and returns it,
 /// canonical.
