@@ -5,23 +5,11 @@
 
 mod common;
 
-use common::{mount_command, nvlibfs, ok, Mounted, SERIAL, VERSION};
+use common::{mount_command, nvlibfs, ok, wait_for, Mounted, SERIAL, VERSION};
 use nvlibfs::control::process_running;
 use nvlibfs_fixture::{build, FixtureSpec};
 use std::io::{Read, Seek, SeekFrom};
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Without passthrough the daemon maps the files it serves; a file cut
 /// short on disk must give EIO, not SIGBUS the daemon, and not old bytes.

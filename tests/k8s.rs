@@ -33,5 +33,8 @@ fn manifests_load_into_the_kubernetes_client_models() {
     let pod = std::fs::read_to_string(format!("{DIR}/gpu-pod.yaml")).unwrap();
     std::fs::write(&bad, pod.replace("mountPropagation:", "mountPropogation:")).unwrap();
     let (ok, text) = validate(&[bad]);
-    assert!(!ok && text.contains("does not survive"), "a misspelt field went unnoticed:\n{text}");
+    assert!(
+        !ok && text.contains("does not survive"),
+        "a misspelt field went unnoticed:\n{text}"
+    );
 }

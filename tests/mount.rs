@@ -8,7 +8,7 @@ mod common;
 use common::{mount_command, nvlibfs, ok, Mounted, SERIAL, VERSION};
 use nvlibfs_fixture::{build, FixtureSpec};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -110,7 +110,7 @@ fn writes_are_refused_and_secrets_stay_out() {
     }
     let secret = std::fs::read(m.fixture.root.join("etc/shadow")).unwrap();
     let mut files = 0;
-    for entry in walk(&m.mountpoint) {
+    for entry in common::walk_files(&m.mountpoint) {
         if entry.is_file() {
             let bytes = std::fs::read(&entry).unwrap();
             assert!(
@@ -121,20 +121,6 @@ fn writes_are_refused_and_secrets_stay_out() {
         }
     }
     assert!(files > 30);
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let meta = std::fs::symlink_metadata(&path).unwrap();
-        if meta.is_dir() {
-            out.extend(walk(&path));
-        } else if meta.is_file() {
-            out.push(path);
-        }
-    }
-    out
 }
 
 #[test]

@@ -5,9 +5,8 @@
 
 mod common;
 
-use common::{mount_command, ok, Mounted, SERIAL, VERSION};
+use common::{drop_caches, mount_command, ok, Holder, Mounted, SERIAL, VERSION};
 use nvlibfs_fixture::FixtureSpec;
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,18 +92,7 @@ fn running_namespaces_survive_sigkill_and_restarts_of_the_daemon() {
     let libs: Vec<PathBuf> = m.lib64().into_iter().map(|(p, _)| p).collect();
 
     // Maps every library before the daemon dies.
-    let mut holder = Command::new(&m.loader)
-        .arg("--hold")
-        .args(&libs)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut holder_out = BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    for _ in &libs {
-        holder_out.read_line(&mut line).unwrap();
-    }
+    let (holder, _) = Holder::start(&m.loader, &libs);
 
     let loaders: Vec<Child> = (0..LOADERS).map(|i| start_loader(&m, i, 6000)).collect();
     std::thread::sleep(Duration::from_millis(1000));
@@ -165,18 +153,8 @@ fn running_namespaces_survive_sigkill_and_restarts_of_the_daemon() {
 
     // The process that mapped everything before the SIGKILL still runs,
     // even with the page cache dropped.
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
-    holder.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-    let mut rest = String::new();
-    for _ in &libs {
-        holder_out.read_line(&mut rest).unwrap();
-    }
-    assert!(
-        holder.wait().unwrap().success(),
-        "the process with old mappings died:\n{rest}"
-    );
+    drop_caches();
+    let rest = holder.release();
     assert_eq!(
         rest.lines().filter(|l| l.starts_with("after ")).count(),
         libs.len(),

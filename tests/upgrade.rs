@@ -5,13 +5,11 @@
 
 mod common;
 
-use common::{ok, Mounted, SERIAL, VERSION};
+use common::{drop_caches, ok, wait_for, walk_files, Holder, Mounted, SERIAL, VERSION};
 use nvlibfs::control::Status;
 use nvlibfs_fixture::{build, Fixture, FixtureSpec};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 const NEW: &str = "590.48.01";
 const MISSING: &str = "595.10.02";
@@ -21,7 +19,7 @@ const MISSING: &str = "595.10.02";
 /// the SONAME links. The module version files (sys/, proc/) are the
 /// kernel's and stay as they are.
 fn dpkg_upgrade(root: &Path, old: &Fixture, new: &Fixture) {
-    for file in walk(&new.root) {
+    for file in walk_files(&new.root) {
         let rel = file.strip_prefix(&new.root).unwrap();
         if rel.starts_with("sys") || rel.starts_with("proc") || rel.starts_with("etc/ld.so.cache") {
             continue;
@@ -43,20 +41,6 @@ fn dpkg_upgrade(root: &Path, old: &Fixture, new: &Fixture) {
     );
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let meta = std::fs::symlink_metadata(&path).unwrap();
-        if meta.is_dir() {
-            out.extend(walk(&path));
-        } else if meta.is_file() {
-            out.push(path);
-        }
-    }
-    out
-}
-
 /// The version a fresh process gets for `libcuda.so.1` through the mount.
 fn loaded_version(m: &Mounted) -> Option<String> {
     let out = Command::new(&m.loader)
@@ -71,19 +55,6 @@ fn loaded_version(m: &Mounted) -> Option<String> {
             .unwrap_or_default()
             .to_owned()
     })
-}
-
-/// Waits for `what` to hold, up to 20 s; returns how long it took.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
 }
 
 /// `nvlibfs check` against the mount: (exit 0, what it printed).
@@ -104,12 +75,6 @@ fn check(m: &Mounted) -> (bool, String) {
 
 fn set_module_version(m: &Mounted, version: &str) {
     std::fs::write(m.fixture.module_version_file(), format!("{version}\n")).unwrap();
-}
-
-fn drop_caches() {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
 }
 
 #[test]
@@ -134,18 +99,9 @@ fn upgrades_keep_the_pinned_files_then_follow_the_module() {
     // A process that maps every library before anything changes.
     let expected = m.lib64();
     let libs: Vec<PathBuf> = expected.iter().map(|(p, _)| p.clone()).collect();
-    let mut holder = Command::new(&m.loader)
-        .arg("--hold")
-        .args(&libs)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut holder_out = BufReader::new(holder.stdout.take().unwrap());
-    for (_, version) in &expected {
-        let mut line = String::new();
-        holder_out.read_line(&mut line).unwrap();
-        assert!(line.trim_end().ends_with(&format!(" {version}")), "{line}");
+    let (holder, loaded) = Holder::start(&m.loader, &libs);
+    for ((_, version), line) in expected.iter().zip(loaded.lines()) {
+        assert!(line.ends_with(&format!(" {version}")), "{line}");
     }
 
     // The package manager installs NEW; the old module is still loaded.
@@ -196,15 +152,7 @@ fn upgrades_keep_the_pinned_files_then_follow_the_module() {
     // The process that mapped the old files keeps working, even with the
     // page cache dropped: its mappings are of the held old files.
     drop_caches();
-    holder.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-    let mut rest = String::new();
-    for _ in &libs {
-        holder_out.read_line(&mut rest).unwrap();
-    }
-    assert!(
-        holder.wait().unwrap().success(),
-        "the process with old mappings died:\n{rest}"
-    );
+    let rest = holder.release();
     for ((path, version), line) in expected.iter().zip(rest.lines()) {
         let words: Vec<&str> = line.split(' ').take(3).collect();
         assert_eq!(words, ["after", path.to_str().unwrap(), version.as_str()], "{rest}");

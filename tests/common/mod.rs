@@ -168,3 +168,89 @@ impl Drop for Mounted {
         let _ = &self.dir;
     }
 }
+
+/// Every regular file below `dir`, not following links.
+pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            out.extend(walk_files(&path));
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Waits for `what` to hold, up to 20 s; returns how long it took.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+/// Drops the page cache machine-wide (tests that prove mappings survive).
+pub fn drop_caches() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+}
+
+/// A process that mapped every given library (the loader's `--hold`) and,
+/// once released, calls each again: do old mappings survive an event?
+pub struct Holder {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    count: usize,
+}
+
+impl Holder {
+    /// Starts it and returns its first report: "LIB VERSION" per library.
+    pub fn start(loader: &Path, libs: &[PathBuf]) -> (Holder, String) {
+        use std::io::BufRead;
+        let mut child = Command::new(loader)
+            .arg("--hold")
+            .args(libs)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut loaded = String::new();
+        for _ in libs {
+            out.read_line(&mut loaded).unwrap();
+        }
+        (
+            Holder {
+                child,
+                out,
+                count: libs.len(),
+            },
+            loaded,
+        )
+    }
+
+    /// Lets it call every library again; its "after LIB VERSION" lines, or
+    /// a failure naming what it printed.
+    pub fn release(mut self) -> String {
+        use std::io::{BufRead, Write};
+        self.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        let mut after = String::new();
+        for _ in 0..self.count {
+            self.out.read_line(&mut after).unwrap();
+        }
+        assert!(
+            self.child.wait().unwrap().success(),
+            "the process with old mappings died:\n{after}"
+        );
+        after
+    }
+}
