@@ -121,6 +121,76 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<CacheEntry>, CacheError> {
         .collect()
 }
 
+/// glibc's `_dl_cache_libcmp`: runs of digits compare as numbers, so
+/// `libfoo.so.10` sorts after `libfoo.so.9`.
+pub fn libcmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    let number = |s: &[u8], k: &mut usize| {
+        let mut v: u64 = 0;
+        while *k < s.len() && s[*k].is_ascii_digit() {
+            v = v.saturating_mul(10).saturating_add((s[*k] - b'0') as u64);
+            *k += 1;
+        }
+        v
+    };
+    while i < a.len() {
+        match (a[i].is_ascii_digit(), b.get(j).is_some_and(u8::is_ascii_digit)) {
+            (true, true) => {
+                let (x, y) = (number(a, &mut i), number(b, &mut j));
+                if x != y {
+                    return x.cmp(&y);
+                }
+            }
+            (true, false) => return std::cmp::Ordering::Greater,
+            (false, true) => return std::cmp::Ordering::Less,
+            (false, false) => {
+                let y = b.get(j).copied().unwrap_or(0);
+                if a[i] != y {
+                    return a[i].cmp(&y);
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    0u8.cmp(b.get(j).unwrap_or(&0))
+}
+
+/// A new-format cache (`glibc-ld.so.cache1.1`) of `entries`, in the order
+/// the dynamic loader's binary search needs: descending by [`libcmp`].
+pub fn write(entries: &[CacheEntry]) -> Vec<u8> {
+    let mut sorted: Vec<&CacheEntry> = entries.iter().collect();
+    sorted.sort_by(|x, y| libcmp(&y.soname, &x.soname));
+    let strings_at = NEW_HEADER + sorted.len() * NEW_ENTRY;
+    let mut strings = Vec::new();
+    let mut table = Vec::new();
+    for e in &sorted {
+        let key = strings_at + strings.len();
+        strings.extend_from_slice(e.soname.as_bytes());
+        strings.push(0);
+        let value = strings_at + strings.len();
+        strings.extend_from_slice(e.path.as_os_str().as_bytes());
+        strings.push(0);
+        table.extend_from_slice(&e.flags.to_ne_bytes());
+        table.extend_from_slice(&(key as u32).to_ne_bytes());
+        table.extend_from_slice(&(value as u32).to_ne_bytes());
+        table.extend_from_slice(&[0; 12]);
+    }
+    let mut out = NEW_MAGIC.to_vec();
+    out.extend_from_slice(&(sorted.len() as u32).to_ne_bytes());
+    out.extend_from_slice(&(strings.len() as u32).to_ne_bytes());
+    out.push(if cfg!(target_endian = "little") {
+        ENDIAN_LITTLE
+    } else {
+        ENDIAN_BIG
+    });
+    out.resize(NEW_HEADER, 0);
+    out.extend(table);
+    out.extend(strings);
+    out
+}
+
 fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
     let b = bytes.get(at..at.checked_add(4)?)?;
     Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
@@ -136,43 +206,38 @@ fn read_str(bytes: &[u8], at: usize) -> Option<&[u8]> {
 mod tests {
     use super::*;
 
-    /// A new-format cache of the given entries, as glibc lays it out.
     fn build(entries: &[(&str, &str)]) -> Vec<u8> {
-        let strings_at = NEW_HEADER + entries.len() * NEW_ENTRY;
-        let mut strings = Vec::new();
-        let mut table = Vec::new();
-        for (key, value) in entries {
-            let k = strings_at + strings.len();
-            strings.extend_from_slice(key.as_bytes());
-            strings.push(0);
-            let v = strings_at + strings.len();
-            strings.extend_from_slice(value.as_bytes());
-            strings.push(0);
-            table.extend_from_slice(&0x0303i32.to_ne_bytes());
-            table.extend_from_slice(&(k as u32).to_ne_bytes());
-            table.extend_from_slice(&(v as u32).to_ne_bytes());
-            table.extend_from_slice(&[0; 12]);
-        }
-        let mut out = NEW_MAGIC.to_vec();
-        out.extend_from_slice(&(entries.len() as u32).to_ne_bytes());
-        out.extend_from_slice(&(strings.len() as u32).to_ne_bytes());
-        out.extend_from_slice(&[ENDIAN_LITTLE, 0, 0, 0]);
-        out.resize(NEW_HEADER, 0);
-        out.extend(table);
-        out.extend(strings);
-        out
+        let entries: Vec<CacheEntry> = entries
+            .iter()
+            .map(|(k, v)| CacheEntry {
+                soname: k.to_string(),
+                path: PathBuf::from(v),
+                flags: 0x0303,
+            })
+            .collect();
+        write(&entries)
     }
 
     #[test]
-    fn reads_entries() {
+    fn writes_what_it_reads_in_the_loaders_order() {
         let cache = build(&[
-            ("libcuda.so.1", "/usr/lib/libcuda.so.1"),
             ("libc.so.6", "/lib/libc.so.6"),
+            ("libcuda.so.1", "/usr/lib/libcuda.so.1"),
         ]);
         let entries = parse(&cache).unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].soname, "libcuda.so.1");
         assert_eq!(entries[1].path, PathBuf::from("/lib/libc.so.6"));
+    }
+
+    #[test]
+    fn compares_like_glibc() {
+        use std::cmp::Ordering::*;
+        assert_eq!(libcmp("libfoo.so.10", "libfoo.so.9"), Greater);
+        assert_eq!(libcmp("libfoo.so.1", "libfoo.so.1"), Equal);
+        assert_eq!(libcmp("libfoo.so", "libfoo.so.1"), Less);
+        assert_eq!(libcmp("libfoo1", "libfooa"), Greater);
+        assert_eq!(libcmp("libGL.so", "libc.so"), Less);
     }
 
     #[test]
