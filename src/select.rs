@@ -163,6 +163,9 @@ pub enum FileKind {
     Bin,
     Firmware,
     Config,
+    /// Made by nvlibfs rather than found on the host: the view's own
+    /// `etc/ld.so.cache`, for tools that take the view as a driver root.
+    Generated,
 }
 
 impl FileKind {
@@ -189,6 +192,43 @@ pub struct Selected {
     pub kind: FileKind,
     pub library: Option<&'static LibrarySpec>,
     pub soname: Option<String>,
+}
+
+impl Selected {
+    /// A file nvlibfs makes: held in a sealed memfd, so it is served (and
+    /// passed through) like any host file and can never change.
+    pub fn generated(view_path: PathBuf, bytes: &[u8]) -> std::io::Result<Selected> {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a NUL-terminated name; we own the result.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"nvlibfs-generated".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        file.write_all(bytes)?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on our descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Selected {
+            view_path,
+            source: RootPath::root(),
+            file,
+            size: bytes.len() as u64,
+            mtime: SystemTime::now(),
+            kind: FileKind::Generated,
+            library: None,
+            soname: None,
+        })
+    }
 }
 
 #[derive(Debug)]

@@ -246,7 +246,13 @@ fn random_driver_trees_match_the_model_in_scan_and_through_a_mount() {
         let root = work.path().join(format!("host-{seed}"));
         let expected = random_host(&mut rng, &root, &pool);
 
-        let plan = planned(&root);
+        let mut plan = planned(&root);
+        // The view's generated loader cache: there exactly when libraries are.
+        assert_eq!(
+            plan.files.remove("etc/ld.so.cache").is_some(),
+            !expected.files.is_empty(),
+            "seed {seed}"
+        );
         assert_eq!(plan.files, expected.files, "seed {seed}: served files");
         assert_eq!(plan.links, expected.links, "seed {seed}: symlinks");
         let missing: Vec<_> = expected.rejected.difference(&plan.rejected).collect();
@@ -292,7 +298,11 @@ fn random_driver_trees_match_the_model_in_scan_and_through_a_mount() {
             "seed {seed}: mount failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let seen = seen.unwrap();
+        let mut seen = seen.unwrap();
+        assert!(
+            seen.files.remove("etc/ld.so.cache").is_some(),
+            "seed {seed}: no loader cache through the mount"
+        );
         assert_eq!(seen.files, expected.files, "seed {seed}: files through the mount");
         assert_eq!(seen.links, expected.links, "seed {seed}: links through the mount");
         assert!(!absent, "seed {seed}: a name that is not in the view exists");

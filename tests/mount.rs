@@ -492,6 +492,28 @@ fn the_view_is_a_driver_root_for_nvidia_tools() {
         );
     }
 
+    // Its own loader cache, which glibc's ldconfig reads like any other.
+    let listed = ok(
+        Command::new("ldconfig")
+            .arg("-p")
+            .arg("-C")
+            .arg(root.join("etc/ld.so.cache"))
+            .output()
+            .unwrap(),
+        "ldconfig -p",
+    );
+    assert!(
+        listed.contains("libcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1"),
+        "{listed}"
+    );
+    for line in listed.lines().skip(1) {
+        let path = line.rsplit(" => ").next().unwrap().trim();
+        assert!(
+            root.join(path.trim_start_matches('/')).exists(),
+            "{path} listed but missing"
+        );
+    }
+
     let scan = |driver_root: &Path| -> Vec<(String, u64)> {
         let out = nvlibfs()
             .args(["scan", "--json", "--driver-version", VERSION, "--driver-root"])

@@ -118,6 +118,8 @@ fn pinned_among_stale(layout: Layout) {
         .iter()
         .map(|l| l.view_path.clone())
         .chain(f.others.iter().map(|(_, v)| v.clone()))
+        // The view's own loader cache, for tools that take it as a driver root.
+        .chain([PathBuf::from("etc/ld.so.cache")])
         .collect();
     assert_eq!(view_files(view), expected);
 
@@ -271,7 +273,7 @@ fn hostile_driver_directories_are_rejected_with_reasons() {
     }
     assert_eq!(
         count,
-        f.libraries.len() + f.others.len(),
+        f.libraries.len() + f.others.len() + 1,
         "every untouched file is still served"
     );
 }
@@ -442,5 +444,16 @@ fn ld_cache_parser_agrees_with_ldconfig() {
         assert_eq!(ours, theirs, "{cache:?}");
     }
     let ours = nvlibfs::ldcache::parse(&std::fs::read(f.root.join("etc/ld.so.cache")).unwrap()).unwrap();
+    // ldconfig writes entries in the order ld.so's binary search needs;
+    // our comparator must agree, since the view writes its own cache with it.
+    for pair in ours.windows(2) {
+        assert_ne!(
+            nvlibfs::ldcache::libcmp(&pair[0].soname, &pair[1].soname),
+            std::cmp::Ordering::Less,
+            "{} before {}",
+            pair[0].soname,
+            pair[1].soname
+        );
+    }
     assert!(ours.iter().any(|e| e.soname == "libcuda.so.1"));
 }

@@ -435,6 +435,9 @@ fn replaced_on_disk(generation: &Generation, driver_root: &str) -> u64 {
             let Some(NodeKind::File(f)) = generation.view.node(*ino).map(|n| &n.kind) else {
                 return false;
             };
+            if f.kind == nvlibfs::select::FileKind::Generated {
+                return false;
+            }
             let held = file.metadata().map(|m| (m.dev(), m.ino())).ok();
             let on_disk = std::fs::metadata(root.join(f.source.relative()))
                 .map(|m| (m.dev(), m.ino()))
