@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{mount_command, nvlibfs, ok, wait_for, Mounted, SERIAL, VERSION};
+use common::{mount_command, mount_root_command, nvlibfs, ok, umount, wait_for, Mounted, SERIAL, VERSION};
 use nvlibfs::control::process_running;
 use nvlibfs_fixture::{build, FixtureSpec};
 use std::io::{Read, Seek, SeekFrom};
@@ -21,15 +21,7 @@ fn a_file_truncated_on_disk_gives_eio_and_the_daemon_keeps_serving() {
         ..FixtureSpec::new(VERSION)
     };
     let m = Mounted::new(spec, &["--no-passthrough"]);
-    let host = m.fixture.root.join(
-        &m.fixture
-            .libraries
-            .iter()
-            .find(|l| l.name == "libcuda")
-            .unwrap()
-            .host_path,
-    );
-    let served = m.mountpoint.join(format!("lib64/libcuda.so.{VERSION}"));
+    let (host, served) = m.libcuda();
     let mut head = [0u8; 4096];
     std::fs::File::open(&served).unwrap().read_exact(&mut head).unwrap();
 
@@ -77,16 +69,8 @@ fn the_driver_root_unmounted_keeps_the_held_files_served() {
     );
     let mountpoint = dir.path().join("mnt");
     let state = dir.path().join("state");
-    let out = nvlibfs()
-        .args(["mount", "--driver-root"])
-        .arg(&root)
-        .arg("--module-version-file")
-        .arg(fixture.module_version_file())
-        .arg("--state-dir")
-        .arg(&state)
-        .arg(&mountpoint)
-        .output()
-        .unwrap();
+    // Pinned by the fixture's own version file, read through the bind mount.
+    let out = mount_root_command(&root, &state).arg(&mountpoint).output().unwrap();
     ok(out, "nvlibfs mount");
     ok(
         Command::new("umount").arg("-l").arg(&root).output().unwrap(),
@@ -105,15 +89,7 @@ fn the_driver_root_unmounted_keeps_the_held_files_served() {
     .unwrap();
     let served = std::fs::read(mountpoint.join(format!("lib64/libcuda.so.{VERSION}"))).unwrap();
     assert!(served == original);
-    ok(
-        nvlibfs()
-            .args(["umount", "--state-dir"])
-            .arg(&state)
-            .arg(&mountpoint)
-            .output()
-            .unwrap(),
-        "umount",
-    );
+    umount(&mountpoint, &state);
 }
 
 /// Detaching the mount point from outside ends the daemon cleanly.

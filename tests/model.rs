@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{nvlibfs, ok, SERIAL};
+use common::{mount_root_command, umount, SERIAL};
 use nvlibfs::catalog::{Versioning, LIBRARIES};
 use nvlibfs::discover::KernelInfo;
 use nvlibfs::pin::PinRequest;
@@ -264,29 +264,12 @@ fn random_driver_trees_match_the_model_in_scan_and_through_a_mount() {
 
         let mountpoint = work.path().join(format!("mnt-{seed}"));
         let state = work.path().join("state");
-        let out = nvlibfs()
-            .args(["mount", "--driver-root"])
-            .arg(&root)
-            .arg("--module-version-file")
-            .arg(root.join("sys/module/nvidia/version"))
-            .arg("--state-dir")
-            .arg(&state)
-            .arg(&mountpoint)
-            .output()
-            .unwrap();
+        let out = mount_root_command(&root, &state).arg(&mountpoint).output().unwrap();
         let mounted = out.status.success();
         let seen = mounted.then(|| walked(&mountpoint.join(".live")));
         let absent = mountpoint.join("lib64").join(format!("libcuda.so.{seed}")).exists();
         if mounted {
-            ok(
-                nvlibfs()
-                    .args(["umount", "--state-dir"])
-                    .arg(&state)
-                    .arg(&mountpoint)
-                    .output()
-                    .unwrap(),
-                "umount",
-            );
+            umount(&mountpoint, &state);
         }
         if expected.files.is_empty() {
             // Nothing of the pinned version: the daemon refuses to mount.

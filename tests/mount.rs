@@ -139,12 +139,8 @@ fn passthrough_sends_no_reads_and_shares_the_hosts_page_cache() {
     );
 
     // The host already has the library cached, as a host that runs CUDA would.
-    let host_lib = m
-        .fixture
-        .root
-        .join(format!("usr/lib/x86_64-linux-gnu/libcuda.so.{VERSION}"));
+    let (host_lib, lib) = m.libcuda();
     std::fs::read(&host_lib).unwrap();
-    let lib = m.mountpoint.join(format!("lib64/libcuda.so.{VERSION}"));
     let before = meminfo_cached_kib();
     for _ in 0..2 {
         let loaded = m.load(&[], std::slice::from_ref(&lib), true);
@@ -176,12 +172,8 @@ fn without_passthrough_later_loads_come_from_the_kernel_cache() {
     assert_eq!(status.data_path, "cached");
     assert!(status.fallback_reason.unwrap().contains("--no-passthrough"));
 
-    let host_lib = m
-        .fixture
-        .root
-        .join(format!("usr/lib/x86_64-linux-gnu/libcuda.so.{VERSION}"));
+    let (host_lib, lib) = m.libcuda();
     std::fs::read(&host_lib).unwrap();
-    let lib = m.mountpoint.join(format!("lib64/libcuda.so.{VERSION}"));
     let before = meminfo_cached_kib();
     m.load(&[], std::slice::from_ref(&lib), true);
     let first = m.status().counters;

@@ -83,17 +83,7 @@ fn upgrades_keep_the_pinned_files_then_follow_the_module() {
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let work = tempfile::tempdir().unwrap();
     let new = build(&FixtureSpec::new(NEW), &work.path().join("new")).unwrap();
-    let pinned_libcuda = std::fs::read(
-        m.fixture.root.join(
-            &m.fixture
-                .libraries
-                .iter()
-                .find(|l| l.name == "libcuda")
-                .unwrap()
-                .host_path,
-        ),
-    )
-    .unwrap();
+    let pinned_libcuda = std::fs::read(m.libcuda().0).unwrap();
     assert_eq!(loaded_version(&m).as_deref(), Some(VERSION));
 
     // A process that maps every library before anything changes.

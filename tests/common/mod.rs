@@ -54,14 +54,31 @@ pub fn ok(out: Output, what: &str) -> String {
 /// `nvlibfs mount` of `fixture`, pinned by its module version file, with
 /// its own state directory; the caller adds flags and the mount point.
 pub fn mount_command(fixture: &Fixture, state_dir: &Path) -> Command {
+    mount_root_command(&fixture.root, state_dir)
+}
+
+/// `nvlibfs mount` of any driver root pinned by its own
+/// `sys/module/nvidia/version`; the caller adds flags and the mount point.
+pub fn mount_root_command(root: &Path, state_dir: &Path) -> Command {
     let mut c = nvlibfs();
     c.args(["mount", "--driver-root"])
-        .arg(&fixture.root)
+        .arg(root)
         .arg("--module-version-file")
-        .arg(fixture.module_version_file())
+        .arg(root.join("sys/module/nvidia/version"))
         .arg("--state-dir")
         .arg(state_dir);
     c
+}
+
+/// `nvlibfs umount` of a mount made with `state_dir`; fails the test if it fails.
+pub fn umount(mountpoint: &Path, state_dir: &Path) {
+    let out = nvlibfs()
+        .args(["umount", "--state-dir"])
+        .arg(state_dir)
+        .arg(mountpoint)
+        .output()
+        .unwrap();
+    ok(out, "nvlibfs umount");
 }
 
 /// A fixture driver mounted by `nvlibfs mount`, unmounted on drop.
@@ -106,6 +123,20 @@ impl Mounted {
             .output()
             .unwrap();
         serde_json::from_str(&ok(out, "nvlibfs status")).expect("status --json is JSON")
+    }
+
+    /// The pinned libcuda: (its host file, its path through the mount).
+    pub fn libcuda(&self) -> (PathBuf, PathBuf) {
+        let lib = self
+            .fixture
+            .libraries
+            .iter()
+            .find(|l| l.name == "libcuda" && l.version == VERSION)
+            .unwrap();
+        (
+            self.fixture.root.join(&lib.host_path),
+            self.mountpoint.join(&lib.view_path),
+        )
     }
 
     pub fn lib64(&self) -> Vec<(PathBuf, String)> {
