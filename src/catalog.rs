@@ -104,6 +104,13 @@ pub const LIBRARIES: &[LibrarySpec] = &[
     own("libnvidia-egl-xlib"),
 ];
 
+/// Debian's multiarch directory names for this host's 64- and 32-bit
+/// libraries (`/usr/lib/<triplet>`): where distributions install the driver.
+#[cfg(target_arch = "x86_64")]
+pub const TRIPLETS: [&str; 2] = ["x86_64-linux-gnu", "i386-linux-gnu"];
+#[cfg(target_arch = "aarch64")]
+pub const TRIPLETS: [&str; 2] = ["aarch64-linux-gnu", "arm-linux-gnueabihf"];
+
 /// Name a GLVND-based client loads for indirect GLX; NVIDIA's stack links it
 /// to the GLX vendor library, and so does the view.
 pub const GLX_INDIRECT: (&str, &str) = ("libGLX_indirect.so.0", "libGLX_nvidia");

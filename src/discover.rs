@@ -7,7 +7,7 @@
 //! is for `select` to judge. Candidates come out in priority order: when two
 //! different files claim the same place in the view, the earlier one wins.
 
-use crate::catalog::{self, ConfigSpec};
+use crate::catalog::{self, ConfigSpec, TRIPLETS};
 use crate::hostroot::{HostRoot, ResolveError, RootPath};
 use crate::ldcache;
 use crate::pin::DriverVersion;
@@ -15,11 +15,6 @@ use crate::select::{Reason, Rejected};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-
-#[cfg(target_arch = "x86_64")]
-const TRIPLETS: [&str; 2] = ["x86_64-linux-gnu", "i386-linux-gnu"];
-#[cfg(target_arch = "aarch64")]
-const TRIPLETS: [&str; 2] = ["aarch64-linux-gnu", "arm-linux-gnueabihf"];
 
 /// Directories that hold nothing but the driver: every entry in them is
 /// reported, so a stray file there does not go unnoticed.

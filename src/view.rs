@@ -7,7 +7,8 @@
 //! loader needs already in place, so nothing has to run `ldconfig` inside it.
 //! Inode numbers are indexes into one vector: lookups are a map probe.
 
-use crate::catalog::{Versioning, GLX_INDIRECT};
+use crate::catalog::{Versioning, GLX_INDIRECT, TRIPLETS};
+use crate::elf::ElfClass;
 use crate::pin::PinnedVersion;
 use crate::select::{FileKind, Selected};
 use std::collections::BTreeMap;
@@ -90,8 +91,8 @@ impl View {
         for (path, target) in links {
             view.insert(&path, NodeKind::Symlink(target));
         }
-        for (path, target) in DRIVER_ROOT_MIRROR {
-            view.insert(Path::new(path), NodeKind::Symlink(PathBuf::from(target)));
+        for (path, target) in driver_root_mirror() {
+            view.insert(Path::new(&path), NodeKind::Symlink(PathBuf::from(target)));
         }
         view
     }
@@ -246,25 +247,26 @@ impl View {
 /// itself) find every file where a distribution would put it:
 /// `usr/lib/x86_64-linux-gnu/libcuda.so.1`, `lib/firmware/nvidia/<v>/`,
 /// `usr/bin/nvidia-smi`, `usr/share/glvnd/...`. `lib/firmware` sits in the
-/// 32-bit library directory, which loaders ignore it in.
-#[cfg(target_arch = "x86_64")]
-const DRIVER_ROOT_MIRROR: &[(&str, &str)] = &[
-    ("usr/lib/x86_64-linux-gnu", "../../lib64"),
-    ("usr/lib/i386-linux-gnu", "../../lib"),
-    ("usr/lib64", "../lib64"),
-    ("usr/bin", "../bin"),
-    ("usr/share", "../share"),
-    ("lib/firmware", "../firmware"),
-];
-#[cfg(target_arch = "aarch64")]
-const DRIVER_ROOT_MIRROR: &[(&str, &str)] = &[
-    ("usr/lib/aarch64-linux-gnu", "../../lib64"),
-    ("usr/lib/arm-linux-gnueabihf", "../../lib"),
-    ("usr/lib64", "../lib64"),
-    ("usr/bin", "../bin"),
-    ("usr/share", "../share"),
-    ("lib/firmware", "../firmware"),
-];
+/// 32-bit library directory, where loaders ignore it.
+fn driver_root_mirror() -> [(String, &'static str); 6] {
+    [
+        (lib_dir(ElfClass::Elf64), "../../lib64"),
+        (lib_dir(ElfClass::Elf32), "../../lib"),
+        ("usr/lib64".into(), "../lib64"),
+        ("usr/bin".into(), "../bin"),
+        ("usr/share".into(), "../share"),
+        ("lib/firmware".into(), "../firmware"),
+    ]
+}
+
+/// `usr/lib/<triplet>` for this host's 64- or 32-bit libraries.
+fn lib_dir(class: ElfClass) -> String {
+    let triplet = match class {
+        ElfClass::Elf64 => TRIPLETS[0],
+        ElfClass::Elf32 => TRIPLETS[1],
+    };
+    format!("usr/lib/{triplet}")
+}
 
 /// The view's own `etc/ld.so.cache`, listing its libraries at their
 /// host-style paths (`/usr/lib/<triplet>/...`): tools given the view as a
@@ -285,8 +287,8 @@ fn loader_cache(files: &[Selected]) -> Option<Vec<u8>> {
     let mut entries = Vec::new();
     for f in files {
         let (dir, flags) = match f.kind {
-            FileKind::Lib64 => (DRIVER_ROOT_MIRROR[0].0, LIB64_FLAGS),
-            FileKind::Lib32 => (DRIVER_ROOT_MIRROR[1].0, LIB32_FLAGS),
+            FileKind::Lib64 => (lib_dir(ElfClass::Elf64), LIB64_FLAGS),
+            FileKind::Lib32 => (lib_dir(ElfClass::Elf32), LIB32_FLAGS),
             _ => continue,
         };
         if f.library.is_some_and(|l| l.subdir.is_some()) {
@@ -297,7 +299,7 @@ fn loader_cache(files: &[Selected]) -> Option<Vec<u8>> {
         names.extend(f.soname.clone().filter(|s| *s != name));
         for n in names {
             entries.push(CacheEntry {
-                path: Path::new("/").join(dir).join(&n),
+                path: Path::new("/").join(&dir).join(&n),
                 soname: n,
                 flags,
             });
