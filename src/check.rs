@@ -5,7 +5,7 @@ use clap::Args;
 use nvlibfs::args::DriverArgs;
 use nvlibfs::control;
 use nvlibfs::pin::DriverVersion;
-use nvlibfs::select::Reason;
+use nvlibfs::reason::Reason;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 

@@ -22,29 +22,48 @@ const MAX_SOCKET_PATH: usize = 107;
 /// The socket of the daemon serving `mountpoint` (an absolute, canonical path):
 /// `/run/nvlibfs/run-nvlibs.sock` for `/run/nvlibs`.
 pub fn socket_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
-    let escaped: String = mountpoint
-        .to_string_lossy()
-        .trim_matches('/')
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let name = if escaped.is_empty() { "root".to_owned() } else { escaped };
-    let path = state_dir.join(format!("{name}.sock"));
+    state_file(state_dir, mountpoint, "sock")
+}
+
+/// The lock a daemon holds (flock) for as long as it serves `mountpoint`:
+/// one daemon per mount point.
+pub fn lock_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
+    state_file(state_dir, mountpoint, "lock")
+}
+
+/// The background daemon's log for `mountpoint`.
+pub fn log_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
+    state_file(state_dir, mountpoint, "log")
+}
+
+/// A per-mount-point file name that no other mount point maps to: `/`
+/// becomes `-`, letters, digits, `.` and `_` stay, and every other byte
+/// (`-` included) becomes `%XX`, so `/run/nvlibs` and `/run-nvlibs` differ.
+fn state_file(state_dir: &Path, mountpoint: &Path, extension: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = mountpoint.as_os_str().as_bytes();
+    let trimmed = bytes.strip_prefix(b"/").unwrap_or(bytes);
+    let mut name = String::new();
+    for &b in trimmed.strip_suffix(b"/").unwrap_or(trimmed) {
+        match b {
+            b'/' => name.push('-'),
+            b if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' => name.push(b as char),
+            b => name.push_str(&format!("%{b:02x}")),
+        }
+    }
+    if name.is_empty() {
+        name = "root".to_owned();
+    }
+    let path = state_dir.join(format!("{name}.{extension}"));
     if path.as_os_str().len() <= MAX_SOCKET_PATH {
         return path;
     }
-    // FNV-1a: stable across runs and builds, unlike std's hasher.
-    let hash = mountpoint
-        .to_string_lossy()
-        .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    state_dir.join(format!("{hash:016x}.sock"))
+    // Too long for a socket address: a 128-bit FNV-1a of the path, stable
+    // across runs and builds (unlike std's hasher).
+    let hash = bytes.iter().fold(0x6c62272e07bb014262b821756295c58du128, |h, &b| {
+        (h ^ b as u128).wrapping_mul(0x0000000001000000000000000000013b)
+    });
+    state_dir.join(format!("{hash:032x}.{extension}"))
 }
 
 /// Requests the daemon answered, since it started.
@@ -91,7 +110,22 @@ pub struct Status {
     /// Why the view does not hold the loaded module's driver, if it does not.
     #[serde(default)]
     pub pin_problem: Option<String>,
+    /// Every generation the daemon still holds, oldest first; the last is
+    /// the one new lookups see.
+    #[serde(default)]
+    pub generations: Vec<GenerationStatus>,
     pub counters: Counters,
+}
+
+/// One generation as served.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenerationStatus {
+    pub number: u32,
+    pub driver_version: String,
+    /// `passthrough` or `cached`: each generation registers its own files.
+    pub data_path: String,
+    /// References the kernel holds into it (lookups not yet forgotten, open files).
+    pub kernel_refs: u64,
 }
 
 impl Status {
@@ -114,6 +148,7 @@ impl Status {
             retired_generations: 0,
             held_files_replaced_on_disk: 0,
             pin_problem: None,
+            generations: Vec::new(),
             counters: Counters::default(),
         }
     }
@@ -166,5 +201,25 @@ mod tests {
         let p = socket_path(dir, &long);
         assert!(p.as_os_str().len() <= MAX_SOCKET_PATH, "{p:?}");
         assert_eq!(p, socket_path(dir, &long));
+    }
+
+    #[test]
+    fn socket_names_never_collide() {
+        let dir = Path::new(DEFAULT_STATE_DIR);
+        let names: std::collections::HashSet<PathBuf> = [
+            "/run/nvlibs",
+            "/run-nvlibs",
+            "/run/nvlibs/",
+            "/run%2dnvlibs",
+            "/run/nv libs",
+            "/run/nv-libs",
+            "/",
+        ]
+        .iter()
+        .map(|m| socket_path(dir, Path::new(m)))
+        .collect();
+        // "/run/nvlibs/" is the same mount point as "/run/nvlibs".
+        assert_eq!(names.len(), 6, "{names:?}");
+        assert_eq!(socket_path(dir, Path::new("/")), Path::new("/run/nvlibfs/root.sock"));
     }
 }

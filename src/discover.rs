@@ -11,7 +11,7 @@ use crate::catalog::{self, ConfigSpec, TRIPLETS};
 use crate::hostroot::{HostRoot, ResolveError, RootPath};
 use crate::ldcache;
 use crate::pin::DriverVersion;
-use crate::select::{Reason, Rejected};
+use crate::reason::{Reason, Rejected};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@
 //! says why it dropped the rest; [`view`] lays them out as an immutable tree
 //! that a mount serves.
 
+#[cfg(feature = "cli")]
 pub mod args;
 pub mod catalog;
 pub mod cdi;
@@ -17,7 +18,9 @@ pub mod discover;
 pub mod elf;
 pub mod hostroot;
 pub mod ldcache;
+pub mod mountinfo;
 pub mod pin;
+pub mod reason;
 pub mod select;
 pub mod view;
 
@@ -29,7 +32,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Plan {
     pub view: view::View,
-    pub rejected: Vec<select::Rejected>,
+    pub rejected: Vec<reason::Rejected>,
     /// How long pinning, discovery and selection took.
     pub elapsed: Duration,
 }
@@ -76,7 +79,7 @@ pub fn plan(driver_root: &Path, pin: &pin::PinRequest, kernel: &discover::Kernel
     })?;
     let scan = discover::DriverScan::run(&root, &pinned.version, kernel);
     let select::Selection { files, rejected } = select::select(&root, &pinned, scan);
-    if let Some(r) = rejected.iter().find(|r| r.reason == select::Reason::TooManyOpenFiles) {
+    if let Some(r) = rejected.iter().find(|r| r.reason == reason::Reason::TooManyOpenFiles) {
         return Err(PlanError::TooManyOpenFiles { at: r.source.clone() });
     }
     let view = view::View::build(pinned, root.path().to_owned(), files);

@@ -5,7 +5,7 @@ mod mount;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use nvlibfs::args::DriverArgs;
-use nvlibfs::select::Reason;
+use nvlibfs::reason::Reason;
 use nvlibfs::view::Manifest;
 use nvlibfs::Plan;
 use std::path::PathBuf;
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
 struct ScanReport<'a> {
     #[serde(flatten)]
     manifest: &'a Manifest,
-    rejected: &'a [nvlibfs::select::Rejected],
+    rejected: &'a [nvlibfs::reason::Rejected],
     scan_ms: f64,
 }
 

@@ -130,33 +130,7 @@ pub fn remove(top: &Path) -> Result<(), String> {
     umount2(top, MntFlags::empty()).map_err(|e| format!("unmounting {}: {e}", top.display()))
 }
 
-/// Whether something is mounted exactly at `path`, per this namespace's mountinfo.
+/// Whether something is mounted exactly at `path`, in this mount namespace.
 pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().any(|line| {
-        line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(path.as_os_str().to_string_lossy().as_ref())
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash as octal escapes.
-fn unescape_mountinfo(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut chars = field.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            let code: String = chars.by_ref().take(3).collect();
-            match u8::from_str_radix(&code, 8) {
-                Ok(b) => out.push(b as char),
-                Err(_) => {
-                    out.push('\\');
-                    out.push_str(&code);
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    nvlibfs::mountinfo::at(path).is_some()
 }

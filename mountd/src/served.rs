@@ -410,6 +410,7 @@ impl Served {
             retired_generations: retired.len() as u64,
             held_files_replaced_on_disk: replaced_on_disk(&generation, &manifest.driver_root),
             pin_problem: self.pin_problem(),
+            generations: Vec::new(),
             counters: Counters {
                 lookups: c.lookups.load(Relaxed),
                 getattrs: c.getattrs.load(Relaxed),
