@@ -77,6 +77,12 @@ pub struct ServeArgs {
     /// Where the daemon puts its control socket (for `nvlibfs status`)
     #[arg(long, value_name = "DIR", default_value = crate::control::DEFAULT_STATE_DIR, help_heading = "Serving")]
     pub state_dir: PathBuf,
+
+    /// Keep running with every capability if dropping the unneeded ones
+    /// fails (by default the daemon stops: it never serves with more
+    /// privilege than it says)
+    #[arg(long, help_heading = "Serving")]
+    pub keep_privileges: bool,
 }
 
 impl ServeArgs {
@@ -90,13 +96,16 @@ impl ServeArgs {
         if self.no_passthrough {
             args.push("--no-passthrough".into());
         }
+        if self.keep_privileges {
+            args.push("--keep-privileges".into());
+        }
         args
     }
 }
 
-/// Logs to stderr: `-v` for info, `-vv` debug, `-vvv` trace, or any
-/// tracing filter in `NVLIBFS_LOG`. fuser's `log` records come along.
-pub fn init_logging(verbose: u8) {
+/// What both binaries log: `-v` for info, `-vv` debug, `-vvv` trace, or
+/// any tracing filter in `NVLIBFS_LOG`.
+pub fn log_filter(verbose: u8) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
         0 => "warn,nvlibfs=info,nvlibfs_mountd=info",
@@ -104,10 +113,14 @@ pub fn init_logging(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_env("NVLIBFS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    EnvFilter::try_from_env("NVLIBFS_LOG").unwrap_or_else(|_| EnvFilter::new(default))
+}
+
+/// Logs to stderr, filtered by [`log_filter`]. fuser's `log` records come along.
+pub fn init_logging(verbose: u8) {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(verbose))
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();

@@ -25,10 +25,14 @@ pub fn socket_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
     state_file(state_dir, mountpoint, "sock")
 }
 
+/// Where the per-mount-point locks live: one place whatever `--state-dir`
+/// says, so two daemons with different state directories still meet.
+pub const LOCK_DIR: &str = "/run/nvlibfs/locks";
+
 /// The lock a daemon holds (flock) for as long as it serves `mountpoint`:
 /// one daemon per mount point.
-pub fn lock_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
-    state_file(state_dir, mountpoint, "lock")
+pub fn lock_path(mountpoint: &Path) -> PathBuf {
+    state_file(Path::new(LOCK_DIR), mountpoint, "lock")
 }
 
 /// The background daemon's log for `mountpoint`.
@@ -170,14 +174,23 @@ pub fn process_running(pid: u32) -> bool {
 pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
     let path = socket_path(state_dir, mountpoint);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
-        io::Error::new(
-            e.kind(),
+        // "May not ask" is not "nobody serves": keep the kind for callers.
+        let text = if e.kind() == io::ErrorKind::PermissionDenied {
             format!(
-                "no nvlibfs daemon answers at {} ({e}); is {} mounted by nvlibfs?",
-                path.display(),
-                mountpoint.display()
-            ),
-        )
+                "only root may ask the daemon serving {}: its socket {} is root's alone because status names \
+                 host paths ({e}); run this as root",
+                mountpoint.display(),
+                path.display()
+            )
+        } else {
+            format!(
+                "no nvlibfs daemon serves {}: nothing answers at {} ({e}); mount it with `nvlibfs mount`, \
+                 or pass the --state-dir it was mounted with",
+                mountpoint.display(),
+                path.display()
+            )
+        };
+        io::Error::new(e.kind(), text)
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut text = String::new();

@@ -12,7 +12,7 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -179,30 +179,15 @@ impl HostRoot {
     /// Opens a resolved path read-only. The kernel refuses any symlink on the
     /// way and anything outside the root, so what was checked is what opens.
     pub fn open_file(&self, path: &RootPath) -> io::Result<File> {
-        let name = std::ffi::CString::new(path.0.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-        // SAFETY: openat2 reads `name` and `how` (of the size given) and
-        // returns a new descriptor or -1; nothing else is touched.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.dir.as_raw_fd(),
-                name.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor that nothing else owns.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        use nix::fcntl::{fcntl, openat2, FcntlArg, OFlag, OpenHow, ResolveFlag};
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+        let file = File::from(openat2(&self.dir, path.0.as_os_str(), how)?);
         // O_NONBLOCK only kept a FIFO named like a library from hanging the open.
-        // SAFETY: F_SETFL on a descriptor we own.
-        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) };
+        fcntl(&file, FcntlArg::F_SETFL(OFlag::empty()))?;
         Ok(file)
     }
 

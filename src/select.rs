@@ -61,26 +61,16 @@ impl Selected {
     /// A file nvlibfs makes: held in a sealed memfd, so it is served (and
     /// passed through) like any host file and can never change.
     pub fn generated(view_path: PathBuf, bytes: &[u8]) -> std::io::Result<Selected> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::memfd::{memfd_create, MFdFlags};
         use std::io::Write;
-        use std::os::fd::FromRawFd;
-        // SAFETY: memfd_create with a NUL-terminated name; we own the result.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"nvlibfs-generated".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let mut file = unsafe { File::from_raw_fd(fd) };
+        let mut file = File::from(memfd_create(
+            c"nvlibfs-generated",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?);
         file.write_all(bytes)?;
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl on our descriptor.
-        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
         Ok(Selected {
             view_path,
             source: RootPath::root(),
@@ -92,6 +82,27 @@ impl Selected {
             soname: None,
         })
     }
+}
+
+/// Opens a path that was checked to be a regular file, and checks again
+/// what was opened: between the check and the open, a FIFO, socket or
+/// directory may have been renamed into its place, and serving one would
+/// cost the whole mount its passthrough path (the kernel refuses it as a
+/// backing file).
+pub fn open_regular(root: &HostRoot, path: &RootPath) -> Result<(File, std::fs::Metadata), Reason> {
+    let file = root.open_file(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EMFILE) | Some(libc::ENFILE) => Reason::TooManyOpenFiles,
+        // Opening a socket.
+        Some(libc::ENXIO) => Reason::NotRegularFile { kind: "socket" },
+        _ => Reason::Unreadable(e.to_string()),
+    })?;
+    let meta = file.metadata().map_err(|e| Reason::Unreadable(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(Reason::NotRegularFile {
+            kind: describe(&meta.file_type()),
+        });
+    }
+    Ok((file, meta))
 }
 
 #[derive(Debug)]
@@ -216,14 +227,7 @@ impl Selector<'_> {
             }
         };
 
-        let file = self
-            .root
-            .open_file(&resolved.path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EMFILE) | Some(libc::ENFILE) => Reason::TooManyOpenFiles,
-                _ => Reason::Unreadable(e.to_string()),
-            })?;
-        let meta = file.metadata().map_err(|e| Reason::Unreadable(e.to_string()))?;
+        let (file, meta) = open_regular(self.root, &resolved.path)?;
         // The view is readable by everyone; a file the host keeps from others
         // must not become readable through it.
         if meta.mode() & 0o004 == 0 {
@@ -321,4 +325,31 @@ fn check_json(file: &File, len: u64) -> Result<(), Reason> {
     serde_json::from_slice::<serde::de::IgnoredAny>(&text)
         .map(|_| ())
         .map_err(|e| Reason::BadConfig(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// What a racing rename could put where a checked file was: each is
+    /// refused by what the open itself finds, without hanging on a FIFO.
+    #[test]
+    fn open_regular_refuses_what_was_swapped_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_dir = dir.path();
+        std::fs::write(root_dir.join("libcuda.so.1"), b"\x7fELF").unwrap();
+        nix::unistd::mkfifo(&root_dir.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(root_dir.join("socket")).unwrap();
+        std::fs::create_dir(root_dir.join("dir")).unwrap();
+        let root = HostRoot::open(root_dir).unwrap();
+        let open = |name: &str| {
+            let resolved = root.resolve(Path::new(name)).unwrap();
+            open_regular(&root, &resolved.path).map(|_| ())
+        };
+        assert_eq!(open("libcuda.so.1"), Ok(()));
+        assert_eq!(open("fifo"), Err(Reason::NotRegularFile { kind: "FIFO" }));
+        assert_eq!(open("socket"), Err(Reason::NotRegularFile { kind: "socket" }));
+        assert_eq!(open("dir"), Err(Reason::NotRegularFile { kind: "directory" }));
+    }
 }

@@ -1,6 +1,11 @@
-//! The daemon's life: check everything that can be checked before mounting,
-//! mount, choose the data path, say "ready" only once the mount answers,
-//! serve `status`, and unmount cleanly on SIGTERM/SIGINT.
+//! The daemon's life: take the mount point's lock, check everything that
+//! can be checked before mounting, mount, choose the data path, say "ready"
+//! only once the mount answers, serve `status`, and unmount cleanly.
+//!
+//! Signals: SIGTERM and SIGINT unmount (detaching a busy mount) and exit 0;
+//! SIGHUP checks the kernel module's version at once instead of at the next
+//! poll; SIGUSR1, SIGUSR2 and SIGPIPE are ignored. An unmount from outside
+//! ends the daemon too (exit 0).
 
 use crate::fs::NvlibFs;
 use crate::layout;
@@ -15,7 +20,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 /// How long a stopping daemon waits for a detached mount's session to end.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
@@ -30,6 +35,12 @@ impl fmt::Display for DaemonError {
 }
 
 impl std::error::Error for DaemonError {}
+
+impl DaemonError {
+    pub fn new(msg: impl Into<String>) -> DaemonError {
+        DaemonError(msg.into())
+    }
+}
 
 fn fail<T>(msg: impl Into<String>) -> Result<T, DaemonError> {
     Err(DaemonError(msg.into()))
@@ -54,6 +65,15 @@ impl Readiness {
     }
 }
 
+/// One event the main thread waits for.
+enum Event {
+    /// SIGTERM or SIGINT: unmount and exit.
+    Stop(Signal),
+    /// The FUSE session ended: the mount was unmounted (or aborted) from
+    /// outside.
+    SessionEnded,
+}
+
 pub fn run(
     driver: &DriverArgs,
     serve: &ServeArgs,
@@ -69,22 +89,65 @@ pub fn run(
     }
 }
 
+/// Held for as long as this daemon serves its mount point: one daemon per
+/// mount point, decided before anything else is looked at or created.
+struct MountLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl MountLock {
+    fn take(mountpoint: &Path) -> Result<MountLock, DaemonError> {
+        let path = control::lock_path(mountpoint);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| DaemonError(format!("creating lock directory {}: {e}", dir.display())))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| DaemonError(format!("lock file {}: {e}", path.display())))?;
+        let file =
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => locked,
+                Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    drop(file);
+                    let holder = holder.trim();
+                    return fail(format!(
+                    "{} is already served by nvlibfs{}; `nvlibfs status {0}` shows it, `nvlibfs umount {0}` stops it",
+                    mountpoint.display(),
+                    if holder.is_empty() { String::new() } else { format!(" (daemon pid {holder})") }
+                ));
+                }
+                Err((_, e)) => return fail(format!("locking {}: {e}", path.display())),
+            };
+        // The pid, for the message a refused daemon prints.
+        let _ = file.set_len(0);
+        let _ = write!(&*file, "{}", std::process::id());
+        Ok(MountLock { _file: file })
+    }
+}
+
 fn serve_until_stopped(
     driver: &DriverArgs,
     serve: &ServeArgs,
     mountpoint: &Path,
     ready: &mut Readiness,
 ) -> Result<(), DaemonError> {
+    crate::privileges::check_can_mount()?;
+    let mountpoint = layout::absolute(mountpoint).map_err(DaemonError)?;
+    let _lock = MountLock::take(&mountpoint)?;
+    std::fs::create_dir_all(&serve.state_dir)
+        .map_err(|e| DaemonError(format!("creating state directory {}: {e}", serve.state_dir.display())))?;
     raise_file_limit();
     let plan = driver.plan().map_err(|e| DaemonError(e.to_string()))?;
     let manifest = plan.view.manifest();
-    if !plan.view.has_driver_libraries() {
+    if let Some(message) = plan.no_driver_message() {
         return fail(format!(
-            "no driver found: no NVIDIA library of version {} under {} ({} candidates rejected; \
-             `nvlibfs scan` lists them with reasons)",
-            manifest.driver_version,
-            manifest.driver_root,
-            plan.rejected.len()
+            "no driver found: {message} (`nvlibfs scan` lists every candidate with the reason it was left out)"
         ));
     }
     tracing::info!(
@@ -95,29 +158,35 @@ fn serve_until_stopped(
         plan.elapsed.as_secs_f64() * 1e3
     );
 
-    let mountpoint = layout::mount_point(mountpoint).map_err(DaemonError)?;
+    let mountpoint = layout::mount_point(&mountpoint).map_err(DaemonError)?;
     if !Path::new("/dev/fuse").exists() {
         return fail("no /dev/fuse: load the fuse module (`modprobe fuse`) or pass the device into this container");
     }
-    // First, so a live daemon here is reported as such, not as a busy mount point.
     let socket = control::socket_path(&serve.state_dir, &mountpoint);
-    let listener = bind_control_socket(&serve.state_dir, &socket, &mountpoint)?;
+    let listener = bind_control_socket(&socket)?;
     let live = layout::prepare(&mountpoint).map_err(|e| {
         let _ = std::fs::remove_file(&socket);
         DaemonError(e)
     })?;
 
-    // Block the stop signals before any thread starts, so every thread
-    // inherits the mask and only the main thread's sigwait sees them.
+    // Stop signals are taken by one thread (sigwait), so they are blocked
+    // before any thread starts and every thread inherits the mask. Signals
+    // nothing should act on are ignored: an outside SIGUSR1 must not end
+    // the daemon or be taken for an unmount.
     let mut signals = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1] {
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
     }
     signals
         .thread_block()
         .map_err(|e| DaemonError(format!("blocking signals: {e}")))?;
+    for s in [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGPIPE] {
+        // SAFETY: SIG_IGN installs no handler code.
+        unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }
+            .map_err(|e| DaemonError(format!("ignoring {s}: {e}")))?;
+    }
 
-    let served = Arc::new(Served::new(plan.view, mountpoint.clone(), !serve.no_passthrough));
+    let served = Arc::new(Served::new(mountpoint.clone(), !serve.no_passthrough));
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -142,7 +211,7 @@ fn serve_until_stopped(
             _ => format!("mounting {}: {e}", mountpoint.display()),
         })
     })?;
-    served.start(&session);
+    served.start(plan.view, Some(&session));
     // Mounted and every file held: from here on, only what is still used.
     match crate::privileges::drop_to_kept() {
         Ok(()) => {
@@ -152,36 +221,62 @@ fn serve_until_stopped(
                 kept.join(", ")
             );
         }
-        Err(e) => tracing::warn!("could not drop capabilities ({e}); continuing with what we have"),
+        Err(e) if serve.keep_privileges => {
+            tracing::warn!("could not drop capabilities ({e}); --keep-privileges: continuing with all of them")
+        }
+        Err(e) => {
+            let _ = session.unmount_callable().unmount();
+            let _ = std::fs::remove_file(&socket);
+            return fail(format!(
+                "could not drop the capabilities the daemon does not need ({e}); refusing to serve with all \
+                 of them (--keep-privileges overrides)"
+            ));
+        }
     }
     let notifier = session.notifier();
     let mut unmounter = session.unmount_callable();
-    let main_thread = nix::unistd::Pid::this();
-    let loop_thread = std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || {
-            let result = session.run();
-            // Wake the main thread: the mount is gone (unmounted from outside).
-            let _ = nix::sys::signal::kill(main_thread, Signal::SIGUSR1);
-            result
-        })
-        .map_err(|e| DaemonError(format!("starting the session thread: {e}")))?;
+    let (events, event) = mpsc::channel();
+    let loop_thread = {
+        let events = events.clone();
+        std::thread::Builder::new()
+            .name("fuse-session".into())
+            .spawn(move || {
+                let result = session.run();
+                let _ = events.send(Event::SessionEnded);
+                result
+            })
+            .map_err(|e| DaemonError(format!("starting the session thread: {e}")))?
+    };
     let status_served = served.clone();
     std::thread::Builder::new()
         .name("status".into())
         .spawn(move || answer_status(listener, &status_served))
         .map_err(|e| DaemonError(format!("starting the status thread: {e}")))?;
-
-    let stop_watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (recheck, recheck_requests) = mpsc::channel();
     {
-        let (driver, served, stop) = (driver.clone(), served.clone(), stop_watching.clone());
+        let (driver, served) = (driver.clone(), served.clone());
         std::thread::Builder::new()
             .name("repin".into())
-            .spawn(move || crate::repin::watch(driver, served, notifier, stop))
+            .spawn(move || crate::repin::watch(driver, served, notifier, recheck_requests))
             .map_err(|e| DaemonError(format!("starting the module watcher: {e}")))?;
     }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match signals.wait() {
+                Ok(Signal::SIGHUP) => {
+                    let _ = recheck.send(());
+                }
+                Ok(signal) => {
+                    let _ = events.send(Event::Stop(signal));
+                }
+                Err(e) => tracing::error!("waiting for signals: {e}"),
+            }
+        })
+        .map_err(|e| DaemonError(format!("starting the signal thread: {e}")))?;
 
     wait_until_answering(&live)?;
+    crate::logging::open_file().map_err(DaemonError)?;
     let status = served.status();
     tracing::info!(
         mountpoint = %mountpoint.display(),
@@ -198,24 +293,23 @@ fn serve_until_stopped(
         mountpoint.display()
     ));
 
-    let signal = signals
-        .wait()
-        .map_err(|e| DaemonError(format!("waiting for signals: {e}")))?;
-    if signal == Signal::SIGUSR1 {
-        tracing::info!("{} was unmounted; exiting", mountpoint.display());
-    } else {
-        notify_systemd("STOPPING=1");
-        tracing::info!("{signal}: unmounting {}", mountpoint.display());
-        if let Err(e) = unmounter.unmount() {
-            // Still in use: detach now; the kernel ends the session when the
-            // last user is gone, and until then we keep answering.
-            tracing::warn!("unmount failed ({e}); detaching lazily and serving until the last user closes it");
-            if let Err(e) = nix::mount::umount2(&live, nix::mount::MntFlags::MNT_DETACH) {
-                tracing::error!("lazy unmount of {} failed: {e}", live.display());
+    match event.recv() {
+        Ok(Event::SessionEnded) | Err(_) => {
+            tracing::info!("{} was unmounted; exiting", mountpoint.display());
+        }
+        Ok(Event::Stop(signal)) => {
+            notify_systemd("STOPPING=1");
+            tracing::info!("{signal}: unmounting {}", mountpoint.display());
+            if let Err(e) = unmounter.unmount() {
+                // Still in use: detach now; the kernel ends the session when the
+                // last user is gone, and until then we keep answering.
+                tracing::warn!("unmount failed ({e}); detaching lazily and serving until the last user closes it");
+                if let Err(e) = nix::mount::umount2(&live, nix::mount::MntFlags::MNT_DETACH) {
+                    tracing::error!("lazy unmount of {} failed: {e}", live.display());
+                }
             }
         }
     }
-    stop_watching.store(true, std::sync::atomic::Ordering::Relaxed);
     // A detached mount ends only when its last user lets go, which can take
     // a while under load. Nothing needs us for that: the mount is gone from
     // every namespace, and files opened by passthrough keep their mappings
@@ -230,29 +324,17 @@ fn serve_until_stopped(
         tracing::info!("exiting with the detached mount still in use; its users keep their open files");
         return Ok(());
     }
-    let result = loop_thread.join();
-    match result {
+    match loop_thread.join() {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => fail(format!("FUSE session ended with an error: {e}")),
         Err(_) => fail("the FUSE session thread panicked"),
     }
 }
 
-fn bind_control_socket(state_dir: &Path, socket: &Path, mountpoint: &Path) -> Result<UnixListener, DaemonError> {
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| DaemonError(format!("creating state directory {}: {e}", state_dir.display())))?;
-    if socket.exists() {
-        if let Ok(status) = control::query(state_dir, mountpoint) {
-            return fail(format!(
-                "{} is already served by nvlibfs (pid {}); `nvlibfs umount {}` first",
-                mountpoint.display(),
-                status.pid,
-                mountpoint.display()
-            ));
-        }
-        // Left behind by a daemon that died.
-        let _ = std::fs::remove_file(socket);
-    }
+/// Binds the status socket. The caller holds the mount point's lock, so a
+/// socket already there was left by a daemon that died.
+fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
+    let _ = std::fs::remove_file(socket);
     let listener =
         UnixListener::bind(socket).map_err(|e| DaemonError(format!("control socket {}: {e}", socket.display())))?;
     // Status names host paths: root only.
@@ -282,15 +364,12 @@ fn answer_status(listener: UnixListener, served: &Served) {
 /// Every served file is held open (two generations' worth during a
 /// re-pin): take the hard limit rather than the usual 1024 soft one.
 fn raise_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit on a struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("raising the open file limit to {hard}: {e}");
+            }
         }
     }
 }

@@ -1,14 +1,16 @@
-//! The FUSE adapter: one method per FUSE operation, each a lookup in the
-//! immutable `View` plus logging, counting and errno mapping. Everything
-//! that decides what exists lives in the view and is tested without FUSE.
+//! The FUSE adapter: one method per FUSE operation, each a call into the
+//! serving core (`served.rs`) plus translation to and from fuser's types.
+//! Everything that decides what exists, and every reference count, lives
+//! in the core and is tested without FUSE.
 
-use crate::served::{fuse_ino, DirEntries, Generation, Served, FUSE_ROOT};
+use crate::served::{DirEntry, Entry, Errno as CoreErrno, Served};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use nvlibfs::view::{Attr, Ino, NodeKind, NodeType, ROOT_INO};
+use nvlibfs::view::{Attr, NodeType};
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -17,20 +19,23 @@ use std::time::{Duration, SystemTime};
 /// The view never changes under a mount, so the kernel may cache names and
 /// attributes for long; a new driver generation will invalidate explicitly.
 const TTL: Duration = Duration::from_secs(24 * 3600);
-/// FUSE's inode generation: inode numbers are never reused (a view
-/// generation's number is part of each), so it can stay 0.
-const GENERATION: fuser::Generation = fuser::Generation(0);
 
 /// Nothing is ever written, so a close needs no FLUSH round trip: one
 /// request fewer per dlopen.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
-/// Longest name in the view, as statfs reports it.
-const NAME_MAX: usize = 255;
-
 /// Passthrough backing files may sit on a stacked filesystem (overlayfs in
 /// containers); the kernel allows at most 2.
 const MAX_STACK_DEPTH: u32 = 2;
+
+/// The largest READ the kernel sends with fuser's defaults.
+const MAX_READ: usize = 128 * 1024;
+
+thread_local! {
+    /// Each serving thread's read buffer, allocated once: the only copy of
+    /// file data in the daemon is the one into this buffer.
+    static READ_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_READ]);
+}
 
 pub struct NvlibFs {
     served: Arc<Served>,
@@ -42,11 +47,8 @@ impl NvlibFs {
     }
 }
 
-/// The kernel's attributes of inode `local` of `generation`.
-fn attr_of(generation: &Generation, local: Ino) -> Option<FileAttr> {
-    let mut attr = to_fuse(generation.view.attr(local)?);
-    attr.ino = INodeNo(fuse_ino(generation.number, local));
-    Some(attr)
+fn errno(e: CoreErrno) -> Errno {
+    Errno::from_i32(e)
 }
 
 fn to_fuse(a: Attr) -> FileAttr {
@@ -58,11 +60,7 @@ fn to_fuse(a: Attr) -> FileAttr {
         mtime: a.mtime,
         ctime: a.mtime,
         crtime: a.mtime,
-        kind: match a.node_type {
-            NodeType::Dir => FileType::Directory,
-            NodeType::File => FileType::RegularFile,
-            NodeType::Symlink => FileType::Symlink,
-        },
+        kind: file_type(a.node_type),
         perm: a.perm,
         nlink: a.nlink,
         uid: 0,
@@ -73,6 +71,21 @@ fn to_fuse(a: Attr) -> FileAttr {
     }
 }
 
+fn file_type(t: NodeType) -> FileType {
+    match t {
+        NodeType::Dir => FileType::Directory,
+        NodeType::File => FileType::RegularFile,
+        NodeType::Symlink => FileType::Symlink,
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, entry: &Entry) {
+    reply.entry(&TTL, &to_fuse(entry.attr), fuser::Generation(entry.generation))
+}
+
+/// Node id 0 with a TTL: the kernel caches the miss, so each of the many
+/// names the loader probes (glibc-hwcaps, every LD_LIBRARY_PATH entry) is
+/// asked once.
 fn negative_entry() -> FileAttr {
     to_fuse(Attr {
         ino: 0,
@@ -82,15 +95,6 @@ fn negative_entry() -> FileAttr {
         nlink: 0,
         mtime: SystemTime::UNIX_EPOCH,
     })
-}
-
-impl NvlibFs {
-    /// A directory's entries as kernel inode numbers, with its generation.
-    fn entries(&self, ino: INodeNo) -> Option<(Arc<Generation>, DirEntries)> {
-        let (generation, local) = self.served.resolve(ino.0)?;
-        let entries = generation.dir_entries(local)?;
-        Some((generation, entries))
-    }
 }
 
 impl fuser::Filesystem for NvlibFs {
@@ -115,86 +119,50 @@ impl fuser::Filesystem for NvlibFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.served.counters.lookups.fetch_add(1, Relaxed);
-        // The kernel lets FUSE names reach 1024 bytes; statfs says 255.
-        if name.len() > NAME_MAX {
-            return reply.error(Errno::ENAMETOOLONG);
-        }
-        let Some((generation, local)) = self.served.resolve(parent.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match generation
-            .view
-            .lookup(local, name)
-            .and_then(|child| attr_of(&generation, child))
-        {
-            Some(attr) => {
-                // The kernel now holds one more lookup of this inode.
-                generation.hold(1);
-                reply.entry(&TTL, &attr, GENERATION)
-            }
-            // The loader probes many names that do not exist (glibc-hwcaps
-            // subdirectories, every LD_LIBRARY_PATH entry). Node id 0 with a
-            // TTL tells the kernel to cache the miss, so each is asked once.
-            None => reply.entry(&TTL, &negative_entry(), GENERATION),
+        match self.served.lookup(parent.0, name) {
+            Ok(Some(entry)) => reply_entry(reply, &entry),
+            Ok(None) => reply.entry(&TTL, &negative_entry(), fuser::Generation(0)),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
+    // BATCH_FORGET arrives here too, a node at a time: fuser 0.18 keeps the
+    // type of its batch private, so its default method is what runs.
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if let Some((generation, _)) = self.served.resolve(ino.0) {
-            self.served.release(&generation, nlookup);
-        }
+        self.served.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.served.counters.getattrs.fetch_add(1, Relaxed);
-        match self.served.resolve(ino.0).and_then(|(g, local)| attr_of(&g, local)) {
-            Some(attr) => reply.attr(&TTL, &attr),
-            None => reply.error(Errno::ENOENT),
+        match self.served.getattr(ino.0) {
+            Ok(entry) => reply.attr(&TTL, &to_fuse(entry.attr)),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.served.counters.readlinks.fetch_add(1, Relaxed);
-        let Some((generation, local)) = self.served.resolve(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match generation.view.node(local).map(|n| &n.kind) {
-            Some(NodeKind::Symlink(target)) => reply.data(target.as_os_str().as_encoded_bytes()),
-            Some(_) => reply.error(Errno::EINVAL),
-            None => reply.error(Errno::ENOENT),
+        match self.served.readlink(ino.0) {
+            Ok(target) => reply.data(target.as_encoded_bytes()),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.served.counters.opens.fetch_add(1, Relaxed);
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0 {
-            self.served.counters.write_attempts.fetch_add(1, Relaxed);
-            return reply.error(Errno::EROFS);
+        match self.served.open(ino.0, flags.0) {
+            Ok(opened) => match opened.backing_id {
+                Some(id) => {
+                    // SAFETY: `id` came from this connection's BACKING_OPEN
+                    // and stays registered while its generation lives, which
+                    // this open (counted by the core) keeps alive;
+                    // into_raw() keeps the wrapper from closing it.
+                    let backing = unsafe { reply.wrap_backing(id) };
+                    reply.opened_passthrough(FileHandle(opened.fh), OPEN_FLAGS, &backing);
+                    backing.into_raw();
+                }
+                // A generation never changes, so its page cache stays valid across opens.
+                None => reply.opened(FileHandle(opened.fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
+            },
+            Err(e) => reply.error(errno(e)),
         }
-        let Some((generation, local)) = self.served.resolve(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match generation.view.node(local).map(|n| &n.kind) {
-            Some(NodeKind::File(_)) => {}
-            Some(NodeKind::Dir(_)) => return reply.error(Errno::EISDIR),
-            Some(NodeKind::Symlink(_)) => return reply.error(Errno::ELOOP),
-            None => return reply.error(Errno::ENOENT),
-        }
-        match generation.backing_id(local) {
-            Some(Some(id)) => {
-                // SAFETY: `id` came from this connection's BACKING_OPEN and
-                // stays open while its generation lives, which this open
-                // keeps alive; into_raw() keeps the wrapper from closing it.
-                let backing = unsafe { reply.wrap_backing(id) };
-                reply.opened_passthrough(FileHandle(ino.0), OPEN_FLAGS, &backing);
-                backing.into_raw();
-            }
-            Some(None) => return reply.error(Errno::EIO),
-            // A generation never changes, so its page cache stays valid across opens.
-            None => reply.opened(FileHandle(ino.0), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
-        }
-        generation.hold(1);
     }
 
     fn read(
@@ -208,17 +176,15 @@ impl fuser::Filesystem for NvlibFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((generation, local)) = self.served.resolve(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match generation.read(local, offset, size) {
-            Ok(bytes) => {
-                self.served.counters.reads.fetch_add(1, Relaxed);
-                self.served.counters.bytes_read.fetch_add(bytes.len() as u64, Relaxed);
-                reply.data(&bytes)
+        READ_BUFFER.with_borrow_mut(|buf| {
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
             }
-            Err(errno) => reply.error(Errno::from_i32(errno)),
-        }
+            match self.served.read(ino.0, offset, &mut buf[..size as usize]) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn release(
@@ -231,9 +197,7 @@ impl fuser::Filesystem for NvlibFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some((generation, _)) = self.served.resolve(ino.0) {
-            self.served.release(&generation, 1);
-        }
+        self.served.release(ino.0);
         reply.ok()
     }
 
@@ -247,74 +211,50 @@ impl fuser::Filesystem for NvlibFs {
     /// inode numbers, and the root is invalidated on a swap), so the kernel
     /// may keep their listings.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self
-            .served
-            .resolve(ino.0)
-            .map(|(g, local)| g.view.node(local).map(|n| matches!(n.kind, NodeKind::Dir(_))))
-        {
-            Some(Some(true)) => reply.opened(
+        match self.served.opendir(ino.0) {
+            Ok(()) => reply.opened(
                 FileHandle(ino.0),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
             ),
-            Some(Some(false)) => reply.error(Errno::ENOTDIR),
-            _ => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.served.counters.readdirs.fetch_add(1, Relaxed);
-        let Some((generation, entries)) = self.entries(ino) else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (name, child)) in entries.iter().enumerate().skip(offset as usize) {
-            let kind = generation
-                .view
-                .attr(*child & 0xffff_ffff)
-                .map_or(FileType::RegularFile, |a| to_fuse(a).kind);
-            if reply.add(INodeNo(*child), i as u64 + 1, kind, name) {
-                break;
-            }
+        let listed = self.served.readdir(ino.0, offset, false, |e: &DirEntry| {
+            reply.add(
+                INodeNo(e.entry.attr.ino),
+                e.next_offset,
+                file_type(e.entry.attr.node_type),
+                &e.name,
+            )
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.ok()
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        self.served.counters.readdirs.fetch_add(1, Relaxed);
-        let Some((generation, entries)) = self.entries(ino) else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (name, child)) in entries.iter().enumerate().skip(offset as usize) {
-            let local = if *child == FUSE_ROOT {
-                ROOT_INO
-            } else {
-                *child & 0xffff_ffff
-            };
-            let Some(attr) = attr_of(&generation, local) else {
-                continue;
-            };
-            if reply.add(INodeNo(*child), i as u64 + 1, name, &TTL, &attr, GENERATION) {
-                break;
-            }
-            // Like a lookup, except for "." and "..", which the kernel does not count.
-            if i >= 2 {
-                generation.hold(1);
-            }
+        let listed = self.served.readdir(ino.0, offset, true, |e: &DirEntry| {
+            reply.add(
+                INodeNo(e.entry.attr.ino),
+                e.next_offset,
+                &e.name,
+                &TTL,
+                &to_fuse(e.entry.attr),
+                fuser::Generation(e.entry.generation),
+            )
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.ok()
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let current = self.served.current();
-        let walk = current.view.walk();
-        let bytes: u64 = walk
-            .iter()
-            .filter_map(|(_, ino)| match &current.view.node(*ino)?.kind {
-                NodeKind::File(f) => Some(f.size),
-                _ => None,
-            })
-            .sum();
-        let nodes = walk.len() as u64 + 1;
-        reply.statfs(bytes.div_ceil(4096), 0, 0, nodes, 0, 4096, NAME_MAX as u32, 4096)
+        let s = self.served.statfs();
+        reply.statfs(s.blocks, 0, 0, s.files, 0, s.block_size, s.name_max, s.block_size)
     }
 
     // Extended attributes: none. ENOSYS makes the kernel stop asking.

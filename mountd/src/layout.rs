@@ -22,6 +22,15 @@ use nvlibfs::control::MARKER;
 /// dangles, which loaders and PATH lookups treat as absent.
 const ENTRIES: &[&str] = &["bin", "etc", "firmware", "lib", "lib64", "share", "usr"];
 
+/// `path` made absolute and, where it exists, canonical, without creating
+/// anything: the name the lock and the control socket are keyed by.
+pub fn absolute(path: &Path) -> Result<PathBuf, String> {
+    match std::fs::canonicalize(path) {
+        Ok(p) => Ok(p),
+        Err(_) => std::path::absolute(path).map_err(|e| format!("mount point {}: {e}", path.display())),
+    }
+}
+
 /// Creates a missing mount point (like `mount --mkdir`) and returns it,
 /// canonical.
 pub fn mount_point(path: &Path) -> Result<PathBuf, String> {
@@ -46,28 +55,19 @@ pub fn is_ours(top: &Path) -> bool {
 }
 
 /// Makes `top` ready for a FUSE mount at `top/.live`: sets up the shared
-/// tmpfs with its links, or takes over one a previous daemon left (the
-/// caller has made sure no live daemon serves it). Returns `.live`.
+/// tmpfs with its links, or takes over one a previous daemon left. The
+/// caller holds the mount point's lock, so no live daemon serves `.live`:
+/// a FUSE mount still there belongs to one that died or hangs. Its
+/// connection is aborted (requests waiting on a hung server fail instead of
+/// waiting forever) and the mount detached, both without a request to it,
+/// so this never blocks.
 pub fn prepare(top: &Path) -> Result<PathBuf, String> {
     let live = top.join(LIVE);
     if is_ours(top) {
-        if is_mountpoint(&live) {
-            match std::fs::read_dir(&live) {
-                Ok(_) => {
-                    return Err(format!(
-                        "{} is already served by a running nvlibfs daemon (`nvlibfs umount {0}` first)",
-                        top.display()
-                    ))
-                }
-                // The previous daemon's FUSE mount, dead: detaching it here
-                // detaches it in every container too.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) => {
-                    umount2(&live, MntFlags::MNT_DETACH)
-                        .map_err(|e| format!("detaching the old {}: {e}", live.display()))?;
-                    tracing::warn!("took over {} from a daemon that is gone", top.display());
-                }
-                Err(e) => return Err(format!("{}: {e}", live.display())),
-            }
+        if let Some(old) = nvlibfs::mountinfo::at(&live).filter(|m| m.fs_type.starts_with("fuse")) {
+            abort_connection(old.device.1);
+            umount2(&live, MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old {}: {e}", live.display()))?;
+            tracing::warn!("took over {} from a daemon that is gone", top.display());
         }
         return Ok(live);
     }
@@ -123,6 +123,16 @@ pub fn prepare(top: &Path) -> Result<PathBuf, String> {
         mount(None::<&str>, top, None::<&str>, MsFlags::MS_SHARED, None::<&str>),
     )?;
     Ok(live)
+}
+
+/// Aborts FUSE connection `number` (the minor device number of its mount)
+/// through the fusectl filesystem, if it is mounted.
+fn abort_connection(number: u32) {
+    let abort = PathBuf::from(format!("/sys/fs/fuse/connections/{number}/abort"));
+    match std::fs::write(&abort, "1") {
+        Ok(()) => tracing::info!("aborted the previous daemon's FUSE connection {number}"),
+        Err(e) => tracing::debug!("{}: {e}; detaching without aborting", abort.display()),
+    }
 }
 
 /// Removes the mount point's own tmpfs after the FUSE mount below it is gone.

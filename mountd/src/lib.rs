@@ -1,13 +1,16 @@
 //! nvlibfs-mountd: the FUSE daemon that serves an nvlibfs `View`.
 //!
-//! [`fs`] is the thin FUSE adapter, [`served`] holds the generations of
-//! views with their data path and counters, [`repin`] follows the kernel
-//! module and swaps in new generations, [`daemon`] runs a mount from checks
-//! to clean unmount.
+//! [`served`] is the serving core (generations of views, their data paths,
+//! the kernel's references, counters) with no FUSE types in it; [`fs`] is
+//! the thin FUSE adapter over it; [`repin`] follows the kernel module and
+//! swaps in new generations; [`layout`] is the restart-safe mount point;
+//! [`daemon`] runs a mount from its lock to a clean unmount.
 
+pub mod backing;
 pub mod daemon;
 pub mod fs;
 pub mod layout;
+pub mod logging;
 pub mod privileges;
 pub mod repin;
 pub mod served;

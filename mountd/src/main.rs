@@ -27,6 +27,11 @@ struct Args {
     #[command(flatten)]
     serve: ServeArgs,
 
+    /// Log to FILE (appending) once the mount is ready, instead of stderr; a
+    /// daemon that fails before that reports only on stderr and the ready pipe
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+
     /// Descriptor to write "ready" or "error: ..." to (used by `nvlibfs mount`)
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
@@ -37,14 +42,15 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    nvlibfs::args::init_logging(args.verbose);
+    nvlibfs_mountd::logging::init(args.verbose, args.log_file.as_deref());
     // SAFETY: the descriptor was passed to us by `nvlibfs mount` for this purpose.
     let mut ready = unsafe { Readiness::from_fd(args.ready_fd) };
     match daemon::run(&args.driver, &args.serve, &args.mountpoint, &mut ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Once: to the log (stderr in the foreground); `nvlibfs mount`
+            // has it from the ready pipe.
             tracing::error!("{e}");
-            eprintln!("nvlibfs-mountd: {e}");
             ExitCode::FAILURE
         }
     }

@@ -35,6 +35,25 @@ struct CapData {
     inheritable: u32,
 }
 
+/// Mounting needs root or CAP_SYS_ADMIN: say so before anything is created.
+pub fn check_can_mount() -> Result<(), crate::daemon::DaemonError> {
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    if effective & (1 << CAP_SYS_ADMIN) != 0 {
+        return Ok(());
+    }
+    Err(crate::daemon::DaemonError::new(format!(
+        "mounting needs root (or CAP_SYS_ADMIN); this runs as uid {}",
+        nix::unistd::geteuid()
+    )))
+}
+
 pub fn drop_to_kept() -> std::io::Result<()> {
     let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -74,9 +93,7 @@ pub fn drop_to_kept() -> std::io::Result<()> {
             0,
             0,
         );
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
     }
+    nix::sys::prctl::set_no_new_privs()?;
     Ok(())
 }

@@ -1,16 +1,16 @@
 //! Follows the loaded kernel module: when its version changes (a module
 //! reload after a driver upgrade), builds the new version's view and swaps
-//! it in as a new generation, then tells the kernel to forget cached names
-//! so new lookups see the new files. Open files keep the old generation.
+//! it in as a new generation, then tells the kernel to drop every cached
+//! name of the old one, so new lookups see the new files and the old
+//! generation is freed as soon as its last user lets go. Open files keep
+//! the old generation until then.
 
-use crate::served::{Served, FUSE_ROOT};
+use crate::served::{Deletion, Forgetting, Served, FUSE_ROOT};
 use fuser::{INodeNo, Notifier};
 use nvlibfs::args::DriverArgs;
 use nvlibfs::pin::PinRequest;
-use nvlibfs::view::{NodeKind, View, ROOT_INO};
-use std::collections::BTreeSet;
-use std::ffi::OsString;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use nvlibfs::view::View;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,15 +19,30 @@ use std::time::Duration;
 /// microseconds of work per poll (one small file read).
 pub const POLL: Duration = Duration::from_millis(500);
 
-pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, stop: Arc<AtomicBool>) {
+/// Checks every `POLL`, and at once when `wake` says so (SIGHUP); returns
+/// when `wake`'s sender is dropped.
+pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: Receiver<()>) {
     let request = driver.pin_request();
-    if matches!(request, PinRequest::Version(_)) {
+    let follows_module = !matches!(request, PinRequest::Version(_));
+    if !follows_module {
         tracing::info!("--driver-version fixes the pin; not following the kernel module");
-        return;
     }
     let mut last_error = None;
-    while !stop.load(Relaxed) {
-        std::thread::sleep(POLL);
+    loop {
+        match wake.recv_timeout(POLL) {
+            Ok(()) => tracing::info!("checking the kernel module's version now (SIGHUP)"),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        // Names cached again in a retired generation's directories (by a
+        // process working inside one) would keep it alive: drop them too.
+        let retired = served.retired_names();
+        if !retired.is_empty() {
+            delete_names(&notifier, &retired);
+        }
+        if !follows_module {
+            continue;
+        }
         let pinned = match request.resolve() {
             Ok(p) => {
                 last_error = None;
@@ -42,7 +57,7 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, stop: 
                 continue;
             }
         };
-        let current = served.current();
+        let Some(current) = served.current() else { continue };
         let waiting = served.pin_problem().is_some();
         if pinned.version == current.view.pin().version && !waiting {
             continue;
@@ -56,6 +71,7 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, stop: 
             }
         };
         let pinned = plan.view.pin().clone();
+        let to = pinned.version.clone();
         let (view, problem) = if plan.view.has_driver_libraries() {
             (plan.view, None)
         } else if waiting && pinned.version == current.view.pin().version {
@@ -70,23 +86,37 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, stop: 
             tracing::warn!("{why}");
             (View::build(pinned, driver.driver_root.clone(), Vec::new()), Some(why))
         };
-        let old = served.install(view, problem);
-        let new = served.current();
-        tracing::info!(from = %old.view.pin().version, to = %new.view.pin().version, "re-pinned");
-        for name in root_names(&old.view).union(&root_names(&new.view)) {
-            if let Err(e) = notifier.inval_entry(INodeNo(FUSE_ROOT), name) {
-                tracing::debug!(?name, "invalidating a cached name: {e}");
-            }
-        }
-        if let Err(e) = notifier.inval_inode(INodeNo(FUSE_ROOT), 0, 0) {
-            tracing::debug!("invalidating the root's attributes: {e}");
-        }
+        let from = current.view.pin().version.clone();
+        let forgetting = served.install(view, problem);
+        tracing::info!(%from, %to, "re-pinned");
+        tell_kernel(&notifier, &forgetting);
     }
 }
 
-fn root_names(view: &View) -> BTreeSet<OsString> {
-    match view.node(ROOT_INO).map(|n| &n.kind) {
-        Some(NodeKind::Dir(entries)) => entries.keys().cloned().collect(),
-        _ => BTreeSet::new(),
+/// Makes the kernel drop the old generation's names and the root's cached
+/// listing and misses, so new lookups reach the new generation.
+pub fn tell_kernel(notifier: &Notifier, forgetting: &Forgetting) {
+    delete_names(notifier, &forgetting.deletions);
+    for name in &forgetting.stale_root_names {
+        if let Err(e) = notifier.inval_entry(INodeNo(FUSE_ROOT), name) {
+            tracing::debug!(?name, "invalidating a cached miss: {e}");
+        }
+    }
+    if let Err(e) = notifier.inval_inode(INodeNo(FUSE_ROOT), 0, 0) {
+        tracing::debug!("invalidating the root's listing: {e}");
+    }
+}
+
+/// FUSE_NOTIFY_DELETE, not INVAL_ENTRY: it also marks each inode as having
+/// no links, so the kernel evicts it (and sends FORGET) as soon as nothing
+/// uses it, instead of keeping it cached until memory runs short. Names
+/// the kernel does not cache answer ENOENT, which is fine.
+fn delete_names(notifier: &Notifier, deletions: &[Deletion]) {
+    for d in deletions {
+        match notifier.delete(INodeNo(d.parent), INodeNo(d.child), &d.name) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => tracing::debug!(name = ?d.name, "dropping a cached name: {e}"),
+        }
     }
 }

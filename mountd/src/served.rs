@@ -1,74 +1,130 @@
-//! What one mount serves: a sequence of immutable generations (one per
-//! pinned driver version), how file data reaches readers, and counters.
+//! The serving core: what one mount serves and every answer it gives, in
+//! plain types. `fs.rs` only translates these to and from FUSE; the tests
+//! in `tests/core_model.rs` drive this core directly from many threads.
 //!
-//! A driver change installs a new generation; the old one is swapped out
-//! whole, never edited. Kernel inode numbers carry the generation in their
-//! high 32 bits (the root is always 1), so files opened or looked up before
-//! a swap keep resolving to the old generation's held files until the
-//! kernel forgets them; then the old generation is dropped and its files
-//! and backing ids are released.
+//! A mount serves a sequence of immutable generations (one per pinned
+//! driver version). A driver change installs a new generation; the old one
+//! is swapped out whole, never edited. Each generation owns a range of
+//! kernel inode numbers (the root is always 1, the current generation's
+//! root), so names looked up or files opened before a swap keep resolving
+//! to the old generation's held files for as long as the kernel refers to
+//! them. The kernel's references (lookup counts, open files) are counted
+//! per generation under the same lock that retires generations, and taken
+//! before the answer that hands them to the kernel leaves the core: a
+//! retired generation is freed exactly when the kernel lets go of its last
+//! inode, never earlier.
 
-use fuser::BackingId;
-use memmap2::Mmap;
-use nvlibfs::control::{Counters, Status};
-use nvlibfs::view::{Ino, NodeKind, View, ROOT_INO};
-use std::collections::HashMap;
-use std::ffi::OsString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use crate::backing;
+use nvlibfs::control::{Counters, GenerationStatus, Status};
+use nvlibfs::select::FileKind;
+use nvlibfs::view::{Attr, Ino, NodeKind, View, ROOT_INO};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// FUSE's root inode: always the current generation's root.
 pub const FUSE_ROOT: u64 = 1;
+/// Longest name in the view, as statfs reports it. The kernel lets FUSE
+/// names reach 1024 bytes, so the core says ENAMETOOLONG itself.
+pub const NAME_MAX: usize = 255;
+/// Kernel inode numbers stay below 2^32, so a 32-bit `stat` without large
+/// file support never meets EOVERFLOW.
+const INO_LIMIT: u64 = 1 << 32;
+/// The first inode number given to a generation's non-root inodes.
+const FIRST_INO: u64 = FUSE_ROOT + 1;
 
-/// The kernel inode number of a view inode of generation `number`.
-pub fn fuse_ino(number: u32, local: Ino) -> u64 {
-    if local == ROOT_INO {
-        FUSE_ROOT
-    } else {
-        ((number as u64) << 32) | local
-    }
+/// An errno, as the kernel wants it.
+pub type Errno = i32;
+
+/// What `lookup`, `getattr` and `readdirplus` give the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// `attr.ino` is the kernel inode number.
+    pub attr: Attr,
+    /// FUSE's per-inode generation: the view generation, so an inode number
+    /// reused after 2^32 allocations still names a new inode.
+    pub generation: u64,
 }
 
-/// A directory listing: names with kernel inode numbers.
-pub type DirEntries = Vec<(OsString, u64)>;
+/// An open file: the handle, and how the kernel reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+    /// The backing id to reply with; `None` means the kernel sends READ
+    /// and may keep the page cache across opens.
+    pub backing_id: Option<u32>,
+}
 
-/// How file contents reach a reader; chosen once per mount.
-enum Mode {
-    /// The kernel reads the held host files directly: no READ request
-    /// reaches the daemon, and pages live in the host file's own page cache.
-    /// `dev` is the FUSE connection, for registering backing files.
-    Passthrough { dev: Arc<OwnedFd> },
-    /// The daemon answers READ from mappings of the held files; opens keep
-    /// the page cache, so each page is read through the daemon once.
+/// One directory entry as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: OsString,
+    /// The offset of the entry after this one.
+    pub next_offset: u64,
+    pub entry: Entry,
+}
+
+/// statfs's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsStats {
+    pub blocks: u64,
+    pub files: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+}
+
+/// What the kernel must be told after a swap so that it stops using the old
+/// generation and lets go of it: every cached name of the old generation,
+/// children before their directories (FUSE_NOTIFY_DELETE refuses a
+/// directory that still has names), and root names the old generation
+/// lacked (the kernel may cache their absence).
+#[derive(Debug, Default)]
+pub struct Forgetting {
+    pub deletions: Vec<Deletion>,
+    pub stale_root_names: Vec<OsString>,
+}
+
+/// One cached name to drop: `name` in directory `parent` names `child`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deletion {
+    pub parent: u64,
+    pub child: u64,
+    pub name: OsString,
+}
+
+/// How a generation's file contents reach readers.
+enum DataPath {
+    /// The kernel reads the held host files directly: one backing id per
+    /// file, registered with the connection `dev`, used for every open.
+    Passthrough { ids: HashMap<Ino, u32>, dev: Arc<OwnedFd> },
+    /// READ requests answered from the held files; opens keep the page
+    /// cache, so each page is read through the daemon once.
     Cached { reason: String },
-}
-
-/// Per-file data access of one generation.
-enum FileData {
-    /// One backing id per file, used for every open of it.
-    Backing(HashMap<Ino, u32>, Arc<OwnedFd>),
-    Maps(HashMap<Ino, Mmap>),
 }
 
 /// One immutable view as served.
 pub struct Generation {
     pub number: u32,
+    /// Kernel inode of the view's inode 2; the view's inode `n` is
+    /// `base + n - 2`.
+    base: u64,
+    /// How many kernel inode numbers it owns: one per node past the root.
+    span: u64,
     pub view: View,
-    data: FileData,
-    /// Kernel references into this generation: lookup counts not yet
-    /// forgotten, plus open files.
-    refs: AtomicU64,
+    data: DataPath,
+    stats: FsStats,
 }
 
 impl Drop for Generation {
     fn drop(&mut self) {
-        if let FileData::Backing(ids, dev) = &self.data {
+        if let DataPath::Passthrough { ids, dev } = &self.data {
             for &id in ids.values() {
-                close_backing(dev, id);
+                backing::close(dev.as_fd(), id);
             }
         }
         tracing::info!(generation = self.number, version = %self.view.pin().version, "released a generation's files");
@@ -76,87 +132,81 @@ impl Drop for Generation {
 }
 
 impl Generation {
-    pub fn hold(&self, n: u64) {
-        self.refs.fetch_add(n, Relaxed);
-    }
-
-    /// Backing id of a file, on the passthrough path.
-    pub fn backing_id(&self, local: Ino) -> Option<Option<u32>> {
-        match &self.data {
-            FileData::Backing(ids, _) => Some(ids.get(&local).copied()),
-            FileData::Maps(_) => None,
+    pub fn kernel_ino(&self, local: Ino) -> u64 {
+        if local == ROOT_INO {
+            FUSE_ROOT
+        } else {
+            self.base + local - FIRST_INO
         }
     }
 
-    /// Bytes for a READ; only the cached path gets these.
-    pub fn read(&self, local: Ino, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
-        let NodeKind::File(file) = &self.view.node(local).ok_or(libc::ENOENT)?.kind else {
-            return Err(libc::EISDIR);
-        };
-        match &self.data {
-            FileData::Maps(maps) => {
-                let Some(map) = maps.get(&local) else {
-                    return Ok(Vec::new());
-                };
-                let start = (offset as usize).min(map.len());
-                let end = start.saturating_add(size as usize).min(map.len());
-                // Touching mapped pages past the file's end would kill the
-                // daemon with SIGBUS, and a file whose size changed on disk
-                // is not the one that was checked: refuse it loudly.
-                let now = file
-                    .file
-                    .metadata()
-                    .map(|m| m.len())
-                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-                if now != file.size {
-                    tracing::error!(
-                        "{} changed size on disk ({} -> {now} bytes) while served; refusing its reads",
-                        file.source,
-                        file.size
-                    );
-                    return Err(libc::EIO);
-                }
-                Ok(map[start..end].to_vec())
-            }
-            // A read that reached us anyway: answer from the file.
-            FileData::Backing(..) => {
-                let mut buf = vec![0; (size as u64).min(file.size.saturating_sub(offset)) as usize];
-                let n = std::os::unix::fs::FileExt::read_at(&file.file, &mut buf, offset)
-                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-                buf.truncate(n);
-                Ok(buf)
-            }
+    fn entry(&self, local: Ino) -> Option<Entry> {
+        let mut attr = self.view.attr(local)?;
+        attr.ino = self.kernel_ino(local);
+        Some(Entry {
+            attr,
+            generation: u64::from(self.number),
+        })
+    }
+
+    pub fn data_path(&self) -> &'static str {
+        match self.data {
+            DataPath::Passthrough { .. } => "passthrough",
+            DataPath::Cached { .. } => "cached",
         }
     }
 
-    /// `.`, `..` and the directory's entries, as kernel inode numbers.
-    pub fn dir_entries(&self, local: Ino) -> Option<DirEntries> {
+    /// `.`, `..` and the entries of directory `local`.
+    fn listing(&self, local: Ino) -> Option<Vec<(OsString, Ino)>> {
         let node = self.view.node(local)?;
         let NodeKind::Dir(entries) = &node.kind else {
             return None;
         };
         let parent = if local == ROOT_INO { ROOT_INO } else { node.parent };
-        let mut out = vec![
-            (OsString::from("."), fuse_ino(self.number, local)),
-            (OsString::from(".."), fuse_ino(self.number, parent)),
-        ];
-        out.extend(entries.iter().map(|(n, &i)| (n.clone(), fuse_ino(self.number, i))));
+        let mut out = vec![(OsString::from("."), local), (OsString::from(".."), parent)];
+        out.extend(entries.iter().map(|(n, &i)| (n.clone(), i)));
         Some(out)
     }
 
-    fn files(&self) -> Vec<(Ino, &std::fs::File)> {
-        files_of(&self.view)
+    /// Every name of this generation below `dir`, children first.
+    fn deletions_below(&self, dir: Ino, out: &mut Vec<Deletion>) {
+        if let Some(NodeKind::Dir(entries)) = self.view.node(dir).map(|n| &n.kind) {
+            for (name, &child) in entries {
+                self.deletions_below(child, out);
+                out.push(Deletion {
+                    parent: self.kernel_ino(dir),
+                    child: self.kernel_ino(child),
+                    name: name.clone(),
+                });
+            }
+        }
     }
 }
 
-fn files_of(view: &View) -> Vec<(Ino, &std::fs::File)> {
+fn stats_of(view: &View) -> FsStats {
+    let walk = view.walk();
+    let bytes: u64 = walk
+        .iter()
+        .filter_map(|(_, ino)| match &view.node(*ino)?.kind {
+            NodeKind::File(f) => Some(f.size),
+            _ => None,
+        })
+        .sum();
+    FsStats {
+        blocks: bytes.div_ceil(4096),
+        files: walk.len() as u64 + 1,
+        block_size: 4096,
+        name_max: NAME_MAX as u32,
+    }
+}
+
+fn files_of(view: &View) -> impl Iterator<Item = (Ino, &std::fs::File)> {
     view.walk()
         .into_iter()
         .filter_map(|(_, ino)| match &view.node(ino)?.kind {
             NodeKind::File(f) => Some((ino, &f.file)),
             _ => None,
         })
-        .collect()
 }
 
 #[derive(Default)]
@@ -171,35 +221,104 @@ pub struct AtomicCounters {
     pub write_attempts: AtomicU64,
 }
 
+/// A generation with the kernel's references into it.
+struct Live {
+    generation: Arc<Generation>,
+    refs: u64,
+}
+
+#[derive(Default)]
+struct Generations {
+    /// By base inode number.
+    live: BTreeMap<u64, Live>,
+    /// Base of the current generation; `None` until the first install.
+    current: Option<u64>,
+    next_number: u32,
+    next_base: u64,
+}
+
+impl Generations {
+    fn current(&self) -> Option<&Live> {
+        self.live.get(&self.current?)
+    }
+
+    /// The live generation owning kernel inode `ino`, and the view inode.
+    fn resolve(&mut self, ino: u64) -> Option<(&mut Live, Ino)> {
+        if ino == FUSE_ROOT {
+            return Some((self.live.get_mut(&self.current?)?, ROOT_INO));
+        }
+        let (_, live) = self.live.range_mut(..=ino).next_back()?;
+        let local = ino - live.generation.base + FIRST_INO;
+        (ino - live.generation.base < live.generation.span).then_some((live, local))
+    }
+
+    /// A run of `span` inode numbers no live generation uses: after the
+    /// last one handed out, or, once that would pass 2^32, the first gap.
+    fn allocate(&self, span: u64) -> Option<u64> {
+        let start = self.next_base.max(FIRST_INO);
+        if start + span <= INO_LIMIT {
+            return Some(start);
+        }
+        let mut candidate = FIRST_INO;
+        for live in self.live.values() {
+            if candidate + span <= live.generation.base {
+                return Some(candidate);
+            }
+            candidate = live.generation.base + live.generation.span;
+        }
+        (candidate + span <= INO_LIMIT).then_some(candidate)
+    }
+
+    /// Drops `n` kernel references to the generation holding `ino`; frees a
+    /// retired generation with none left.
+    fn release(&mut self, ino: u64, n: u64) {
+        if ino == FUSE_ROOT {
+            return;
+        }
+        let current = self.current;
+        let Some((live, _)) = self.resolve(ino) else {
+            tracing::warn!("the kernel released inode {ino}, which no generation holds");
+            return;
+        };
+        if live.refs < n {
+            tracing::error!(
+                generation = live.generation.number,
+                "the kernel released {n} references to inode {ino} but only {} were counted",
+                live.refs
+            );
+        }
+        live.refs = live.refs.saturating_sub(n);
+        let base = live.generation.base;
+        if live.refs == 0 && Some(base) != current {
+            self.live.remove(&base);
+        }
+    }
+}
+
 pub struct Served {
     pub mountpoint: PathBuf,
     pub counters: AtomicCounters,
     /// Set by FUSE INIT: whether the kernel agreed to passthrough.
     pub passthrough_offered: AtomicBool,
     wants_passthrough: bool,
-    /// The first view, until the data path is chosen and it becomes
-    /// generation 0.
-    first: Mutex<Option<View>>,
-    mode: OnceLock<Mode>,
-    current: RwLock<Option<Arc<Generation>>>,
-    /// Swapped-out generations the kernel still refers to.
-    retired: Mutex<Vec<Arc<Generation>>>,
+    /// The connection, for registering backing files; `None` when the
+    /// cached path serves (the reason beside it).
+    passthrough_dev: Mutex<Result<Arc<OwnedFd>, String>>,
+    generations: Mutex<Generations>,
     /// Why the current generation is not the loaded module's full driver.
     pin_problem: Mutex<Option<String>>,
     started: Instant,
 }
 
 impl Served {
-    pub fn new(view: View, mountpoint: PathBuf, wants_passthrough: bool) -> Served {
+    pub fn new(mountpoint: PathBuf, wants_passthrough: bool) -> Served {
         Served {
             mountpoint,
             counters: AtomicCounters::default(),
             passthrough_offered: AtomicBool::new(false),
             wants_passthrough,
-            first: Mutex::new(Some(view)),
-            mode: OnceLock::new(),
-            current: RwLock::new(None),
-            retired: Mutex::new(Vec::new()),
+            passthrough_dev: Mutex::new(Err("not started".into())),
+            generations: Mutex::new(Generations::default()),
             pin_problem: Mutex::new(None),
             started: Instant::now(),
         }
@@ -209,170 +328,312 @@ impl Served {
         self.wants_passthrough
     }
 
-    /// Chooses how file data is served and installs the first view as
-    /// generation 0. Passthrough registers every file as a backing file with
-    /// the FUSE connection `dev`; if the kernel or our privileges refuse
-    /// any, the whole mount maps the files instead. All or nothing: an inode
-    /// must never be open in both modes (the kernel answers EIO).
-    pub fn start(&self, dev: impl AsFd) {
-        let view = self.first.lock().unwrap().take().expect("started once");
-        let mode = if !self.wants_passthrough {
-            Mode::Cached {
-                reason: "--no-passthrough was given".into(),
-            }
+    fn lock(&self) -> MutexGuard<'_, Generations> {
+        // A panic while counting would leave the counts unknown; nothing
+        // in the locked sections panics, so poisoning cannot happen.
+        self.generations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Chooses how file data is served, given the FUSE connection `dev`
+    /// (`None` in tests without one), and installs the first view.
+    pub fn start(&self, view: View, dev: Option<&impl AsFd>) {
+        let device = if !self.wants_passthrough {
+            Err("--no-passthrough was given".to_owned())
         } else if !self.passthrough_offered.load(Relaxed) {
-            Mode::Cached {
-                reason: "the kernel did not offer FUSE passthrough (needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"
-                    .into(),
-            }
+            Err("the kernel did not offer FUSE passthrough (needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)".into())
         } else {
-            match dev.as_fd().try_clone_to_owned() {
-                Ok(dev) => Mode::Passthrough { dev: Arc::new(dev) },
-                Err(e) => Mode::Cached {
-                    reason: format!("cannot keep the FUSE connection for passthrough: {e}"),
-                },
+            match dev.map(|d| d.as_fd().try_clone_to_owned()) {
+                Some(Ok(dev)) => Ok(Arc::new(dev)),
+                Some(Err(e)) => Err(format!("cannot keep the FUSE connection for passthrough: {e}")),
+                None => Err("no FUSE connection".into()),
             }
         };
-        let (mode, data) = match self.file_data(&view, &mode) {
-            Ok(data) => (mode, data),
-            Err(reason) => {
-                let cached = Mode::Cached { reason };
-                let data = self.file_data(&view, &cached).expect("the cached path always works");
-                (cached, data)
-            }
+        *self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) = device;
+        self.install(view, None);
+    }
+
+    /// Registers a view's files as passthrough backing files, or says why
+    /// this generation is served through the cache. All or nothing within a
+    /// generation: each inode has one mode for every open.
+    fn data_path(&self, view: &View) -> DataPath {
+        let dev = match &*self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) {
+            Ok(dev) => dev.clone(),
+            Err(reason) => return DataPath::Cached { reason: reason.clone() },
         };
-        match &mode {
-            Mode::Passthrough { .. } => tracing::info!("serving file data by FUSE passthrough"),
-            Mode::Cached { reason } => {
+        let mut ids = HashMap::new();
+        for (ino, file) in files_of(view) {
+            match backing::open(dev.as_fd(), file) {
+                Ok(id) => {
+                    ids.insert(ino, id);
+                }
+                Err(e) => {
+                    for id in ids.into_values() {
+                        backing::close(dev.as_fd(), id);
+                    }
+                    let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                        " (passthrough needs CAP_SYS_ADMIN in the initial user namespace)"
+                    } else {
+                        ""
+                    };
+                    return DataPath::Cached {
+                        reason: format!(
+                            "registering {} as a passthrough backing file failed: {e}{hint}",
+                            source_of(view, ino)
+                        ),
+                    };
+                }
+            }
+        }
+        DataPath::Passthrough { ids, dev }
+    }
+
+    /// Swaps in a new view as the next generation. Returns what the kernel
+    /// must be told to forget the one it replaced (nothing for the first).
+    pub fn install(&self, view: View, pin_problem: Option<String>) -> Forgetting {
+        let data = self.data_path(&view);
+        match &data {
+            DataPath::Passthrough { .. } => tracing::info!("serving file data by FUSE passthrough"),
+            DataPath::Cached { reason } => {
                 tracing::warn!("serving file data through the daemon and the page cache: {reason}")
             }
         }
-        if self.mode.set(mode).is_err() {
-            tracing::error!("data path chosen twice; keeping the first");
-        }
-        *self.current.write().unwrap() = Some(Arc::new(Generation {
-            number: 0,
-            view,
-            data,
-            refs: AtomicU64::new(0),
-        }));
-    }
-
-    /// Registers (passthrough) or maps (cached) a view's files.
-    fn file_data(&self, view: &View, mode: &Mode) -> Result<FileData, String> {
-        match mode {
-            Mode::Passthrough { dev } => {
-                let mut ids = HashMap::new();
-                for (ino, file) in files_of(view) {
-                    match BackingId::create_raw(dev.as_fd(), file) {
-                        Ok(id) => {
-                            ids.insert(ino, id);
-                        }
-                        Err(e) => {
-                            for id in ids.into_values() {
-                                close_backing(dev, id);
-                            }
-                            let hint = if e.raw_os_error() == Some(libc::EPERM) {
-                                " (passthrough needs CAP_SYS_ADMIN in the initial user namespace)"
-                            } else {
-                                ""
-                            };
-                            return Err(format!(
-                                "registering {} as a passthrough backing file failed: {e}{hint}",
-                                source_of(view, ino)
-                            ));
-                        }
-                    }
-                }
-                Ok(FileData::Backing(ids, dev.clone()))
-            }
-            Mode::Cached { .. } => {
-                let mut maps = HashMap::new();
-                for (ino, file) in files_of(view) {
-                    // Empty files cannot be mapped; they are served as empty.
-                    if file.metadata().is_ok_and(|m| m.len() > 0) {
-                        // SAFETY: a private read-only mapping of a file we
-                        // hold open; pages are read lazily.
-                        match unsafe { Mmap::map(file) } {
-                            Ok(map) => {
-                                maps.insert(ino, map);
-                            }
-                            Err(e) => {
-                                tracing::error!("cannot map {}: {e}; reads of it will fail", source_of(view, ino))
-                            }
-                        }
-                    }
-                }
-                Ok(FileData::Maps(maps))
-            }
-        }
-    }
-
-    pub fn current(&self) -> Arc<Generation> {
-        self.current.read().unwrap().clone().expect("started before serving")
-    }
-
-    /// The generation a kernel inode belongs to, and its inode in that view.
-    pub fn resolve(&self, ino: u64) -> Option<(Arc<Generation>, Ino)> {
-        let current = self.current();
-        if ino == FUSE_ROOT {
-            return Some((current, ROOT_INO));
-        }
-        let (number, local) = ((ino >> 32) as u32, ino & 0xffff_ffff);
-        if number == current.number {
-            return Some((current, local));
-        }
-        let retired = self.retired.lock().unwrap();
-        retired.iter().find(|g| g.number == number).map(|g| (g.clone(), local))
-    }
-
-    /// The kernel dropped `n` references to an inode of `generation`.
-    pub fn release(&self, generation: &Generation, n: u64) {
-        let before = generation
-            .refs
-            .fetch_update(Relaxed, Relaxed, |r| Some(r.saturating_sub(n)))
-            .unwrap_or_default();
-        if before <= n && generation.number != self.current().number {
-            self.retired.lock().unwrap().retain(|g| g.number != generation.number);
-        }
-    }
-
-    /// Swaps in a new view; returns the generation it replaced, whose root
-    /// entries the caller invalidates in the kernel.
-    pub fn install(&self, view: View, pin_problem: Option<String>) -> Arc<Generation> {
-        let mode = self.mode.get().expect("started before installing");
-        let data = match self.file_data(&view, mode) {
-            Ok(data) => data,
-            Err(e) => {
-                tracing::error!("{e}; serving this generation through the cache instead");
-                self.file_data(&view, &Mode::Cached { reason: e.clone() })
-                    .expect("the cached path always works")
-            }
+        let stats = stats_of(&view);
+        let span = view.walk().len() as u64;
+        let mut generations = self.lock();
+        let Some(base) = generations.allocate(span) else {
+            // 2^32 inode numbers all held by the kernel at once: not a
+            // state a real kernel reaches. Keep serving what we have.
+            tracing::error!("no free range of {span} inode numbers; keeping the current generation");
+            return Forgetting::default();
         };
-        let mut current = self.current.write().unwrap();
-        let old = current.clone().expect("started before installing");
+        let number = generations.next_number;
         let new = Arc::new(Generation {
-            number: old.number + 1,
+            number,
+            base,
+            span,
             view,
             data,
-            refs: AtomicU64::new(0),
+            stats,
         });
-        tracing::info!(
-            generation = new.number,
-            version = %new.view.pin().version,
-            "installed a new generation"
+        tracing::info!(generation = number, version = %new.view.pin().version, "installed a new generation");
+        generations.next_number += 1;
+        generations.next_base = base + span;
+        let old = generations.current.replace(base);
+        generations.live.insert(
+            base,
+            Live {
+                generation: new.clone(),
+                refs: 0,
+            },
         );
-        *current = Some(new);
-        drop(current);
-        *self.pin_problem.lock().unwrap() = pin_problem;
-        if old.refs.load(Relaxed) > 0 {
-            self.retired.lock().unwrap().push(old.clone());
+        let mut forgetting = Forgetting::default();
+        if let Some(old) = old.and_then(|b| generations.live.get(&b)) {
+            let old_gen = old.generation.clone();
+            if old.refs == 0 {
+                generations.live.remove(&old_gen.base);
+            } else {
+                old_gen.deletions_below(ROOT_INO, &mut forgetting.deletions);
+            }
+            let old_names = root_names(&old_gen.view);
+            forgetting.stale_root_names = root_names(&new.view).difference(&old_names).cloned().collect();
         }
-        old
+        drop(generations);
+        *self.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = pin_problem;
+        forgetting
+    }
+
+    /// The names of every retired generation the kernel still refers to,
+    /// for sending the deletions again: a name looked up in an old
+    /// directory after the swap (a process whose working directory it is)
+    /// is cached anew and would keep its generation alive.
+    pub fn retired_names(&self) -> Vec<Deletion> {
+        let generations = self.lock();
+        let mut out = Vec::new();
+        for live in generations.live.values() {
+            if Some(live.generation.base) != generations.current {
+                live.generation.deletions_below(ROOT_INO, &mut out);
+            }
+        }
+        out
+    }
+
+    pub fn current(&self) -> Option<Arc<Generation>> {
+        self.lock().current().map(|l| l.generation.clone())
+    }
+
+    /// Numbers of the generations held (current and retired), oldest first.
+    pub fn live_generations(&self) -> Vec<u32> {
+        let mut numbers: Vec<u32> = self.lock().live.values().map(|l| l.generation.number).collect();
+        numbers.sort_unstable();
+        numbers
+    }
+
+    fn resolve(&self, ino: u64) -> Result<(Arc<Generation>, Ino), Errno> {
+        self.lock()
+            .resolve(ino)
+            .map(|(live, local)| (live.generation.clone(), local))
+            .ok_or(libc::ENOENT)
+    }
+
+    /// Looks `name` up in directory `parent`. `Ok(None)`: no such name (the
+    /// kernel may cache that). A found entry counts one kernel reference.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Option<Entry>, Errno> {
+        self.counters.lookups.fetch_add(1, Relaxed);
+        if name.len() > NAME_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        let mut generations = self.lock();
+        let (live, local) = generations.resolve(parent).ok_or(libc::ENOENT)?;
+        let generation = &live.generation;
+        if !matches!(generation.view.node(local).map(|n| &n.kind), Some(NodeKind::Dir(_))) {
+            return Err(libc::ENOTDIR);
+        }
+        let Some(entry) = generation.view.lookup(local, name).and_then(|c| generation.entry(c)) else {
+            return Ok(None);
+        };
+        live.refs += 1;
+        Ok(Some(entry))
+    }
+
+    /// The kernel dropped `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.lock().release(ino, n);
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Entry, Errno> {
+        self.counters.getattrs.fetch_add(1, Relaxed);
+        let (generation, local) = self.resolve(ino)?;
+        generation.entry(local).ok_or(libc::ENOENT)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<OsString, Errno> {
+        self.counters.readlinks.fetch_add(1, Relaxed);
+        let (generation, local) = self.resolve(ino)?;
+        match generation.view.node(local).map(|n| &n.kind) {
+            Some(NodeKind::Symlink(target)) => Ok(target.as_os_str().to_owned()),
+            Some(_) => Err(libc::EINVAL),
+            None => Err(libc::ENOENT),
+        }
+    }
+
+    /// Opens a file for reading; the open counts one kernel reference until
+    /// its RELEASE.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
+        self.counters.opens.fetch_add(1, Relaxed);
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0 {
+            self.refuse_write("open for writing");
+            return Err(libc::EROFS);
+        }
+        let mut generations = self.lock();
+        let (live, local) = generations.resolve(ino).ok_or(libc::ENOENT)?;
+        match live.generation.view.node(local).map(|n| &n.kind) {
+            Some(NodeKind::File(_)) => {}
+            Some(NodeKind::Dir(_)) => return Err(libc::EISDIR),
+            Some(NodeKind::Symlink(_)) => return Err(libc::ELOOP),
+            None => return Err(libc::ENOENT),
+        }
+        let backing_id = match &live.generation.data {
+            DataPath::Passthrough { ids, .. } => Some(*ids.get(&local).ok_or(libc::EIO)?),
+            DataPath::Cached { .. } => None,
+        };
+        live.refs += 1;
+        Ok(Opened { fh: ino, backing_id })
+    }
+
+    /// The kernel closed an open file of `ino`.
+    pub fn release(&self, ino: u64) {
+        self.lock().release(ino, 1);
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` into `buf`; the byte count.
+    /// A file that shrank on disk since it was pinned is no longer the file
+    /// that was checked: its reads fail rather than serve something else.
+    pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let (generation, local) = self.resolve(ino)?;
+        let NodeKind::File(file) = &generation.view.node(local).ok_or(libc::ENOENT)?.kind else {
+            return Err(libc::EISDIR);
+        };
+        let want = (buf.len() as u64).min(file.size.saturating_sub(offset)) as usize;
+        let mut done = 0;
+        while done < want {
+            match file.file.read_at(&mut buf[done..want], offset + done as u64) {
+                Ok(0) => {
+                    tracing::error!(
+                        "{} is shorter on disk than the {} bytes pinned; refusing its reads",
+                        file.source,
+                        file.size
+                    );
+                    return Err(libc::EIO);
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        }
+        self.counters.reads.fetch_add(1, Relaxed);
+        self.counters.bytes_read.fetch_add(done as u64, Relaxed);
+        Ok(done)
+    }
+
+    pub fn opendir(&self, ino: u64) -> Result<(), Errno> {
+        let (generation, local) = self.resolve(ino)?;
+        match generation.view.node(local).map(|n| &n.kind) {
+            Some(NodeKind::Dir(_)) => Ok(()),
+            Some(_) => Err(libc::ENOTDIR),
+            None => Err(libc::ENOENT),
+        }
+    }
+
+    /// Lists directory `ino` from `offset`, handing each entry to `add`
+    /// until it says the reply is full. With `counted` (READDIRPLUS) each
+    /// entry handed over, but `.` and `..`, counts one kernel reference,
+    /// like a lookup.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        counted: bool,
+        mut add: impl FnMut(&DirEntry) -> bool,
+    ) -> Result<(), Errno> {
+        self.counters.readdirs.fetch_add(1, Relaxed);
+        // Under the lock throughout: a counted entry's generation must not
+        // be retired between listing it and counting it.
+        let mut generations = self.lock();
+        let (live, local) = generations.resolve(ino).ok_or(libc::ENOENT)?;
+        let listing = live.generation.listing(local).ok_or(libc::ENOTDIR)?;
+        for (i, (name, child)) in listing.into_iter().enumerate().skip(offset as usize) {
+            let Some(entry) = live.generation.entry(child) else {
+                continue;
+            };
+            let dir_entry = DirEntry {
+                name,
+                next_offset: i as u64 + 1,
+                entry,
+            };
+            if add(&dir_entry) {
+                break;
+            }
+            if counted && i >= 2 {
+                live.refs += 1;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> FsStats {
+        self.current().map_or(
+            FsStats {
+                blocks: 0,
+                files: 1,
+                block_size: 4096,
+                name_max: NAME_MAX as u32,
+            },
+            |g| g.stats,
+        )
     }
 
     pub fn pin_problem(&self) -> Option<String> {
-        self.pin_problem.lock().unwrap().clone()
+        self.pin_problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn refuse_write(&self, op: &str) {
@@ -381,36 +642,47 @@ impl Served {
     }
 
     pub fn status(&self) -> Status {
-        let current = self.current.read().unwrap().clone();
-        let Some(generation) = current else {
+        let (current, generations) = {
+            let g = self.lock();
+            let list: Vec<(Arc<Generation>, u64)> = g.live.values().map(|l| (l.generation.clone(), l.refs)).collect();
+            (g.current().map(|l| l.generation.clone()), list)
+        };
+        let Some(current) = current else {
             return Status::starting(self.mountpoint.clone());
         };
-        let manifest = generation.view.manifest();
+        let manifest = current.view.manifest();
         let c = &self.counters;
-        let (data_path, fallback_reason) = match self.mode.get() {
-            Some(Mode::Passthrough { .. }) => ("passthrough", None),
-            Some(Mode::Cached { reason }) => ("cached", Some(reason.clone())),
-            None => ("starting", None),
-        };
-        let retired = self.retired.lock().unwrap();
+        let mut generations: Vec<GenerationStatus> = generations
+            .iter()
+            .map(|(g, refs)| GenerationStatus {
+                number: g.number,
+                driver_version: g.view.pin().version.to_string(),
+                data_path: g.data_path().to_owned(),
+                kernel_refs: *refs,
+            })
+            .collect();
+        generations.sort_by_key(|g| g.number);
         Status {
             mountpoint: self.mountpoint.clone(),
             pid: std::process::id(),
             driver_version: manifest.driver_version,
             version_source: manifest.version_source,
             driver_root: manifest.driver_root.clone().into(),
-            data_path: data_path.to_owned(),
-            fallback_reason,
+            data_path: current.data_path().to_owned(),
+            fallback_reason: match &current.data {
+                DataPath::Cached { reason } => Some(reason.clone()),
+                DataPath::Passthrough { .. } => None,
+            },
             files: manifest.files.len() as u64,
             bytes: manifest.files.iter().map(|f| f.size).sum(),
             symlinks: manifest.symlinks.len() as u64,
             uptime_s: self.started.elapsed().as_secs_f64(),
             rss_bytes: rss_bytes(),
-            generation: generation.number,
-            retired_generations: retired.len() as u64,
-            held_files_replaced_on_disk: replaced_on_disk(&generation, &manifest.driver_root),
+            generation: current.number,
+            retired_generations: generations.len() as u64 - 1,
+            held_files_replaced_on_disk: replaced_on_disk(&current, &manifest.driver_root),
             pin_problem: self.pin_problem(),
-            generations: Vec::new(),
+            generations,
             counters: Counters {
                 lookups: c.lookups.load(Relaxed),
                 getattrs: c.getattrs.load(Relaxed),
@@ -425,18 +697,23 @@ impl Served {
     }
 }
 
+fn root_names(view: &View) -> BTreeSet<OsString> {
+    match view.node(ROOT_INO).map(|n| &n.kind) {
+        Some(NodeKind::Dir(entries)) => entries.keys().cloned().collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
 /// Held files whose host path now names another file, or nothing: what a
 /// package upgrade does while the old module stays loaded.
 fn replaced_on_disk(generation: &Generation, driver_root: &str) -> u64 {
     let root = std::path::Path::new(driver_root);
-    generation
-        .files()
-        .into_iter()
+    files_of(&generation.view)
         .filter(|(ino, file)| {
             let Some(NodeKind::File(f)) = generation.view.node(*ino).map(|n| &n.kind) else {
                 return false;
             };
-            if f.kind == nvlibfs::select::FileKind::Generated {
+            if f.kind == FileKind::Generated {
                 return false;
             }
             let held = file.metadata().map(|m| (m.dev(), m.ino())).ok();
@@ -452,16 +729,6 @@ fn source_of(view: &View, ino: Ino) -> String {
     match view.node(ino).map(|n| &n.kind) {
         Some(NodeKind::File(f)) => f.source.to_string(),
         _ => format!("inode {ino}"),
-    }
-}
-
-/// FUSE_DEV_IOC_BACKING_CLOSE: `_IOW(229, 2, uint32_t)`.
-fn close_backing(dev: &OwnedFd, id: u32) {
-    const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
-    // SAFETY: the ioctl reads one u32 from the pointer we pass.
-    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE, &id as *const u32) };
-    if rc < 0 {
-        tracing::warn!("closing backing id {id}: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -1,0 +1,81 @@
+//! Where the daemon's log goes. In the foreground: stderr. In the
+//! background (`--log-file`): nowhere until the mount is ready, then the
+//! file, starting with everything logged before. A daemon that fails to
+//! start (refused because another one serves the mount point, or no driver
+//! found) reports to the `nvlibfs mount` that started it and leaves no log
+//! file behind, and never writes into a running daemon's log.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+enum Target {
+    Stderr,
+    /// Lines kept until the log file may be opened.
+    Pending(Vec<u8>),
+    File(File),
+}
+
+pub struct Sink {
+    target: Mutex<Target>,
+    file: Option<PathBuf>,
+}
+
+static SINK: std::sync::OnceLock<Sink> = std::sync::OnceLock::new();
+
+/// Logs to stderr, or (with `file`) holds lines until [`open_file`].
+/// `-v` for info, `-vv` debug, `-vvv` trace, or any tracing filter in
+/// `NVLIBFS_LOG`; fuser's `log` records come along.
+pub fn init(verbose: u8, file: Option<&Path>) {
+    let sink = SINK.get_or_init(|| Sink {
+        target: Mutex::new(match file {
+            Some(_) => Target::Pending(Vec::new()),
+            None => Target::Stderr,
+        }),
+        file: file.map(Path::to_owned),
+    });
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(nvlibfs::args::log_filter(verbose))
+        .with_ansi(file.is_none() && std::io::stderr().is_terminal())
+        .with_writer(move || SinkWriter(sink))
+        .init();
+}
+
+/// The mount is ready: from now on the log goes to the file (if any).
+pub fn open_file() -> Result<(), String> {
+    let Some(sink) = SINK.get() else { return Ok(()) };
+    let Some(path) = &sink.file else { return Ok(()) };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("log file {}: {e}", path.display()))?;
+    let mut target = sink.target.lock().unwrap_or_else(|e| e.into_inner());
+    if let Target::Pending(lines) = &*target {
+        file.write_all(lines)
+            .map_err(|e| format!("log file {}: {e}", path.display()))?;
+    }
+    *target = Target::File(file);
+    Ok(())
+}
+
+struct SinkWriter(&'static Sink);
+
+impl Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut *self.0.target.lock().unwrap_or_else(|e| e.into_inner()) {
+            Target::Stderr => std::io::stderr().write(buf),
+            Target::Pending(lines) => {
+                lines.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            Target::File(file) => file.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
