@@ -68,6 +68,54 @@ impl fmt::Display for PlanError {
 
 impl std::error::Error for PlanError {}
 
+impl Plan {
+    /// The driver versions whose libraries are on disk under the driver
+    /// root, newest first: the pinned one when the view holds its libraries,
+    /// and every version a library was rejected for as another version.
+    pub fn versions_on_disk(&self) -> Vec<pin::DriverVersion> {
+        let mut versions: Vec<pin::DriverVersion> = self
+            .rejected
+            .iter()
+            .filter_map(|r| match &r.reason {
+                reason::Reason::OtherVersion { found } if is_library(&r.source) => pin::DriverVersion::parse(found),
+                _ => None,
+            })
+            .collect();
+        if self.view.has_driver_libraries() {
+            versions.push(self.view.pin().version.clone());
+        }
+        versions.sort_by(|a, b| b.components().cmp(&a.components()).then_with(|| a.cmp(b)));
+        versions.dedup();
+        versions
+    }
+
+    /// Why this plan has nothing to serve, naming what is on disk instead:
+    /// `None` when the view holds the pinned version's libraries. `nvlibfs
+    /// scan` and the daemon (so `nvlibfs mount`) both say it in these words.
+    pub fn no_driver_message(&self) -> Option<String> {
+        if self.view.has_driver_libraries() {
+            return None;
+        }
+        let on_disk: Vec<String> = self.versions_on_disk().iter().map(|v| v.to_string()).collect();
+        Some(format!(
+            "no driver library of version {} under {}; on disk: {}",
+            self.view.pin().version,
+            self.view.manifest().driver_root,
+            if on_disk.is_empty() {
+                "no NVIDIA driver libraries of any version".to_owned()
+            } else {
+                on_disk.join(", ")
+            }
+        ))
+    }
+}
+
+/// Whether a rejected host path names a library (`.../libcuda.so.570.86.15`),
+/// as opposed to firmware or a program of another version.
+fn is_library(source: &str) -> bool {
+    source.rsplit('/').next().is_some_and(|name| name.starts_with("lib"))
+}
+
 /// Pins the version, then finds and checks the driver's files under
 /// `driver_root`.
 pub fn plan(driver_root: &Path, pin: &pin::PinRequest, kernel: &discover::KernelInfo) -> Result<Plan, PlanError> {
