@@ -188,6 +188,9 @@ impl Drop for InstalledSpec {
 
 #[test]
 fn podman_runs_a_container_from_the_spec() {
+    common::require("podman", "podman");
+    common::require_fixture_tools();
+    common::images::require_image_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let dev = fake_dev(m.dir.path());

@@ -162,11 +162,14 @@ fn digests(output: &str, strip: &Path) -> BTreeMap<PathBuf, String> {
 
 #[test]
 fn inner_containers_load_the_hosts_driver_through_docker_in_docker() {
+    common::require_docker_engine();
+    common::require_fixture_tools();
+    common::images::require_image_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     step("host dockerd is up", || {
         run(docker().args(["info", "--format", "{{.ServerVersion}}"]))
-            .map_err(|e| format!("{e}\n(start it: `dockerd &`, or run .ci/run, which does)"))
+            .map_err(|e| format!("{e}\n(start it: `dockerd &`, or run contrib/test.sh, which does)"))
     });
     let inner_tar = step("inner image root file system (debootstrap, cached)", inner_rootfs);
     let outer_image = step("outer image with dockerd (cached)", || outer_image(&inner_tar));

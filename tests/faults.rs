@@ -15,6 +15,7 @@ use std::process::Command;
 /// short on disk must give EIO, not SIGBUS the daemon, and not old bytes.
 #[test]
 fn a_file_truncated_on_disk_gives_eio_and_the_daemon_keeps_serving() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = FixtureSpec {
         libcuda_bytes: 4 << 20,
@@ -52,6 +53,8 @@ fn a_file_truncated_on_disk_gives_eio_and_the_daemon_keeps_serving() {
 /// live on does not take them away from running containers.
 #[test]
 fn the_driver_root_unmounted_keeps_the_held_files_served() {
+    common::require_fixture_tools();
+    common::require("mount", "mount");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -95,6 +98,8 @@ fn the_driver_root_unmounted_keeps_the_held_files_served() {
 /// Detaching the mount point from outside ends the daemon cleanly.
 #[test]
 fn a_lazily_unmounted_mount_point_ends_the_daemon() {
+    common::require_fixture_tools();
+    common::require("umount", "mount");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let pid = m.status().pid;
@@ -120,6 +125,8 @@ fn a_lazily_unmounted_mount_point_ends_the_daemon() {
 /// naming the limit, not a partial view.
 #[test]
 fn exhausted_file_descriptors_fail_the_mount_clearly() {
+    common::require_fixture_tools();
+    common::require("prlimit", "util-linux");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();

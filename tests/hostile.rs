@@ -36,6 +36,7 @@ fn open(path: &Path, flags: i32) -> i32 {
 
 #[test]
 fn hostile_requests_get_the_right_errno_and_the_daemon_keeps_serving() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let lib64 = m.mountpoint.join("lib64");

@@ -2,6 +2,8 @@
 //! binaries, a man page and completions generated from the clap
 //! definitions, the systemd unit; `--version` names the git revision.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -62,6 +64,7 @@ fn install_puts_every_piece_in_place() {
 
 #[test]
 fn the_deb_package_holds_the_same_files() {
+    common::require("dpkg-deb", "dpkg");
     let out = tempfile::tempdir().unwrap();
     if let Ok(cargo) = std::env::var("CARGO") {
         run(Command::new(cargo).args(["build", "--quiet", "-p", "nvlibfs-mountd"]));

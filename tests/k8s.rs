@@ -2,6 +2,8 @@
 //! models (contrib/k8s/validate.py; no cluster needed), and the check
 //! itself shown to catch a misspelt field.
 
+mod common;
+
 use std::process::Command;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/k8s");
@@ -18,6 +20,8 @@ fn validate(files: &[std::path::PathBuf]) -> (bool, String) {
 
 #[test]
 fn manifests_load_into_the_kubernetes_client_models() {
+    common::require_python_module("kubernetes", "kubernetes pyyaml");
+    common::require_python_module("yaml", "kubernetes pyyaml");
     let manifests: Vec<_> = std::fs::read_dir(DIR)
         .unwrap()
         .map(|e| e.unwrap().path())

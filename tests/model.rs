@@ -238,6 +238,7 @@ fn walked(live: &Path) -> Model {
 
 #[test]
 fn random_driver_trees_match_the_model_in_scan_and_through_a_mount() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let work = tempfile::tempdir().unwrap();
     let pool = pool(&work.path().join("pool"));

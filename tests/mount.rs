@@ -22,6 +22,7 @@ fn meminfo_cached_kib() -> u64 {
 
 #[test]
 fn loads_every_library_binary_and_firmware_through_the_mount() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     m.assert_loads_everything(&[]);
@@ -57,6 +58,9 @@ fn loads_every_library_binary_and_firmware_through_the_mount() {
 
 #[test]
 fn loads_from_another_mount_namespace_and_as_an_unprivileged_user() {
+    common::require_fixture_tools();
+    common::require("unshare", "util-linux");
+    common::require("setpriv", "util-linux");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     m.assert_loads_everything(&["unshare", "--mount", "--propagation", "private"]);
@@ -65,6 +69,7 @@ fn loads_from_another_mount_namespace_and_as_an_unprivileged_user() {
 
 #[test]
 fn writes_are_refused_and_secrets_stay_out() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(
         FixtureSpec {
@@ -125,6 +130,7 @@ fn writes_are_refused_and_secrets_stay_out() {
 
 #[test]
 fn passthrough_sends_no_reads_and_shares_the_hosts_page_cache() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = FixtureSpec {
         libcuda_bytes: 100 << 20,
@@ -162,6 +168,7 @@ fn passthrough_sends_no_reads_and_shares_the_hosts_page_cache() {
 
 #[test]
 fn without_passthrough_later_loads_come_from_the_kernel_cache() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = FixtureSpec {
         libcuda_bytes: 100 << 20,
@@ -197,6 +204,8 @@ fn without_passthrough_later_loads_come_from_the_kernel_cache() {
 
 #[test]
 fn mount_refuses_bad_mount_points_and_missing_drivers() {
+    common::require_fixture_tools();
+    common::require("mount", "mount");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let vf = m.fixture.module_version_file();
@@ -256,6 +265,7 @@ fn nvlibfs_mountpoint(path: &Path) -> bool {
 
 #[test]
 fn sigterm_unmounts_cleanly_and_a_missing_mount_point_is_created() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
@@ -298,6 +308,7 @@ fn nix_kill(pid: u32, signal: i32) {
 /// `nvlibfs scan --json` prints for the same driver.
 #[test]
 fn the_mount_shows_exactly_the_scanned_view() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(
         FixtureSpec {
@@ -363,6 +374,7 @@ fn the_mount_shows_exactly_the_scanned_view() {
 /// mount answers: a socket standing in for systemd's receives it.
 #[test]
 fn foreground_daemon_notifies_systemd_when_ready() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
@@ -398,6 +410,7 @@ fn foreground_daemon_notifies_systemd_when_ready() {
 /// no_new_privs; it still serves.
 #[test]
 fn the_daemon_drops_to_the_capabilities_it_needs() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let pid = m.status().pid;
@@ -423,6 +436,7 @@ fn the_daemon_drops_to_the_capabilities_it_needs() {
 /// `name{labels} value`, and the counters say what the JSON says.
 #[test]
 fn status_speaks_prometheus() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let out = nvlibfs()
@@ -464,6 +478,7 @@ fn status_speaks_prometheus() {
 /// exactly the view again.
 #[test]
 fn the_view_is_a_driver_root_for_nvidia_tools() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let root = &m.mountpoint;

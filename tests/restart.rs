@@ -87,6 +87,8 @@ fn restart(m: &Mounted) -> i128 {
 
 #[test]
 fn running_namespaces_survive_sigkill_and_restarts_of_the_daemon() {
+    common::require_fixture_tools();
+    common::require("unshare", "util-linux");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let libs: Vec<PathBuf> = m.lib64().into_iter().map(|(p, _)| p).collect();

@@ -2,6 +2,8 @@
 //! what is served, what is rejected and why, and that nothing outside the
 //! driver root ever enters the view.
 
+mod common;
+
 use nvlibfs::discover::KernelInfo;
 use nvlibfs::pin::PinRequest;
 use nvlibfs::view::{NodeKind, View};
@@ -196,16 +198,20 @@ fn follow(view: &View, mut ino: u64, path: &Path) -> Option<u64> {
 
 #[test]
 fn distro_layout_serves_exactly_the_pinned_version() {
+    common::require_fixture_tools();
     pinned_among_stale(Layout::Distro);
 }
 
 #[test]
 fn driver_tree_layout_serves_exactly_the_pinned_version() {
+    common::require_fixture_tools();
     pinned_among_stale(Layout::DriverTree);
 }
 
 #[test]
 fn hostile_driver_directories_are_rejected_with_reasons() {
+    common::require_fixture_tools();
+    common::require("setpriv", "util-linux");
     let dir = tempfile::tempdir().unwrap();
     let f = fixture(
         &dir,
@@ -280,6 +286,7 @@ fn hostile_driver_directories_are_rejected_with_reasons() {
 
 #[test]
 fn scan_json_is_the_documented_interface() {
+    common::require_fixture_tools();
     let dir = tempfile::tempdir().unwrap();
     let f = fixture(
         &dir,
@@ -316,6 +323,7 @@ fn scan_json_is_the_documented_interface() {
 
 #[test]
 fn human_output_names_the_pin_and_the_reasons() {
+    common::require_fixture_tools();
     let dir = tempfile::tempdir().unwrap();
     let f = fixture(
         &dir,
@@ -346,6 +354,7 @@ fn human_output_names_the_pin_and_the_reasons() {
 
 #[test]
 fn the_procfs_format_pins_too() {
+    common::require_fixture_tools();
     let dir = tempfile::tempdir().unwrap();
     let f = fixture(&dir, FixtureSpec::new(PINNED));
     let pin = PinRequest::ModuleFile(f.root.join("proc/driver/nvidia/version"));
@@ -409,6 +418,7 @@ fn bad_pins_and_roots_fail_clearly() {
 /// Our parser against glibc's own reader of the same cache.
 #[test]
 fn ld_cache_parser_agrees_with_ldconfig() {
+    common::require_fixture_tools();
     let dir = tempfile::tempdir().unwrap();
     let f = fixture(
         &dir,

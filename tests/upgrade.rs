@@ -79,6 +79,7 @@ fn set_module_version(m: &Mounted, version: &str) {
 
 #[test]
 fn upgrades_keep_the_pinned_files_then_follow_the_module() {
+    common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let work = tempfile::tempdir().unwrap();

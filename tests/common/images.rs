@@ -26,6 +26,15 @@ pub fn run(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
+/// What building the images needs, unless they are cached already:
+/// debootstrap (the image's root file system comes from the Debian archive).
+#[track_caller]
+pub fn require_image_tools() {
+    if !cache_dir().join(format!("inner-{IMAGE_KEY}.tar")).exists() {
+        super::require("debootstrap", "debootstrap");
+    }
+}
+
 /// A Debian minbase root file system as a tarball, built once.
 pub fn inner_rootfs() -> Result<PathBuf, String> {
     let cache = cache_dir();

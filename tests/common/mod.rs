@@ -13,6 +13,76 @@ use std::sync::Mutex;
 
 pub const VERSION: &str = "580.159.04";
 
+/// The one command that installs everything the tests use on a fresh
+/// Debian or Ubuntu machine (and then runs them).
+pub const TEST_SCRIPT: &str = "contrib/test.sh";
+
+/// Fails the calling test at once, in one line, when the program `tool` is
+/// not installed: naming it and what installs it (Debian's `package`),
+/// rather than failing later with an error that names something else, and
+/// never skipping silently.
+#[track_caller]
+pub fn require(tool: &str, package: &str) {
+    if find_program(tool).is_none() {
+        panic!("{tool} is not installed: run {TEST_SCRIPT}, or apt-get install {package}");
+    }
+}
+
+/// `require` for a Python module (`python3 -c 'import MODULE'`), installed
+/// with pip as `pip_packages`.
+#[track_caller]
+pub fn require_python_module(module: &str, pip_packages: &str) {
+    require("python3", "python3");
+    let imports = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !imports {
+        panic!(
+            "Python's {module} module is not installed: run {TEST_SCRIPT}, or python3 -m pip install {pip_packages}"
+        );
+    }
+}
+
+/// What the fixture drivers are built with: a C compiler with the C
+/// library's headers, and ldconfig for their ld.so.cache.
+#[track_caller]
+pub fn require_fixture_tools() {
+    require("cc", "gcc");
+    if !Path::new("/usr/include/dlfcn.h").exists() {
+        panic!("the C library's headers are not installed: run {TEST_SCRIPT}, or apt-get install libc6-dev");
+    }
+    require("ldconfig", "libc-bin");
+}
+
+/// A running Docker engine: `docker info` answers.
+#[track_caller]
+pub fn require_docker_engine() {
+    require("docker", "docker.io");
+    let answers = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !answers {
+        // An engine elsewhere (a mounted socket) needs no dockerd here.
+        require("dockerd", "docker.io");
+        panic!(
+            "no Docker engine answers (`docker info` fails): run {TEST_SCRIPT}, which starts dockerd, \
+             or start it: dockerd &"
+        );
+    }
+}
+
+/// Where `program` is found: on PATH, or in the sbin directories that a
+/// non-login root shell may lack on its PATH.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
 /// Mounts in this file run one at a time: the page-cache test measures the
 /// whole machine's cache, which another test's fixture build would disturb.
 pub static SERIAL: Mutex<()> = Mutex::new(());
