@@ -3,13 +3,20 @@
 mod check;
 mod mount;
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use nvlibfs::args::DriverArgs;
 use nvlibfs::reason::Reason;
 use nvlibfs::view::Manifest;
 use nvlibfs::Plan;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// How to turn on more logging, in the same words in every help text and
+/// in the README.
+const LOGGING_HELP: &str = "Logging: -v, -vv or -vvv, or NVLIBFS_LOG with a tracing filter \
+    (e.g. NVLIBFS_LOG=nvlibfs=debug,nvlibfs_mountd=debug,fuser=info).";
 
 #[derive(Parser)]
 #[command(
@@ -20,7 +27,7 @@ use std::process::ExitCode;
         Containers (Docker-in-Docker included) bind-mount the view at /usr/local/nvidia and always load \
         libraries that match the host's kernel module.\n\n\
         Start with `nvlibfs scan` to see what would be served and why anything was left out.",
-    after_help = "Logging: -v, -vv, -vvv, or NVLIBFS_LOG (e.g. NVLIBFS_LOG=nvlibfs=debug)."
+    after_help = LOGGING_HELP
 )]
 struct Cli {
     /// More log output on stderr (repeat for more)
@@ -45,7 +52,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         nvlibfs mount /run/nvlibs\n  \
         nvlibfs mount --foreground /run/nvlibs        # under systemd or in a container\n  \
-        docker run -v /run/nvlibs:/usr/local/nvidia:ro ... # then, in containers\n\n\
+        docker run -v /run/nvlibs:/usr/local/nvidia:ro,rslave IMAGE ...   # then, in containers\n\n\
+        rslave lets a restarted daemon's mount reach containers that are already running.\n\
         Without --foreground it returns once the mount answers (exit 0) or has failed (exit 1, with the reason).")]
     Mount(mount::MountArgs),
 
@@ -55,6 +63,9 @@ enum Command {
     /// Diagnose this host: the loaded module's version, the driver versions
     /// on disk, what nvlibfs serves and holds, and what to do (exit 1 when
     /// something needs doing)
+    #[command(after_help = "With no driver flags it checks the driver that the daemon serving \
+        --mountpoint serves (its driver root and version pin), or else the defaults.\n\n\
+        Examples:\n  nvlibfs check\n  nvlibfs check --mountpoint /srv/nvlibs --state-dir /srv/state")]
     Check(check::CheckArgs),
 
     /// Print the `docker run` flags that give a container the view and this
@@ -72,7 +83,10 @@ enum Command {
 
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(after_help = "Example:\n  nvlibfs completions bash > /etc/bash_completion.d/nvlibfs")]
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to write the script for
+        shell: clap_complete::Shell,
+    },
 
     /// Print the man page (roff)
     #[command(after_help = "Example:\n  nvlibfs manpage > /usr/local/share/man/man1/nvlibfs.1")]
@@ -111,6 +125,16 @@ struct CdiArgs {
 
 fn cdi_generate(args: CdiArgs) -> Result<(), Box<dyn std::error::Error>> {
     let spec = nvlibfs::cdi::generate(&args.mountpoint, &args.dev);
+    // Only `all` and no GPU: a spec that gives files but no GPU would look
+    // fine until a container finds no device.
+    if spec.devices.len() < 2 {
+        eprintln!(
+            "nvlibfs: warning: no NVIDIA GPU device nodes (nvidia0, nvidia1, ...) under {}: the spec gives \
+             containers the driver's files but no GPU. Load the NVIDIA driver (its nodes appear under /dev), \
+             or pass --dev DIR where the nodes are",
+            args.dev.display()
+        );
+    }
     let json = serde_json::to_string_pretty(&spec)? + "\n";
     match &args.output {
         Some(path) => {
@@ -141,7 +165,14 @@ struct ScanArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Die quietly of SIGPIPE when whoever reads our output stops reading
+    // (`nvlibfs scan | head`), as coreutils do, instead of Rust's default of
+    // ignoring it, which turns every later print into a panic or a "Broken
+    // pipe" error. Children get the default disposition back anyway.
+    // SAFETY: before any thread starts; SIG_DFL is always a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     nvlibfs::args::init_logging(cli.verbose);
     let result = match cli.command {
         Command::Scan(args) => scan(args),
@@ -157,7 +188,7 @@ fn main() -> ExitCode {
         Command::Manpage => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map_err(Into::into),
-        Command::Check(args) => match check::check(args) {
+        Command::Check(args) => match check::check(args, driver_flags_given(&matches, "check")) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),
@@ -169,6 +200,59 @@ fn main() -> ExitCode {
             eprintln!("nvlibfs: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Whether subcommand `sub` was given any driver flag on its command line.
+fn driver_flags_given(matches: &clap::ArgMatches, sub: &str) -> bool {
+    matches.subcommand_matches(sub).is_some_and(|m| {
+        ["driver_root", "module_version_file", "driver_version"]
+            .iter()
+            .any(|id| m.value_source(id) == Some(ValueSource::CommandLine))
+    })
+}
+
+/// How a user runs this program: `nvlibfs` when that is what their PATH
+/// finds, else the full path of this binary, so suggested commands work when
+/// copied as they are.
+pub(crate) fn program_name() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "nvlibfs".to_owned();
+    };
+    let on_path = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("nvlibfs"))
+        .find(|p| p.is_file());
+    match on_path.and_then(|p| std::fs::canonicalize(p).ok()) {
+        Some(found) if std::fs::canonicalize(&exe).is_ok_and(|exe| exe == found) => "nvlibfs".to_owned(),
+        _ => shell_word(exe.as_os_str()),
+    }
+}
+
+/// A shell command line running this program with `words`.
+pub(crate) fn command_line<I: IntoIterator<Item = T>, T: Into<OsString>>(words: I) -> String {
+    let words = shell_words(words);
+    if words.is_empty() {
+        program_name()
+    } else {
+        format!("{} {words}", program_name())
+    }
+}
+
+/// `words` quoted for a POSIX shell, space-separated.
+pub(crate) fn shell_words<I: IntoIterator<Item = T>, T: Into<OsString>>(words: I) -> String {
+    let quoted: Vec<String> = words.into_iter().map(|w| shell_word(&w.into())).collect();
+    quoted.join(" ")
+}
+
+fn shell_word(word: &OsStr) -> String {
+    let text = word.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-=:,+@%".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.into_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
     }
 }
 
@@ -195,14 +279,13 @@ fn scan(args: ScanArgs) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         print_plan(&manifest, &plan, args.all);
     }
-    if !plan.view.has_driver_libraries() {
-        eprintln!(
-            "nvlibfs: warning: no driver library of version {} under {}; see the rejected list above, \
-             or pin another version with --driver-version",
-            manifest.driver_version, manifest.driver_root
-        );
+    // What `nvlibfs mount` would refuse to serve is a failure here too, in
+    // the same words, so a script can trust `scan` before it mounts.
+    match plan.no_driver_message() {
+        None => Ok(()),
+        Some(message) if args.json || plan.rejected.is_empty() => Err(message.into()),
+        Some(message) => Err(format!("{message} (the list above says why each candidate was left out)").into()),
     }
-    Ok(())
 }
 
 fn print_plan(m: &Manifest, plan: &Plan, all: bool) {

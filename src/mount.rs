@@ -2,10 +2,11 @@
 //! The daemon itself is the `nvlibfs-mountd` binary installed beside this
 //! one; `mount` starts it and waits until the mount answers.
 
-use crate::human;
+use crate::{command_line, human};
 use clap::Args;
 use nvlibfs::args::{DriverArgs, ServeArgs};
 use nvlibfs::control::{self, Status};
+use nvlibfs::mountinfo::{self, MountEntry};
 use std::error::Error;
 use std::ffi::OsString;
 use std::io::Read;
@@ -31,11 +32,14 @@ pub struct MountArgs {
     #[arg(long, help_heading = "Daemon")]
     foreground: bool,
 
-    /// Where the background daemon logs [default: STATE_DIR/<mount point>.log]
+    /// Where the background daemon logs, from the moment the mount is ready
+    /// (until then it reports to this command) [default: STATE_DIR/<mount
+    /// point>.log]
     #[arg(long, value_name = "FILE", conflicts_with = "foreground", help_heading = "Daemon")]
     log_file: Option<PathBuf>,
 
-    /// Where to mount the view; created if missing
+    /// Where to mount the view (e.g. /run/nvlibs); created if missing. It
+    /// must be empty: nvlibfs mounts a small tmpfs of its own there
     mountpoint: PathBuf,
 }
 
@@ -45,9 +49,13 @@ pub struct UmountArgs {
     #[arg(long)]
     lazy: bool,
 
+    /// Where the daemon keeps its control socket: the --state-dir given to
+    /// `nvlibfs mount` (used to wait for the daemon to exit)
     #[arg(long, value_name = "DIR", default_value = control::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
 
+    /// The mount point given to `nvlibfs mount` (e.g. /run/nvlibs); not its
+    /// .live directory nor anything else inside it
     mountpoint: PathBuf,
 }
 
@@ -61,9 +69,12 @@ pub struct StatusArgs {
     #[arg(long, conflicts_with = "format")]
     json: bool,
 
+    /// Where the daemon keeps its control socket: the --state-dir given to
+    /// `nvlibfs mount`
     #[arg(long, value_name = "DIR", default_value = control::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
 
+    /// The mount point given to `nvlibfs mount` (e.g. /run/nvlibs)
     mountpoint: PathBuf,
 }
 
@@ -105,7 +116,31 @@ fn daemon_binary() -> Result<PathBuf> {
         .ok_or_else(|| format!("{DAEMON} is not installed beside {} nor on PATH", exe.display()).into())
 }
 
+/// Whether this process may mount file systems: CAP_SYS_ADMIN in its
+/// effective set (root has it). Where /proc cannot say, assume so and let
+/// the daemon report what the kernel says.
+fn may_mount() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_none_or(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
 pub fn mount(args: MountArgs, verbose: u8) -> Result<()> {
+    // Before anything is created (mount point, state directory, log): a
+    // mount that cannot happen leaves nothing behind.
+    if !may_mount() {
+        return Err(format!(
+            "mounting needs root (or CAP_SYS_ADMIN): run it as root, e.g. sudo {}",
+            command_line(std::env::args_os().skip(1))
+        )
+        .into());
+    }
     let daemon = daemon_binary()?;
     let mut daemon_args: Vec<OsString> = args.driver.to_args();
     daemon_args.extend(args.serve.to_args());
@@ -120,30 +155,30 @@ pub fn mount(args: MountArgs, verbose: u8) -> Result<()> {
     }
 
     let mountpoint = absolute(&args.mountpoint)?;
-    let log = args
-        .log_file
-        .unwrap_or_else(|| control::socket_path(&args.serve.state_dir, &mountpoint).with_extension("log"));
-    if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    }
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(|e| format!("log file {}: {e}", log.display()))?;
+    // The daemon opens its log itself, once it holds the mount point's lock
+    // and the mount is ready: a refused or failed mount leaves no log file,
+    // and never writes into a running daemon's. Until then it reports over
+    // the ready pipe, which is what the user sees.
+    let log = match args.log_file {
+        Some(file) => std::path::absolute(&file).map_err(|e| format!("--log-file {}: {e}", file.display()))?,
+        None => control::log_path(&std::path::absolute(&args.serve.state_dir)?, &mountpoint),
+    };
 
     let (read_end, write_end) = pipe()?;
     let write_fd = write_end.as_raw_fd();
     daemon_args.extend([
+        "--log-file".into(),
+        log.clone().into(),
         "--ready-fd".into(),
         write_fd.to_string().into(),
         mountpoint.clone().into(),
     ]);
     let mut cmd = Command::new(&daemon);
+    // Nothing of this terminal: the daemon outlives it, and logs to its file.
     cmd.args(&daemon_args)
         .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -179,10 +214,15 @@ pub fn mount(args: MountArgs, verbose: u8) -> Result<()> {
             Ok(())
         }
         other => {
-            let _ = child.wait();
+            let exit = child.wait();
             let why = other.strip_prefix("error: ").unwrap_or(other);
             if why.is_empty() {
-                Err(format!("the daemon exited before the mount was ready; see {}", log.display()).into())
+                let exit = exit.map_or_else(|e| e.to_string(), |status| status.to_string());
+                Err(format!(
+                    "the daemon exited before the mount was ready without saying why ({exit}); run the same \
+                     command with --foreground to see its output"
+                )
+                .into())
             } else {
                 Err(why.to_owned().into())
             }
@@ -241,19 +281,36 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 }
 
 pub fn umount(args: UmountArgs) -> Result<()> {
-    let mountpoint =
-        std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
+    let mountpoint = std::fs::canonicalize(&args.mountpoint)
+        // A dead FUSE mount (its daemon killed) cannot be resolved; name it
+        // as given, so the checks below still recognise it.
+        .or_else(|_| std::path::absolute(&args.mountpoint))
+        .map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
+    let mounts = mountinfo::read().map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    let fuse = nvlibfs_mount_point(&mounts, &mountpoint).map_err(|what| match what {
+        NotOurs::Inside { top, what } => {
+            let mut words: Vec<OsString> = vec!["umount".into()];
+            if args.state_dir != Path::new(control::DEFAULT_STATE_DIR) {
+                words.extend(["--state-dir".into(), args.state_dir.clone().into()]);
+            }
+            words.push(top.into());
+            let resolved = if mountpoint != args.mountpoint {
+                format!(" (that is, {})", mountpoint.display())
+            } else {
+                String::new()
+            };
+            format!(
+                "{}{resolved} is {what}: pass the mount point itself: {}",
+                args.mountpoint.display(),
+                command_line(words)
+            )
+        }
+        NotOurs::Other(message) => message,
+    })?;
     let daemon = control::query(&args.state_dir, &mountpoint).ok().map(|s| s.pid);
-    // nvlibfs's own mount points hold the FUSE mount one level below.
-    let ours = mountpoint.join(control::MARKER).exists();
-    let fuse = if ours {
-        mountpoint.join(control::LIVE_DIR)
-    } else {
-        mountpoint.clone()
-    };
     let lazy = if args.lazy { libc::MNT_DETACH } else { 0 };
-    if !ours || is_mounted(&fuse) {
-        unmount(&fuse, lazy).map_err(|e| explain(&mountpoint, e))?;
+    if let Some(live) = &fuse {
+        unmount(live, lazy).map_err(|e| explain(&mountpoint, e))?;
     }
     // The daemon exits once the kernel ends the session; wait briefly so a
     // mount right after this one does not meet the old daemon.
@@ -263,11 +320,82 @@ pub fn umount(args: UmountArgs) -> Result<()> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    if ours {
-        unmount(&mountpoint, lazy).map_err(|e| explain(&mountpoint, e))?;
-    }
+    unmount(&mountpoint, lazy).map_err(|e| explain(&mountpoint, e))?;
     println!("nvlibfs: unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// The mount on top at `path`, from `mounts` (mount order).
+fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
+/// The small tmpfs `nvlibfs mount` puts at a mount point: its fsname, and
+/// the marker file inside.
+fn is_nvlibfs_top(mounts: &[MountEntry], path: &Path) -> bool {
+    mount_at(mounts, path).is_some_and(|m| m.source == "nvlibfs" && m.fs_type == "tmpfs")
+        && path.join(control::MARKER).exists()
+}
+
+/// nvlibfs's FUSE mount: fsname `nvlibfs`, of type `fuse.nvlibfs`, or plain
+/// `fuse` where the kernel was not given the subtype (fuser's own mount(2)).
+fn is_nvlibfs_fuse(m: &MountEntry) -> bool {
+    m.source == "nvlibfs" && (m.fs_type == "fuse.nvlibfs" || m.fs_type == "fuse")
+}
+
+/// Why `nvlibfs umount` leaves a path alone.
+enum NotOurs {
+    /// The path is in the nvlibfs mount point `top`: `what` it is there.
+    Inside {
+        top: PathBuf,
+        what: String,
+    },
+    Other(String),
+}
+
+/// Checks that `path` is a mount point `nvlibfs mount` set up, and nothing
+/// else: returns its FUSE mount at `.live` if one is there (none after the
+/// daemon was stopped), or says what the path is instead.
+fn nvlibfs_mount_point(mounts: &[MountEntry], path: &Path) -> std::result::Result<Option<PathBuf>, NotOurs> {
+    // Inside one (its .live, a link into the view, ...): name the one to pass.
+    if let Some(top) = path.ancestors().skip(1).find(|a| is_nvlibfs_top(mounts, a)) {
+        let what = if path == top.join(control::LIVE_DIR) {
+            format!(
+                "the FUSE mount inside the nvlibfs mount point {}; unmounting it alone would leave that \
+                 mount point's links dangling",
+                top.display()
+            )
+        } else {
+            format!("inside the nvlibfs mount point {}", top.display())
+        };
+        return Err(NotOurs::Inside {
+            top: top.to_owned(),
+            what,
+        });
+    }
+    match mount_at(mounts, path) {
+        None => Err(NotOurs::Other(format!("{} is not a mount point", path.display()))),
+        Some(_) if is_nvlibfs_top(mounts, path) => {
+            let live = path.join(control::LIVE_DIR);
+            match mount_at(mounts, &live) {
+                None => Ok(None),
+                Some(m) if is_nvlibfs_fuse(m) => Ok(Some(live)),
+                Some(m) => Err(NotOurs::Other(format!(
+                    "{} holds a {} mount from {} that nvlibfs did not make; leaving both alone",
+                    live.display(),
+                    m.fs_type,
+                    m.source
+                ))),
+            }
+        }
+        Some(m) => Err(NotOurs::Other(format!(
+            "{} is not an nvlibfs mount point (a {} mount from {} is there); `nvlibfs umount` only \
+             removes what `nvlibfs mount` set up: use umount(8) for anything else",
+            path.display(),
+            m.fs_type,
+            m.source
+        ))),
+    }
 }
 
 fn unmount(path: &Path, flags: i32) -> std::io::Result<()> {
@@ -277,12 +405,6 @@ fn unmount(path: &Path, flags: i32) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let path = path.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(path.as_ref()))
 }
 
 fn explain(mountpoint: &Path, e: std::io::Error) -> Box<dyn Error> {

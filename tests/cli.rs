@@ -1,0 +1,661 @@
+//! The `nvlibfs` command as a newcomer meets it: help that describes every
+//! argument and agrees with the README, quiet ends on closed pipes, errors
+//! that say what is needed (root, which mount point, which version is on
+//! disk), `umount` touching only what nvlibfs made, `check` asking the
+//! daemon, and the demo's closing hints working when pasted.
+
+mod common;
+
+use common::{mount_command, nvlibfs, ok, Mounted, SERIAL, VERSION};
+use nvlibfs_fixture::{build, FixtureSpec};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const STALE: &str = "570.86.15";
+const NOBODY: [&str; 4] = ["--reuid", "65534", "--regid", "65534"];
+
+fn readme(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `nvlibfs ARGS` run as the unprivileged user nobody.
+fn nvlibfs_as_nobody(args: &[&std::ffi::OsStr]) -> Output {
+    common::require("setpriv", "util-linux");
+    Command::new("setpriv")
+        .args(NOBODY)
+        .arg("--clear-groups")
+        .arg(env!("CARGO_BIN_EXE_nvlibfs"))
+        .args(args)
+        .env_remove("NVLIBFS_LOG")
+        .output()
+        .unwrap()
+}
+
+/// Runs `cmd` with its standard output a pipe whose read end is already
+/// closed: what `cmd | head -1` does to everything after the first line.
+fn into_closed_pipe(cmd: &mut Command) -> Output {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors, which we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors from pipe2.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    cmd.stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+/// Ends as `seq 1 100000 | head -1` ends seq: killed by SIGPIPE, with
+/// nothing said about it.
+fn assert_quiet_on_closed_pipe(what: &str, out: &Output) {
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{what}: ended with {} instead of SIGPIPE:\n{stderr}",
+        out.status
+    );
+    for noise in ["panicked", "Broken pipe", "os error 32"] {
+        assert!(!stderr.contains(noise), "{what} said {noise:?}:\n{stderr}");
+    }
+}
+
+/// The subcommands `nvlibfs [PATH] --help` lists, by name.
+fn subcommands(path: &[&str]) -> Vec<String> {
+    let help = ok(nvlibfs().args(path).arg("--help").output().unwrap(), "--help");
+    help.lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Arguments and options in a help text that have no description: an entry
+/// line (`  -x, --long <V>`, `      --long`, `  <ARG>`) with no text after
+/// its name and no more-indented line under it.
+fn undescribed(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut missing = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let indent = line.len() - line.trim_start().len();
+        let entry = line.trim_start();
+        if !(2..=6).contains(&indent) || !(entry.starts_with('-') || entry.starts_with('<') || entry.starts_with('[')) {
+            continue;
+        }
+        // Only `[default: ...]` or `[possible values: ...]` is no description.
+        let describes = |t: &str| !t.trim().is_empty() && !t.trim().starts_with('[');
+        let same_line = entry.split_once("  ").is_some_and(|(_, rest)| describes(rest));
+        let next_line = lines.get(i + 1).is_some_and(|next| {
+            let next_indent = next.len() - next.trim_start().len();
+            describes(next) && next_indent > indent + 2
+        });
+        if !same_line && !next_line {
+            missing.push(entry.trim().to_owned());
+        }
+    }
+    missing
+}
+
+#[test]
+fn every_command_argument_and_option_is_described() {
+    let mut commands: Vec<Vec<String>> = vec![vec![]];
+    let mut i = 0;
+    while i < commands.len() {
+        let path: Vec<&str> = commands[i].iter().map(String::as_str).collect();
+        for sub in subcommands(&path) {
+            let mut deeper = commands[i].clone();
+            deeper.push(sub);
+            commands.push(deeper);
+        }
+        i += 1;
+    }
+    let names: Vec<String> = commands.iter().map(|c| c.join(" ")).collect();
+    for expected in [
+        "scan",
+        "mount",
+        "umount",
+        "status",
+        "check",
+        "cdi generate",
+        "completions",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected} not found in {names:?}");
+    }
+    let mut problems = Vec::new();
+    for command in &commands {
+        for flag in ["--help", "-h"] {
+            let help = ok(nvlibfs().args(command).arg(flag).output().unwrap(), "help");
+            for entry in undescribed(&help) {
+                problems.push(format!("nvlibfs {} {flag}: {entry}", command.join(" ")));
+            }
+        }
+        // The other way in, `nvlibfs help SUB`, shows the same text.
+        if !command.is_empty() {
+            let via_help = ok(nvlibfs().arg("help").args(command).output().unwrap(), "help SUB");
+            assert!(undescribed(&via_help).is_empty(), "{via_help}");
+        }
+    }
+    assert!(problems.is_empty(), "undescribed:\n{}", problems.join("\n"));
+    // The parser is not vacuous.
+    let sample = "Arguments:\n  <SHELL>  [possible values: bash, zsh]\n\nOptions:\n      --bare\n      \
+        --state-dir <DIR>\n          [default: /run]\n  -h, --help  Print help\n";
+    assert_eq!(
+        undescribed(sample),
+        ["<SHELL>  [possible values: bash, zsh]", "--bare", "--state-dir <DIR>"]
+    );
+}
+
+#[test]
+fn help_readme_and_docker_flags_give_the_same_examples() {
+    let flags = ok(nvlibfs().arg("docker-flags").output().unwrap(), "docker-flags");
+    let volume = "/run/nvlibs:/usr/local/nvidia:ro,rslave";
+    assert!(flags.contains(&format!("--volume={volume}\n")), "{flags}");
+    let mount_help = ok(nvlibfs().args(["mount", "--help"]).output().unwrap(), "mount --help");
+    assert!(mount_help.contains(&format!("-v {volume} ")), "{mount_help}");
+
+    // The README's `docker run` in "Use it" is what docker-flags prints,
+    // devices aside (they depend on the host).
+    let readme = readme("README.md");
+    let use_it = &readme[readme.find("## Use it").unwrap()..];
+    let use_it = &use_it[..use_it[3..].find("\n## ").unwrap()];
+    for line in flags.lines().filter(|l| !l.starts_with("--device=")) {
+        let short = line.replacen("--volume=", "-v ", 1).replacen("--env=", "-e ", 1);
+        assert!(use_it.contains(&short), "README's Use it lacks {short:?}:\n{use_it}");
+    }
+
+    // Every volume given anywhere a user copies from keeps rslave, so a
+    // restarted daemon's mount reaches running containers.
+    let main_help = ok(nvlibfs().arg("--help").output().unwrap(), "--help");
+    for (name, text) in [
+        ("README.md", readme.clone()),
+        ("contrib/README.md", self::readme("contrib/README.md")),
+        ("mount --help", mount_help.clone()),
+        ("docker-flags", flags.clone()),
+    ] {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        for (i, word) in words.iter().enumerate() {
+            let spec = match word.strip_prefix("--volume=") {
+                Some(spec) => spec,
+                None if *word == "-v" && i + 1 < words.len() => words[i + 1],
+                None => continue,
+            };
+            let spec = spec.trim_end_matches(['`', ',', ')']);
+            if spec.contains(":ro") {
+                assert!(spec.ends_with(":ro,rslave"), "{name}: volume {spec} without rslave");
+            }
+        }
+    }
+
+    // One NVLIBFS_LOG example, in the same words.
+    let example = "NVLIBFS_LOG=nvlibfs=debug,nvlibfs_mountd=debug,fuser=info";
+    let logging = "Logging: -v, -vv or -vvv, or NVLIBFS_LOG with a tracing filter";
+    assert!(
+        main_help.contains(logging) && main_help.contains(example),
+        "{main_help}"
+    );
+    assert!(readme.contains(logging), "README's logging line differs");
+    for text in [&readme, &main_help] {
+        for (at, _) in text.match_indices("NVLIBFS_LOG=") {
+            assert!(
+                text[at..].starts_with(example),
+                "another NVLIBFS_LOG example: {}",
+                &text[at..at + 60]
+            );
+        }
+    }
+}
+
+#[test]
+fn every_command_ends_quietly_on_a_closed_pipe() {
+    common::require_fixture_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let root = fixture.root.to_str().unwrap().to_owned();
+    let vf = fixture.module_version_file().to_str().unwrap().to_owned();
+    let empty_dev = dir.path().join("dev");
+    std::fs::create_dir(&empty_dev).unwrap();
+    let dev = empty_dev.to_str().unwrap();
+    let scan = ["scan", "--driver-root", &root, "--module-version-file", &vf];
+    let scan_json = ["scan", "--json", "--driver-root", &root, "--module-version-file", &vf];
+    let commands: [&[&str]; 7] = [
+        &scan,
+        &scan_json,
+        &["manpage"],
+        &["completions", "bash"],
+        &["docker-flags"],
+        &["cdi", "generate", "--dev", dev],
+        &["--help"],
+    ];
+    for args in commands {
+        let out = into_closed_pipe(nvlibfs().args(args));
+        assert_quiet_on_closed_pipe(&args.join(" "), &out);
+    }
+}
+
+/// Unmounts (mount point, state directory) however the test ends.
+struct UnmountOnDrop(PathBuf, PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = nvlibfs()
+            .arg("umount")
+            .arg("--state-dir")
+            .arg(&self.1)
+            .arg(&self.0)
+            .output();
+    }
+}
+
+#[test]
+fn umount_removes_only_what_nvlibfs_mounted() {
+    common::require_fixture_tools();
+    common::require("mount", "mount");
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let state = dir.path().join("state");
+    let umount = |path: &Path| {
+        nvlibfs()
+            .arg("umount")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let mounted_at = |path: &Path| nvlibfs::mountinfo::at(path);
+
+    // A tmpfs nvlibfs never made, even with nvlibfs's marker copied in.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "foreign"])
+            .arg(&foreign)
+            .output()
+            .unwrap(),
+        "mount tmpfs",
+    );
+    std::fs::write(foreign.join(".nvlibfs"), "").unwrap();
+    let out = umount(&foreign);
+    let still = mounted_at(&foreign);
+    let _ = Command::new("umount").arg(&foreign).output();
+    assert!(!out.status.success(), "unmounted a foreign tmpfs");
+    assert!(still.is_some(), "the foreign tmpfs was unmounted");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not an nvlibfs mount point") && err.contains("tmpfs"),
+        "{err}"
+    );
+
+    // A plain directory.
+    let out = umount(dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is not a mount point"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A real one, at a path with a space in it.
+    let mountpoint = dir.path().join("with space").join("mnt");
+    ok(
+        mount_command(&fixture, &state).arg(&mountpoint).output().unwrap(),
+        "nvlibfs mount",
+    );
+    let _cleanup = UnmountOnDrop(mountpoint.clone(), state.clone());
+    let mountpoint = std::fs::canonicalize(&mountpoint).unwrap();
+    let live = mountpoint.join(".live");
+    let mut suggested = Vec::new();
+    for (inside, what) in [
+        (live.clone(), "the FUSE mount inside the nvlibfs mount point"),
+        (mountpoint.join("lib64"), "inside the nvlibfs mount point"),
+        (live.join("bin"), "inside the nvlibfs mount point"),
+    ] {
+        let out = umount(&inside);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "umount {inside:?} succeeded");
+        assert!(err.contains(what), "{err}");
+        let instead = err
+            .trim()
+            .split_once("pass the mount point itself: ")
+            .unwrap_or_else(|| panic!("does not say what to pass instead: {err}"))
+            .1;
+        suggested.push(instead.to_owned());
+        let fuse = mounted_at(&live).expect("the FUSE mount stays");
+        assert!(fuse.source == "nvlibfs" && fuse.fs_type.starts_with("fuse"), "{fuse:?}");
+    }
+    assert!(mountpoint.join("lib64/libcuda.so.1").exists(), "the view broke");
+
+    // What it says to run instead is one command, and it works as printed.
+    suggested.dedup();
+    assert_eq!(suggested.len(), 1, "{suggested:?}");
+    ok(
+        Command::new("sh").arg("-c").arg(&suggested[0]).output().unwrap(),
+        &suggested[0],
+    );
+    assert!(mounted_at(&live).is_none() && mounted_at(&mountpoint).is_none());
+}
+
+#[test]
+fn without_root_each_command_says_that_root_is_needed() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+
+    // Mount: says so before it creates anything, even where it could.
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (mountpoint, state, log) = (
+        open.path().join("mnt"),
+        open.path().join("state"),
+        open.path().join("mount.log"),
+    );
+    let out = nvlibfs_as_nobody(&[
+        "mount".as_ref(),
+        "--driver-root".as_ref(),
+        m.fixture.root.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--log-file".as_ref(),
+        log.as_os_str(),
+        mountpoint.as_os_str(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs root (or CAP_SYS_ADMIN)"), "{err}");
+    let left: Vec<PathBuf> = std::fs::read_dir(open.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "a refused mount left {left:?}");
+
+    // Status and check: "may not ask" is not "nothing is served".
+    let state_dir = m.state_dir.as_os_str();
+    let out = nvlibfs_as_nobody(&[
+        "status".as_ref(),
+        "--state-dir".as_ref(),
+        state_dir,
+        m.mountpoint.as_os_str(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("only root may ask the daemon") && err.contains("names host paths"),
+        "{err}"
+    );
+    assert!(!err.contains("no nvlibfs daemon"), "{err}");
+
+    let out = nvlibfs_as_nobody(&[
+        "check".as_ref(),
+        "--mountpoint".as_ref(),
+        m.mountpoint.as_os_str(),
+        "--state-dir".as_ref(),
+        state_dir,
+    ]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("only root may ask the daemon") && report.contains("run it as root: sudo"),
+        "{report}"
+    );
+    assert!(!report.contains("no nvlibfs daemon"), "{report}");
+
+    // As root, where nothing serves: the other message.
+    let out = nvlibfs()
+        .arg("status")
+        .arg("--state-dir")
+        .arg(&m.state_dir)
+        .arg(m.dir.path())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no nvlibfs daemon serves"),
+        "{err}"
+    );
+
+    // And status, served, survives a closed pipe like the rest.
+    for format in ["text", "json", "prometheus"] {
+        let out = into_closed_pipe(
+            nvlibfs()
+                .args(["status", "--format", format, "--state-dir"])
+                .arg(&m.state_dir)
+                .arg(&m.mountpoint),
+        );
+        assert_quiet_on_closed_pipe(&format!("status --format {format}"), &out);
+    }
+}
+
+#[test]
+fn scan_and_mount_agree_on_a_pinned_version_with_no_files() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let spec = FixtureSpec {
+        stale: Some(STALE.into()),
+        ..FixtureSpec::new(VERSION)
+    };
+    let fixture = build(&spec, &dir.path().join("host")).unwrap();
+    let root = std::fs::canonicalize(&fixture.root).unwrap();
+    // 580.159.4 is not 580.159.04: file names carry the version verbatim.
+    let expected = format!(
+        "no driver library of version 580.159.4 under {}; on disk: {VERSION}, {STALE}",
+        root.display()
+    );
+    for json in [false, true] {
+        let mut scan = nvlibfs();
+        scan.arg("scan")
+            .arg("--driver-root")
+            .arg(&root)
+            .args(["--driver-version", "580.159.4"]);
+        if json {
+            scan.arg("--json");
+        }
+        let out = scan.output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "scan (json: {json}): {err}");
+        assert!(err.contains(&expected), "scan (json: {json}): {err}");
+        if json {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the report still comes");
+            assert_eq!(report["driver_version"], "580.159.4");
+        }
+    }
+    let mountpoint = dir.path().join("mnt");
+    let out = nvlibfs()
+        .arg("mount")
+        .arg("--driver-root")
+        .arg(&root)
+        .args(["--driver-version", "580.159.4", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg(&mountpoint)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "mount: {err}");
+    assert!(err.contains(&expected), "mount: {err}");
+    assert!(nvlibfs::mountinfo::at(&mountpoint).is_none());
+
+    // With nothing of any version there, both say that too.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    let out = nvlibfs()
+        .arg("scan")
+        .arg("--driver-root")
+        .arg(&bare)
+        .args(["--driver-version", VERSION])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("on disk: no NVIDIA driver libraries of any version"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_asks_the_daemon_and_suggests_commands_that_run() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let root = std::fs::canonicalize(&fixture.root).unwrap();
+    let vf = root.join("sys/module/nvidia/version");
+    let state = dir.path().join("state");
+    let mountpoint = dir.path().join("mnt");
+    let check = || {
+        nvlibfs()
+            .arg("check")
+            .arg("--mountpoint")
+            .arg(&mountpoint)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+
+    // Not served yet: given the driver flags, check suggests a mount that
+    // carries all of them, and it runs as printed.
+    let out = nvlibfs()
+        .arg("check")
+        .arg("--driver-root")
+        .arg(&root)
+        .arg("--module-version-file")
+        .arg(&vf)
+        .arg("--mountpoint")
+        .arg(&mountpoint)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let suggested = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("-> start it: "))
+        .unwrap_or_else(|| panic!("no mount suggested:\n{report}"))
+        .to_owned();
+    for needed in ["--driver-root", "--module-version-file", "--state-dir"] {
+        assert!(suggested.contains(needed), "{suggested}");
+    }
+    ok(
+        Command::new("sh").arg("-c").arg(&suggested).output().unwrap(),
+        &suggested,
+    );
+    let _cleanup = UnmountOnDrop(mountpoint.clone(), state.clone());
+
+    // Served: with no driver flags, check takes the daemon's.
+    let out = check();
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}\n{}", text(&out.stderr));
+    assert!(
+        report.contains(&format!(
+            "Driver flags    --driver-root {} --module-version-file {}",
+            root.display(),
+            vf.display()
+        )),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("Loaded module   {VERSION} (from {})", vf.display())),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("On disk         {VERSION} (under {})", root.display())),
+        "{report}"
+    );
+}
+
+#[test]
+fn cdi_generate_warns_when_it_finds_no_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = nvlibfs()
+        .args(["cdi", "generate", "--dev"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let spec: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the spec is still written");
+    assert_eq!(spec["devices"].as_array().map(Vec::len), Some(1), "only `all`");
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: no NVIDIA GPU device nodes") && err.contains(&dir.path().display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("--dev DIR"), "does not say what to pass: {err}");
+}
+
+/// The demo, run with the binaries built for this test, ends with hints
+/// that work when pasted into a shell as they are.
+#[test]
+fn the_demos_closing_hints_run_as_printed() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_nvlibfs")).parent().unwrap();
+    // The demo generates its fake driver with the fixture's binary.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "nvlibfs-fixture", "--bin", "nvlibfs-fixture"]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    ok(build.output().unwrap(), "building nvlibfs-fixture");
+    let _ = nvlibfs(); // builds the daemon beside it, as for every mount test
+
+    let dir = tempfile::tempdir().unwrap();
+    let mountpoint = dir.path().join("demo mount");
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/demo.sh"))
+        .env("NVLIBFS_DEMO_BIN", bin_dir)
+        .env("NVLIBFS_DEMO_DIR", dir.path())
+        .env("NVLIBFS_DEMO_MOUNT", &mountpoint)
+        .env_remove("NVLIBFS_LOG")
+        .output()
+        .unwrap();
+    let shown = ok(out, "contrib/demo.sh");
+    let hints = &shown[shown.find("stays mounted").expect("the closing hints")..];
+    let nvlibfs_path = bin_dir.join("nvlibfs");
+    let commands: Vec<&str> = hints
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(&*nvlibfs_path.to_string_lossy()))
+        .collect();
+    assert_eq!(commands.len(), 3, "status, check, umount:\n{hints}");
+    assert!(commands[2].contains(" umount "), "{hints}");
+    for command in commands {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        ok(out, command);
+    }
+    assert!(nvlibfs::mountinfo::at(&mountpoint).is_none(), "still mounted");
+    // The demo mounts with the default state directory: leave no log there.
+    let _ = std::fs::remove_file(nvlibfs::control::log_path(
+        Path::new(nvlibfs::control::DEFAULT_STATE_DIR),
+        &mountpoint,
+    ));
+    // The docker hint's flags, too (no engine needed to print them).
+    let flags = hints
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("docker run $(")?.split_once(") IMAGE"))
+        .map(|(flags, _)| flags.to_owned())
+        .unwrap_or_else(|| panic!("no docker hint:\n{hints}"));
+    let printed = ok(Command::new("sh").arg("-c").arg(&flags).output().unwrap(), &flags);
+    assert!(printed.contains(":/usr/local/nvidia:ro,rslave"), "{printed}");
+}
