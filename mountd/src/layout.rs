@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 pub use nvlibfs::control::LIVE_DIR as LIVE;
 /// Marks a mount point as nvlibfs's own, so a restart knows it may take over.
 use nvlibfs::control::MARKER;
+/// Where the kernel's fusectl filesystem lists FUSE connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
 /// The view's top-level directories, linked from the mount point. A link
 /// to a directory the current view lacks (`lib` without 32-bit libraries)
 /// dangles, which loaders and PATH lookups treat as absent.
@@ -126,9 +128,21 @@ pub fn prepare(top: &Path) -> Result<PathBuf, String> {
 }
 
 /// Aborts FUSE connection `number` (the minor device number of its mount)
-/// through the fusectl filesystem, if it is mounted.
+/// through the fusectl filesystem, mounting it where systemd has not.
 fn abort_connection(number: u32) {
-    let abort = PathBuf::from(format!("/sys/fs/fuse/connections/{number}/abort"));
+    let connections = Path::new(FUSECTL);
+    if !connections.join(number.to_string()).exists() && nvlibfs::mountinfo::at(connections).is_none() {
+        if let Err(e) = mount(
+            Some("fusectl"),
+            connections,
+            Some("fusectl"),
+            MsFlags::empty(),
+            None::<&str>,
+        ) {
+            tracing::debug!("mounting fusectl at {FUSECTL}: {e}; detaching without aborting");
+        }
+    }
+    let abort = connections.join(number.to_string()).join("abort");
     match std::fs::write(&abort, "1") {
         Ok(()) => tracing::info!("aborted the previous daemon's FUSE connection {number}"),
         Err(e) => tracing::debug!("{}: {e}; detaching without aborting", abort.display()),

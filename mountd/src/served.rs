@@ -744,3 +744,43 @@ fn rss_bytes() -> Option<u64> {
         .ok()?;
     Some(kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nvlibfs::discover::KernelInfo;
+    use nvlibfs::pin::PinRequest;
+
+    /// Once the counter would pass 2^32, a new generation takes the first
+    /// gap between live ones, and held inodes keep their generation.
+    #[test]
+    fn allocation_wraps_into_a_gap_below_2_pow_32() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("host");
+        nvlibfs_fixture::build(&nvlibfs_fixture::FixtureSpec::new("580.159.04"), &root).unwrap();
+        let view = || {
+            nvlibfs::plan(&root, &PinRequest::Version("580.159.04".into()), &KernelInfo::running())
+                .unwrap()
+                .view
+        };
+        let served = Served::new("/t".into(), false);
+        served.start(view(), None::<&OwnedFd>);
+        let held = served.lookup(FUSE_ROOT, OsStr::new("lib64")).unwrap().unwrap();
+        let span = served.current().unwrap().span;
+        // Generations 1 and 2 are never held: each is freed when the next
+        // one is installed, and 1 leaves a gap right after generation 0.
+        served.install(view(), None);
+        served.install(view(), None);
+        served.lock().next_base = INO_LIMIT - 5;
+        served.install(view(), None);
+        let newest = served.current().unwrap();
+        assert_eq!(
+            newest.base,
+            FIRST_INO + span,
+            "the first gap: generation 1's freed range"
+        );
+        assert!(newest.base + newest.span <= INO_LIMIT);
+        assert_eq!(served.getattr(held.attr.ino).unwrap().generation, 0);
+        assert_eq!(served.live_generations(), vec![0, 3]);
+    }
+}

@@ -1,0 +1,286 @@
+//! The serving core against a model of the kernel, without FUSE: several
+//! threads play the kernel, each looking names up, listing directories
+//! (READDIRPLUS counts like lookups), opening, reading, releasing and
+//! forgetting in random interleavings while generations are installed.
+//! Each thread keeps what it holds, as the kernel would; after every step
+//! every inode it holds must still resolve to the generation it was given
+//! (never freed, never reused), and at every pause, with no request in
+//! flight, exactly the current generation and those the kernel still holds
+//! must be live.
+
+use nvlibfs::discover::KernelInfo;
+use nvlibfs::pin::PinRequest;
+use nvlibfs::view::{NodeType, View};
+use nvlibfs_fixture::{build, FixtureSpec};
+use nvlibfs_mountd::served::{Served, FUSE_ROOT};
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Barrier, Mutex};
+
+const THREADS: usize = 4;
+const ROUNDS: usize = 40;
+const STEPS: usize = 150;
+
+/// What one kernel thread holds of an inode.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    lookups: u64,
+    opens: u64,
+    generation: u64,
+    node_type: Option<NodeType>,
+}
+
+type Holdings = HashMap<u64, Held>;
+
+/// xorshift64*: small, seeded, reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
+        (!items.is_empty()).then(|| items[self.below(items.len() as u64) as usize])
+    }
+}
+
+fn view_of(root: &Path, version: &str) -> View {
+    nvlibfs::plan(root, &PinRequest::Version(version.into()), &KernelInfo::running())
+        .expect("plan")
+        .view
+}
+
+/// One random kernel action; returns a description for failure messages.
+fn step(served: &Served, rng: &mut Rng, held: &mut Holdings, new_view: &dyn Fn() -> View) -> String {
+    let dirs: Vec<u64> = held
+        .iter()
+        .filter(|(_, h)| h.lookups > 0 && h.node_type == Some(NodeType::Dir))
+        .map(|(&i, _)| i)
+        .collect();
+    let looked_up: Vec<u64> = held.iter().filter(|(_, h)| h.lookups > 0).map(|(&i, _)| i).collect();
+    let files: Vec<u64> = held
+        .iter()
+        .filter(|(_, h)| h.lookups > 0 && h.node_type == Some(NodeType::File))
+        .map(|(&i, _)| i)
+        .collect();
+    let open: Vec<u64> = held.iter().filter(|(_, h)| h.opens > 0).map(|(&i, _)| i).collect();
+    let parent = if rng.below(3) == 0 {
+        FUSE_ROOT
+    } else {
+        rng.pick(&dirs).unwrap_or(FUSE_ROOT)
+    };
+    match rng.below(100) {
+        0..=29 => {
+            let mut names = Vec::new();
+            let _ = served.readdir(parent, 2, false, |e| {
+                names.push(e.name.clone());
+                false
+            });
+            let Some(i) = rng.pick(&(0..names.len()).collect::<Vec<_>>()) else {
+                return format!("lookup in empty {parent}");
+            };
+            match served.lookup(parent, &names[i]) {
+                Ok(Some(entry)) => {
+                    let h = held.entry(entry.attr.ino).or_default();
+                    h.lookups += 1;
+                    h.generation = entry.generation;
+                    h.node_type = Some(entry.attr.node_type);
+                    format!("lookup {parent}/{:?} -> {}", names[i], entry.attr.ino)
+                }
+                other => panic!("lookup of a listed name {parent}/{:?} gave {other:?}", names[i]),
+            }
+        }
+        30..=39 => {
+            // A reply buffer that fills after a random number of entries.
+            let room = rng.below(8) as usize;
+            let mut added = Vec::new();
+            served
+                .readdir(parent, rng.below(3), true, |e| {
+                    if added.len() >= room {
+                        return true;
+                    }
+                    added.push(e.clone());
+                    false
+                })
+                .unwrap_or_else(|e| panic!("readdirplus of held dir {parent}: errno {e}"));
+            for e in added.iter().filter(|e| e.name != "." && e.name != "..") {
+                let h = held.entry(e.entry.attr.ino).or_default();
+                h.lookups += 1;
+                h.generation = e.entry.generation;
+                h.node_type = Some(e.entry.attr.node_type);
+            }
+            format!("readdirplus {parent}: {} entries", added.len())
+        }
+        40..=54 => {
+            let Some(ino) = rng.pick(&files) else {
+                return "no file to open".into();
+            };
+            let opened = served
+                .open(ino, libc::O_RDONLY)
+                .unwrap_or_else(|e| panic!("open {ino}: errno {e}"));
+            assert_eq!(opened.fh, ino);
+            held.get_mut(&ino).unwrap().opens += 1;
+            let mut buf = [0u8; 64];
+            served
+                .read(ino, 0, &mut buf)
+                .unwrap_or_else(|e| panic!("read {ino}: errno {e}"));
+            format!("open {ino}")
+        }
+        55..=69 => {
+            let Some(ino) = rng.pick(&open) else {
+                return "nothing to release".into();
+            };
+            // The kernel lets go first, then tells the server.
+            held.get_mut(&ino).unwrap().opens -= 1;
+            served.release(ino);
+            format!("release {ino}")
+        }
+        70..=96 => {
+            let Some(ino) = rng.pick(&looked_up) else {
+                return "nothing to forget".into();
+            };
+            let h = held.get_mut(&ino).unwrap();
+            let n = 1 + rng.below(h.lookups);
+            h.lookups -= n;
+            served.forget(ino, n);
+            format!("forget {ino} x{n}")
+        }
+        _ => {
+            served.install(new_view(), None);
+            "install".into()
+        }
+    }
+}
+
+/// Every inode held must resolve to the generation it came from.
+fn check_held(served: &Served, held: &mut Holdings, last: &str) {
+    held.retain(|_, h| h.lookups > 0 || h.opens > 0);
+    for (&ino, h) in held.iter() {
+        match served.getattr(ino) {
+            Ok(entry) => assert_eq!(
+                entry.generation, h.generation,
+                "after `{last}`: inode {ino} held by the kernel now belongs to generation {} (was {})",
+                entry.generation, h.generation
+            ),
+            Err(e) => panic!(
+                "after `{last}`: inode {ino} held by the kernel (gen {}) is gone: errno {e}",
+                h.generation
+            ),
+        }
+    }
+}
+
+fn run(seed: u64, root: &Path, version: &str) {
+    let served = Arc::new(Served::new("/model".into(), false));
+    served.start(view_of(root, version), None::<&OwnedFd>);
+    let holdings: Vec<Arc<Mutex<Holdings>>> = (0..THREADS).map(|_| Arc::default()).collect();
+    let barrier = Arc::new(Barrier::new(THREADS + 1));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (served, held, barrier) = (served.clone(), holdings[t].clone(), barrier.clone());
+            let root = root.to_owned();
+            let version = version.to_owned();
+            std::thread::spawn(move || {
+                let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(t as u64 + 1) | 1);
+                let new_view = || view_of(&root, &version);
+                for _ in 0..ROUNDS {
+                    {
+                        let mut held = held.lock().unwrap();
+                        for _ in 0..STEPS {
+                            let last = step(&served, &mut rng, &mut held, &new_view);
+                            check_held(&served, &mut held, &last);
+                        }
+                    }
+                    barrier.wait(); // pause: the checker looks
+                    barrier.wait(); // go on
+                }
+                // The kernel lets go of everything, as at unmount.
+                let mut held = held.lock().unwrap();
+                for (ino, h) in held.drain() {
+                    for _ in 0..h.opens {
+                        served.release(ino);
+                    }
+                    if h.lookups > 0 {
+                        served.forget(ino, h.lookups);
+                    }
+                }
+            })
+        })
+        .collect();
+    for round in 0..ROUNDS {
+        barrier.wait();
+        let mut expected: BTreeSet<u32> = holdings
+            .iter()
+            .flat_map(|h| {
+                h.lock()
+                    .unwrap()
+                    .values()
+                    .map(|h| h.generation as u32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        expected.insert(served.current().unwrap().number);
+        let live: BTreeSet<u32> = served.live_generations().into_iter().collect();
+        assert_eq!(
+            live, expected,
+            "seed {seed}, round {round}: live generations vs. the current one plus those the kernel holds"
+        );
+        barrier.wait();
+    }
+    for t in threads {
+        t.join().expect("a kernel thread failed");
+    }
+    let current = served.current().unwrap().number;
+    assert_eq!(served.live_generations(), vec![current], "seed {seed}: all let go");
+    let status = served.status();
+    assert_eq!(status.generations.len(), 1);
+    assert_eq!(status.generations[0].kernel_refs, 0, "seed {seed}: counts back to zero");
+}
+
+#[test]
+fn generations_are_freed_exactly_when_the_kernel_lets_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    let spec = FixtureSpec::new("580.159.04");
+    build(&spec, &root).expect("fixture");
+    for seed in [1, 2, 3] {
+        run(seed, &root, &spec.version);
+    }
+}
+
+/// A thousand re-pins with the kernel holding an inode of every tenth
+/// generation: every inode number stays below 2^32 and none is reused
+/// while held.
+#[test]
+fn inode_numbers_fit_32_bits_and_are_never_reused_while_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    let spec = FixtureSpec::new("580.159.04");
+    build(&spec, &root).expect("fixture");
+    let served = Served::new("/model".into(), false);
+    served.start(view_of(&root, &spec.version), None::<&OwnedFd>);
+    let mut held: Vec<(u64, u64)> = Vec::new();
+    for n in 0..1000 {
+        let lib64 = served.lookup(FUSE_ROOT, "lib64".as_ref()).unwrap().unwrap();
+        assert!(lib64.attr.ino < 1 << 32);
+        if n % 10 == 0 {
+            held.push((lib64.attr.ino, lib64.generation));
+        } else {
+            served.forget(lib64.attr.ino, 1);
+        }
+        served.install(view_of(&root, &spec.version), None);
+        for &(ino, generation) in &held {
+            assert_eq!(served.getattr(ino).unwrap().generation, generation);
+        }
+    }
+    assert_eq!(served.live_generations().len(), held.len() + 1);
+}
