@@ -170,7 +170,8 @@ fn main() -> ExitCode {
     // ignoring it, which turns every later print into a panic or a "Broken
     // pipe" error. Children get the default disposition back anyway.
     // SAFETY: before any thread starts; SIG_DFL is always a valid disposition.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let _ =
+        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     nvlibfs::args::init_logging(cli.verbose);

@@ -10,7 +10,7 @@ use nvlibfs::mountinfo::{self, MountEntry};
 use std::error::Error;
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -183,11 +183,10 @@ pub fn mount(args: MountArgs, verbose: u8) -> Result<()> {
     unsafe {
         cmd.pre_exec(move || {
             // A session of its own: the daemon outlives this terminal.
-            libc::setsid();
+            nix::unistd::setsid()?;
             // Keep the readiness pipe open across exec.
-            if libc::fcntl(write_fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let pipe = std::os::fd::BorrowedFd::borrow_raw(write_fd);
+            nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
             Ok(())
         });
     }
@@ -238,13 +237,13 @@ fn read_answer(read_end: OwnedFd) -> Result<String> {
     let mut buf = [0u8; 4096];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: pipe.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let ready = match poll(&mut [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)], timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
         if ready == 0 {
             return Err(format!("the daemon was not ready within {} s", READY_TIMEOUT.as_secs()).into());
         }
@@ -263,13 +262,7 @@ fn read_answer(read_end: OwnedFd) -> Result<String> {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two descriptors we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: fresh descriptors from pipe2.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
 fn absolute(path: &Path) -> Result<PathBuf> {
@@ -308,7 +301,11 @@ pub fn umount(args: UmountArgs) -> Result<()> {
         NotOurs::Other(message) => message,
     })?;
     let daemon = control::query(&args.state_dir, &mountpoint).ok().map(|s| s.pid);
-    let lazy = if args.lazy { libc::MNT_DETACH } else { 0 };
+    let lazy = if args.lazy {
+        nix::mount::MntFlags::MNT_DETACH
+    } else {
+        nix::mount::MntFlags::empty()
+    };
     if let Some(live) = &fuse {
         unmount(live, lazy).map_err(|e| explain(&mountpoint, e))?;
     }
@@ -398,13 +395,8 @@ fn nvlibfs_mount_point(mounts: &[MountEntry], path: &Path) -> std::result::Resul
     }
 }
 
-fn unmount(path: &Path, flags: i32) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a NUL-terminated path and flags.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+fn unmount(path: &Path, flags: nix::mount::MntFlags) -> std::io::Result<()> {
+    Ok(nix::mount::umount2(path, flags)?)
 }
 
 fn explain(mountpoint: &Path, e: std::io::Error) -> Box<dyn Error> {

@@ -265,6 +265,10 @@ fn a_failed_privilege_drop_stops_the_daemon_unless_told_otherwise() {
     assert!(!refused.status.success(), "served without dropping privileges");
     assert!(err.contains("--keep-privileges"), "{err}");
     assert!(nvlibfs::mountinfo::at(&dir.path().join("strict/.live")).is_none());
+    assert!(
+        nvlibfs::mountinfo::at(&dir.path().join("strict")).is_none(),
+        "a failed first mount leaves nothing mounted"
+    );
 
     let kept = dir.path().join("kept");
     ok(mount(&kept, &["--keep-privileges"]), "mount --keep-privileges");
@@ -292,7 +296,7 @@ fn write_requests_that_reach_the_daemon_are_refused() {
     let live = m.mountpoint.join(".live");
     ok(
         Command::new("mount")
-            .args(["-o", "remount,rw"])
+            .args(["-i", "-o", "remount,rw"]) // -i: no mount.fuse helper, which would run the source
             .arg(&live)
             .output()
             .unwrap(),

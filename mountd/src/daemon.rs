@@ -164,10 +164,14 @@ fn serve_until_stopped(
     }
     let socket = control::socket_path(&serve.state_dir, &mountpoint);
     let listener = bind_control_socket(&socket)?;
+    let fresh = !layout::is_ours(&mountpoint);
     let live = layout::prepare(&mountpoint).map_err(|e| {
         let _ = std::fs::remove_file(&socket);
         DaemonError(e)
     })?;
+    // A mount point set up just now is taken down again if serving fails
+    // before it is ready; one a previous daemon left stays for the next.
+    let mut setup = FreshSetup(fresh.then(|| mountpoint.clone()));
 
     // Stop signals are taken by one thread (sigwait), so they are blocked
     // before any thread starts and every thread inherits the mask. Signals
@@ -287,6 +291,7 @@ fn serve_until_stopped(
         status.bytes
     );
     ready.send("ready");
+    setup.keep();
     notify_systemd(&format!(
         "READY=1\nSTATUS=serving NVIDIA driver {} at {}",
         status.driver_version,
@@ -328,6 +333,26 @@ fn serve_until_stopped(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => fail(format!("FUSE session ended with an error: {e}")),
         Err(_) => fail("the FUSE session thread panicked"),
+    }
+}
+
+/// Removes a mount point's fresh tmpfs when dropped before `keep`.
+struct FreshSetup(Option<std::path::PathBuf>);
+
+impl FreshSetup {
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FreshSetup {
+    fn drop(&mut self) {
+        if let Some(top) = self.0.take() {
+            let _ = nix::mount::umount2(&top.join(layout::LIVE), nix::mount::MntFlags::MNT_DETACH);
+            if let Err(e) = layout::remove(&top) {
+                tracing::warn!("{e}");
+            }
+        }
     }
 }
 

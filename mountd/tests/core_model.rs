@@ -16,7 +16,7 @@ use nvlibfs_mountd::served::{Served, FUSE_ROOT};
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Arc;
 
 const THREADS: usize = 4;
 const ROUNDS: usize = 40;
@@ -180,53 +180,46 @@ fn check_held(served: &Served, held: &mut Holdings, last: &str) {
 }
 
 fn run(seed: u64, root: &Path, version: &str) {
+    // Every live generation holds its files open, like the daemon does.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     let served = Arc::new(Served::new("/model".into(), false));
     served.start(view_of(root, version), None::<&OwnedFd>);
-    let holdings: Vec<Arc<Mutex<Holdings>>> = (0..THREADS).map(|_| Arc::default()).collect();
-    let barrier = Arc::new(Barrier::new(THREADS + 1));
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (served, held, barrier) = (served.clone(), holdings[t].clone(), barrier.clone());
-            let root = root.to_owned();
-            let version = version.to_owned();
-            std::thread::spawn(move || {
-                let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(t as u64 + 1) | 1);
-                let new_view = || view_of(&root, &version);
-                for _ in 0..ROUNDS {
-                    {
-                        let mut held = held.lock().unwrap();
-                        for _ in 0..STEPS {
-                            let last = step(&served, &mut rng, &mut held, &new_view);
-                            check_held(&served, &mut held, &last);
-                        }
-                    }
-                    barrier.wait(); // pause: the checker looks
-                    barrier.wait(); // go on
-                }
-                // The kernel lets go of everything, as at unmount.
-                let mut held = held.lock().unwrap();
-                for (ino, h) in held.drain() {
-                    for _ in 0..h.opens {
-                        served.release(ino);
-                    }
-                    if h.lookups > 0 {
-                        served.forget(ino, h.lookups);
-                    }
-                }
-            })
-        })
+    let mut holdings: Vec<Holdings> = vec![Holdings::new(); THREADS];
+    let mut rngs: Vec<Rng> = (0..THREADS as u64)
+        .map(|t| Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(t + 1) | 1))
         .collect();
+    // Each round runs the kernel threads to a pause (joined, so a failed
+    // check ends the test instead of leaving the others waiting), then
+    // looks at the whole with no request in flight.
     for round in 0..ROUNDS {
-        barrier.wait();
+        let threads: Vec<_> = holdings
+            .drain(..)
+            .zip(rngs.drain(..))
+            .map(|(mut held, mut rng)| {
+                let served = served.clone();
+                let (root, version) = (root.to_owned(), version.to_owned());
+                std::thread::spawn(move || {
+                    let new_view = || view_of(&root, &version);
+                    for _ in 0..STEPS {
+                        let last = step(&served, &mut rng, &mut held, &new_view);
+                        check_held(&served, &mut held, &last);
+                    }
+                    (held, rng)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (held, rng) = t
+                .join()
+                .unwrap_or_else(|_| panic!("seed {seed}, round {round}: a kernel thread failed"));
+            holdings.push(held);
+            rngs.push(rng);
+        }
         let mut expected: BTreeSet<u32> = holdings
             .iter()
-            .flat_map(|h| {
-                h.lock()
-                    .unwrap()
-                    .values()
-                    .map(|h| h.generation as u32)
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|h| h.values().map(|h| h.generation as u32))
             .collect();
         expected.insert(served.current().unwrap().number);
         let live: BTreeSet<u32> = served.live_generations().into_iter().collect();
@@ -234,10 +227,17 @@ fn run(seed: u64, root: &Path, version: &str) {
             live, expected,
             "seed {seed}, round {round}: live generations vs. the current one plus those the kernel holds"
         );
-        barrier.wait();
     }
-    for t in threads {
-        t.join().expect("a kernel thread failed");
+    // The kernel lets go of everything, as at unmount.
+    for held in holdings {
+        for (ino, h) in held {
+            for _ in 0..h.opens {
+                served.release(ino);
+            }
+            if h.lookups > 0 {
+                served.forget(ino, h.lookups);
+            }
+        }
     }
     let current = served.current().unwrap().number;
     assert_eq!(served.live_generations(), vec![current], "seed {seed}: all let go");
@@ -246,12 +246,20 @@ fn run(seed: u64, root: &Path, version: &str) {
     assert_eq!(status.generations[0].kernel_refs, 0, "seed {seed}: counts back to zero");
 }
 
+/// The fixture driver is built with a C compiler and ldconfig.
+fn fixture(root: &Path) -> FixtureSpec {
+    let spec = FixtureSpec::new("580.159.04");
+    build(&spec, root).unwrap_or_else(|e| {
+        panic!("building the fixture driver failed ({e}): it needs cc, libc6-dev and ldconfig; run contrib/test.sh")
+    });
+    spec
+}
+
 #[test]
 fn generations_are_freed_exactly_when_the_kernel_lets_go() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("host");
-    let spec = FixtureSpec::new("580.159.04");
-    build(&spec, &root).expect("fixture");
+    let spec = fixture(&root);
     for seed in [1, 2, 3] {
         run(seed, &root, &spec.version);
     }
@@ -264,8 +272,7 @@ fn generations_are_freed_exactly_when_the_kernel_lets_go() {
 fn inode_numbers_fit_32_bits_and_are_never_reused_while_held() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("host");
-    let spec = FixtureSpec::new("580.159.04");
-    build(&spec, &root).expect("fixture");
+    let spec = fixture(&root);
     let served = Served::new("/model".into(), false);
     served.start(view_of(&root, &spec.version), None::<&OwnedFd>);
     let mut held: Vec<(u64, u64)> = Vec::new();
