@@ -194,6 +194,9 @@ fn check_held(served: &Served, held: &mut Holdings, last: &str) {
     }
 }
 
+/// The two tests hold many descriptors each: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Every live generation holds its files open, as the daemon's do: take
 /// the hard limit, as the daemon does.
 fn raise_file_limit() {
@@ -277,6 +280,7 @@ fn fixture(root: &Path) -> FixtureSpec {
 
 #[test]
 fn generations_are_freed_exactly_when_the_kernel_lets_go() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("host");
     let spec = fixture(&root);
@@ -290,6 +294,7 @@ fn generations_are_freed_exactly_when_the_kernel_lets_go() {
 /// reused while held.
 #[test]
 fn inode_numbers_fit_32_bits_and_are_never_reused_while_held() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("host");
     let spec = fixture(&root);
