@@ -35,6 +35,12 @@ impl RootPath {
         RootPath(PathBuf::new())
     }
 
+    /// A path that was resolved inside the root before (as a view snapshot
+    /// records it); nothing is resolved or opened.
+    pub fn from_relative(path: &Path) -> RootPath {
+        RootPath(path.to_owned())
+    }
+
     pub fn relative(&self) -> &Path {
         &self.0
     }

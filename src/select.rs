@@ -18,7 +18,7 @@ use std::time::SystemTime;
 /// Vendor JSON configs are a few hundred bytes; refuse to parse anything huge.
 const MAX_JSON: u64 = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FileKind {
     Lib64,

@@ -64,6 +64,12 @@ pub struct Attr {
 
 impl View {
     pub fn build(pin: PinnedVersion, driver_root: PathBuf, files: Vec<Selected>) -> View {
+        View::build_at(pin, driver_root, files, SystemTime::now())
+    }
+
+    /// `build`, with `built` as the time shown for directories, links and
+    /// generated files.
+    fn build_at(pin: PinnedVersion, driver_root: PathBuf, files: Vec<Selected>, built: SystemTime) -> View {
         let mut view = View {
             pin,
             driver_root,
@@ -71,7 +77,7 @@ impl View {
                 parent: ROOT_INO,
                 kind: NodeKind::Dir(BTreeMap::new()),
             }],
-            built: SystemTime::now(),
+            built,
         };
         // Present even when empty, so `PATH`/`LD_LIBRARY_PATH` entries never dangle.
         view.make_dirs(Path::new("bin"));
@@ -79,7 +85,10 @@ impl View {
         let mut files = files;
         if let Some(cache) = loader_cache(&files) {
             match Selected::generated(PathBuf::from("etc/ld.so.cache"), &cache) {
-                Ok(file) => files.push(file),
+                Ok(mut file) => {
+                    file.mtime = built;
+                    files.push(file)
+                }
                 Err(e) => tracing::warn!("cannot make the view's ld.so.cache: {e}"),
             }
         }
@@ -362,4 +371,130 @@ pub struct ManifestFile {
 pub struct ManifestLink {
     pub path: String,
     pub target: String,
+}
+
+/// A view described so that another process can build the very same view
+/// (the same nodes, in the same inode numbers) from the same held files,
+/// without looking at the driver root again: what a serving process hands
+/// to the one that replaces it. The files travel separately, as
+/// descriptors, in the order of `files`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ViewSnapshot {
+    pub version: String,
+    /// A module version file, or `None` for `--driver-version`.
+    pub version_file: Option<PathBuf>,
+    pub driver_root: PathBuf,
+    /// When the view was first built (seconds, nanoseconds since the epoch).
+    pub built: (u64, u32),
+    pub files: Vec<FileSnapshot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileSnapshot {
+    pub view_path: PathBuf,
+    /// The host path inside the driver root, as discovery found it.
+    pub source: PathBuf,
+    pub size: u64,
+    pub mtime: (u64, u32),
+    pub kind: FileKind,
+    pub soname: Option<String>,
+}
+
+fn since_epoch(t: SystemTime) -> (u64, u32) {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
+fn from_epoch((secs, nanos): (u64, u32)) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos)
+}
+
+impl View {
+    /// The view's description and its host files in the same order.
+    /// Generated files are left out: `restore` makes them again.
+    pub fn snapshot(&self) -> (ViewSnapshot, Vec<&std::fs::File>) {
+        let mut files = Vec::new();
+        let mut held = Vec::new();
+        // Node order is the order `build` inserted the files in, which is
+        // what gives each its inode number.
+        for node in &self.nodes {
+            if let NodeKind::File(f) = &node.kind {
+                if f.kind != FileKind::Generated {
+                    files.push(FileSnapshot {
+                        view_path: f.view_path.clone(),
+                        source: f.source.relative().to_owned(),
+                        size: f.size,
+                        mtime: since_epoch(f.mtime),
+                        kind: f.kind,
+                        soname: f.soname.clone(),
+                    });
+                    held.push(&f.file);
+                }
+            }
+        }
+        let snapshot = ViewSnapshot {
+            version: self.pin.version.to_string(),
+            version_file: match &self.pin.source {
+                crate::pin::VersionSource::ModuleFile(p) => Some(p.clone()),
+                crate::pin::VersionSource::Override => None,
+            },
+            driver_root: self.driver_root.clone(),
+            built: since_epoch(self.built),
+            files,
+        };
+        (snapshot, held)
+    }
+
+    /// Builds the view a snapshot describes over `files` (the descriptors
+    /// `snapshot` gave, in order).
+    pub fn restore(snapshot: ViewSnapshot, files: Vec<std::fs::File>) -> Result<View, String> {
+        if snapshot.files.len() != files.len() {
+            return Err(format!(
+                "the snapshot lists {} files but {} descriptors came with it",
+                snapshot.files.len(),
+                files.len()
+            ));
+        }
+        let version = crate::pin::DriverVersion::parse(&snapshot.version)
+            .ok_or_else(|| format!("the snapshot's version {:?} is not a driver version", snapshot.version))?;
+        let pin = PinnedVersion {
+            version,
+            source: match snapshot.version_file {
+                Some(p) => crate::pin::VersionSource::ModuleFile(p),
+                None => crate::pin::VersionSource::Override,
+            },
+        };
+        let selected = snapshot
+            .files
+            .into_iter()
+            .zip(files)
+            .map(|(f, file)| {
+                let library = match f.kind {
+                    FileKind::Lib64 | FileKind::Lib32 => f
+                        .view_path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(crate::catalog::parse_library_name)
+                        .map(|l| l.spec),
+                    _ => None,
+                };
+                Selected {
+                    view_path: f.view_path,
+                    source: crate::hostroot::RootPath::from_relative(&f.source),
+                    file,
+                    size: f.size,
+                    mtime: from_epoch(f.mtime),
+                    kind: f.kind,
+                    library,
+                    soname: f.soname,
+                }
+            })
+            .collect();
+        Ok(View::build_at(
+            pin,
+            snapshot.driver_root,
+            selected,
+            from_epoch(snapshot.built),
+        ))
+    }
 }

@@ -1,0 +1,59 @@
+//! A view rebuilt from its snapshot and its held files is the same view:
+//! the same paths at the same inode numbers with the same attributes,
+//! links and manifest. That is what lets a replacement daemon answer for
+//! every inode the kernel still holds.
+
+mod common;
+
+use nvlibfs::discover::KernelInfo;
+use nvlibfs::pin::PinRequest;
+use nvlibfs::view::{NodeKind, View};
+use nvlibfs_fixture::{build, FixtureSpec};
+
+fn describe(view: &View) -> Vec<String> {
+    view.walk()
+        .into_iter()
+        .map(|(path, ino)| {
+            let attr = view.attr(ino).unwrap();
+            let extra = match &view.node(ino).unwrap().kind {
+                NodeKind::Symlink(t) => format!("-> {}", t.display()),
+                NodeKind::File(f) => format!("{} {:?} {:?}", f.source, f.library.map(|l| l.name), f.soname),
+                NodeKind::Dir(_) => String::new(),
+            };
+            format!("{} {ino} {attr:?} {extra}", path.display())
+        })
+        .collect()
+}
+
+#[test]
+fn a_view_restored_from_its_snapshot_is_the_same_view() {
+    common::require_fixture_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = FixtureSpec::new(common::VERSION);
+    spec.lib32 = true;
+    let fixture = build(&spec, &dir.path().join("host")).unwrap();
+    let plan = nvlibfs::plan(
+        &fixture.root,
+        &PinRequest::ModuleFile(fixture.module_version_file()),
+        &KernelInfo::running(),
+    )
+    .unwrap();
+    let view = plan.view;
+    let (snapshot, files) = view.snapshot();
+    assert!(snapshot.files.len() > 30);
+    let copies = files.iter().map(|f| f.try_clone().unwrap()).collect();
+    // Through JSON, as it travels between processes.
+    let json = serde_json::to_string(&snapshot).unwrap();
+    let restored = View::restore(serde_json::from_str(&json).unwrap(), copies).unwrap();
+    let (a, b) = (describe(&restored), describe(&view));
+    assert_eq!(a.len(), b.len());
+    for (a, b) in a.iter().zip(&b) {
+        assert_eq!(a, b);
+    }
+    assert_eq!(restored.pin(), view.pin());
+    let (a, b) = (restored.manifest(), view.manifest());
+    assert_eq!(serde_json::to_value(&a).unwrap(), serde_json::to_value(&b).unwrap());
+
+    let err = View::restore(snapshot, Vec::new()).unwrap_err();
+    assert!(err.contains("descriptors"), "{err}");
+}
