@@ -57,7 +57,7 @@ q() { printf '%q' "$1"; }
 cat <<MSG
 
 The view stays mounted at $mnt. Give it to containers read-only, with rslave so
-that a restarted daemon's mount reaches running containers:
+that even a wholly new daemon's mount reaches running containers:
   docker run \$($(q "$bin/nvlibfs") docker-flags --mountpoint $(q "$mnt")) IMAGE nvidia-smi
 (docker-flags prints --volume=$(q "$mnt"):/usr/local/nvidia:ro,rslave, the devices and the environment.)
 Ask the daemon what it serves, diagnose the host, and unmount it:

@@ -117,7 +117,8 @@ pub fn generate(mountpoint: &Path, dev: &Path) -> Spec {
             mounts: vec![Mount {
                 host_path: mountpoint.to_owned(),
                 container_path: target.to_owned(),
-                // rslave: a restarted daemon's new mount reaches running containers.
+                // rslave: a wholly new daemon's mount (its supervisor gone too)
+                // reaches running containers; a restarted serving process needs nothing.
                 options: ["ro", "nosuid", "nodev", "rbind", "rslave"].map(String::from).to_vec(),
             }],
         },

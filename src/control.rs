@@ -88,7 +88,19 @@ pub struct Counters {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub mountpoint: PathBuf,
+    /// The serving process (the one that answers FUSE requests).
     pub pid: u32,
+    /// The process that holds the FUSE connection and starts a new server
+    /// when this one ends; `None` when there is none.
+    #[serde(default)]
+    pub supervisor_pid: Option<u32>,
+    /// The serving binary's version.
+    #[serde(default)]
+    pub version: String,
+    /// Every time the connection passed from one serving process to
+    /// another, oldest first.
+    #[serde(default)]
+    pub handovers: Vec<Handover>,
     pub driver_version: String,
     pub version_source: String,
     pub driver_root: PathBuf,
@@ -121,6 +133,21 @@ pub struct Status {
     pub counters: Counters,
 }
 
+/// One handover of the FUSE connection to a new serving process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Handover {
+    /// `crash` (the server died) or `restart` (`nvlibfs restart`).
+    pub reason: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub new_version: String,
+    /// Seconds since the epoch when the old server stopped answering.
+    pub at: f64,
+    /// From then until the new server answered: the longest any request
+    /// waited (none failed).
+    pub waited_ms: f64,
+}
+
 /// One generation as served.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GenerationStatus {
@@ -138,6 +165,9 @@ impl Status {
         Status {
             mountpoint,
             pid: std::process::id(),
+            supervisor_pid: None,
+            version: String::new(),
+            handovers: Vec::new(),
             driver_version: String::new(),
             version_source: String::new(),
             driver_root: PathBuf::new(),

@@ -53,7 +53,7 @@ enum Command {
         nvlibfs mount /run/nvlibs\n  \
         nvlibfs mount --foreground /run/nvlibs        # under systemd or in a container\n  \
         docker run -v /run/nvlibs:/usr/local/nvidia:ro,rslave IMAGE ...   # then, in containers\n\n\
-        rslave lets a restarted daemon's mount reach containers that are already running.\n\
+        rslave lets the mount of a wholly new daemon (its supervisor gone too) reach running containers.\n\
         Without --foreground it returns once the mount answers (exit 0) or has failed (exit 1, with the reason).")]
     Mount(mount::MountArgs),
 
@@ -95,6 +95,14 @@ enum Command {
     /// Show what the daemon serving MOUNTPOINT serves and how (pinned version,
     /// data path, request counters, memory)
     Status(mount::StatusArgs),
+
+    /// Hand the mount to a new serving process started from the nvlibfs
+    /// binary now installed (after an upgrade), with no failed request
+    #[command(after_help = "Example:\n  nvlibfs restart /run/nvlibs\n\n\
+        The supervisor (see `nvlibfs status`) starts the new server, which restores what the old one \
+        serves; only when it is ready is the old one stopped, and requests wait in the kernel for the \
+        few milliseconds in between. If the new server cannot start, the old one goes on serving.")]
+    Restart(mount::RestartArgs),
 }
 
 #[derive(Subcommand)]
@@ -180,6 +188,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount::mount(args, cli.verbose),
         Command::Umount(args) => mount::umount(args),
         Command::Status(args) => mount::status(args),
+        Command::Restart(args) => mount::restart(args),
         Command::DockerFlags(args) => mount::docker_flags(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "nvlibfs", &mut std::io::stdout());

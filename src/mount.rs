@@ -78,6 +78,17 @@ pub struct StatusArgs {
     mountpoint: PathBuf,
 }
 
+#[derive(Args)]
+pub struct RestartArgs {
+    /// Where the daemon keeps its control socket: the --state-dir given to
+    /// `nvlibfs mount`
+    #[arg(long, value_name = "DIR", default_value = control::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+
+    /// The mount point given to `nvlibfs mount` (e.g. /run/nvlibs)
+    mountpoint: PathBuf,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StatusFormat {
     /// For people
@@ -415,6 +426,58 @@ fn explain(mountpoint: &Path, e: std::io::Error) -> Box<dyn Error> {
     .into()
 }
 
+/// How long a new server may take to restore and take over.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn restart(args: RestartArgs) -> Result<()> {
+    let mountpoint =
+        std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
+    let before = control::query(&args.state_dir, &mountpoint)?;
+    let supervisor = before.supervisor_pid.ok_or_else(|| {
+        format!(
+            "the daemon serving {} (pid {}) has no supervisor to hand over with; `nvlibfs umount` and \
+             `nvlibfs mount` it instead",
+            mountpoint.display(),
+            before.pid
+        )
+    })?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .map_err(|e| format!("asking the supervisor (pid {supervisor}) to restart: {e}"))?;
+    let deadline = Instant::now() + RESTART_TIMEOUT;
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = control::query(&args.state_dir, &mountpoint).ok();
+        if let Some(h) = now
+            .as_ref()
+            .and_then(|s| s.handovers.last())
+            .filter(|h| h.reason == "restart" && h.old_pid == before.pid)
+        {
+            println!(
+                "nvlibfs: {} is now served by pid {} (nvlibfs {}), was pid {} (nvlibfs {}); requests waited at \
+                 most {:.1} ms",
+                mountpoint.display(),
+                h.new_pid,
+                h.new_version,
+                before.pid,
+                before.version,
+                h.waited_ms
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no new server took over within {} s; pid {} goes on serving (its log says why)",
+                RESTART_TIMEOUT.as_secs(),
+                now.map_or(before.pid, |s| s.pid)
+            )
+            .into());
+        }
+    }
+}
+
 pub fn status(args: StatusArgs) -> Result<()> {
     let mountpoint =
         std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
@@ -531,9 +594,13 @@ fn escape_label(v: &str) -> String {
 fn print_status(s: &Status) {
     let c = &s.counters;
     println!(
-        "Mount point  {} (daemon pid {}, up {})",
+        "Mount point  {} (server pid {}{}, nvlibfs {}, up {})",
         s.mountpoint.display(),
         s.pid,
+        s.supervisor_pid
+            .map(|p| format!(", supervisor pid {p}"))
+            .unwrap_or_default(),
+        s.version,
         uptime(s.uptime_s)
     );
     println!(
@@ -581,6 +648,17 @@ fn print_status(s: &Status) {
     if let Some(rss) = s.rss_bytes {
         println!("Daemon RSS   {}", human(rss));
     }
+    if !s.handovers.is_empty() {
+        let worst = s.handovers.iter().map(|h| h.waited_ms).fold(0.0, f64::max);
+        println!(
+            "Handovers    {} (requests waited at most {worst:.1} ms); last: {} of pid {} to pid {} (nvlibfs {})",
+            s.handovers.len(),
+            s.handovers.last().map_or("", |h| h.reason.as_str()),
+            s.handovers.last().map_or(0, |h| h.old_pid),
+            s.handovers.last().map_or(0, |h| h.new_pid),
+            s.handovers.last().map_or("", |h| h.new_version.as_str()),
+        );
+    }
 }
 
 fn uptime(seconds: f64) -> String {
@@ -597,7 +675,8 @@ pub fn docker_flags(args: DockerFlagsArgs) -> Result<()> {
         println!("--device={}", node.display());
     }
     let t = args.target.display();
-    // rslave: a restarted daemon's new mount reaches running containers.
+    // rslave: a wholly new daemon's mount (its supervisor gone too) reaches
+    // running containers; a restarted serving process needs nothing.
     println!("--volume={}:{t}:ro,rslave", args.mountpoint.display());
     // Searched before the image's ld.so.cache and default directories.
     println!("--env=LD_LIBRARY_PATH={t}/lib64:{t}/lib");

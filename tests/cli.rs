@@ -176,7 +176,7 @@ fn help_readme_and_docker_flags_give_the_same_examples() {
     }
 
     // Every volume given anywhere a user copies from keeps rslave, so a
-    // restarted daemon's mount reaches running containers.
+    // wholly new daemon's mount reaches running containers.
     let main_help = ok(nvlibfs().arg("--help").output().unwrap(), "--help");
     for (name, text) in [
         ("README.md", readme.clone()),

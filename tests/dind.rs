@@ -93,7 +93,7 @@ impl Outer {
                 "a *:* rwm",
             ])
             .arg(format!("--volume={}:/var/lib/docker", outer.volume))
-            // rslave: a restarted daemon's mount reaches this container.
+            // rslave: a wholly new daemon's mount reaches this container.
             .arg(format!("--volume={}:/nvlibs:ro,rslave", view.display()))
             .arg(format!("--volume={}:/work:ro", work.display()))
             .arg(format!("--volume={}:/cache:ro", cache.display()))

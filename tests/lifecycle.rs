@@ -207,7 +207,15 @@ fn a_new_daemon_takes_over_from_a_hung_connection_without_waiting() {
     require("stat", "coreutils");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
-    let pid = m.status().pid;
+    let status = m.status();
+    let pid = status.pid;
+    // Without its supervisor, which would hand the connection to a new
+    // server: the case of a daemon wholly gone but for its connection.
+    let supervisor = status.supervisor_pid.expect("a supervisor");
+    kill(supervisor, nix::sys::signal::Signal::SIGKILL);
+    wait_for("the supervisor to die", || {
+        !nvlibfs::control::process_running(supervisor)
+    });
     let hung = steal_fuse_fd(pid);
     kill(pid, nix::sys::signal::Signal::SIGKILL);
     wait_for("the daemon to die", || !nvlibfs::control::process_running(pid));

@@ -8,8 +8,9 @@
 //! ends the daemon too (exit 0).
 
 use crate::fs::NvlibFs;
-use crate::layout;
 use crate::served::Served;
+use crate::takeover::{self, InitRecord};
+use crate::{handover, layout};
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 use nvlibfs::args::{DriverArgs, ServeArgs};
@@ -57,7 +58,18 @@ impl Readiness {
         Readiness(fd.map(|fd| std::fs::File::from(OwnedFd::from_raw_fd(fd))))
     }
 
-    fn send(&mut self, line: &str) {
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.0.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Lets go of the pipe, so the waiting side sees the end of it once
+    /// whoever else holds it is done.
+    pub fn close(&mut self) {
+        self.0 = None;
+    }
+
+    pub fn send(&mut self, line: &str) {
         if let Some(mut pipe) = self.0.take() {
             // The waiting side may be gone; the log has the message too.
             let _ = writeln!(pipe, "{line}");
@@ -74,29 +86,26 @@ enum Event {
     SessionEnded,
 }
 
-pub fn run(
-    driver: &DriverArgs,
-    serve: &ServeArgs,
-    mountpoint: &Path,
-    ready: &mut Readiness,
-) -> Result<(), DaemonError> {
-    match serve_until_stopped(driver, serve, mountpoint, ready) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            ready.send(&format!("error: {e}"));
-            Err(e)
-        }
-    }
+/// How this server comes by its connection.
+pub enum Start {
+    /// The first server of a mount: scans, mounts, and gives the
+    /// supervisor the connection and everything it holds.
+    Mount,
+    /// A later one: continues the connection and the state the supervisor
+    /// kept, without a scan or a new FUSE INIT.
+    Takeover,
 }
 
-/// Held for as long as this daemon serves its mount point: one daemon per
-/// mount point, decided before anything else is looked at or created.
-struct MountLock {
-    _file: nix::fcntl::Flock<std::fs::File>,
+/// Held for as long as a mount point is served: one daemon per mount
+/// point, decided before anything else is looked at or created. The
+/// supervisor takes it; its servers inherit the descriptor, so the lock
+/// holds while any of them lives.
+pub struct MountLock {
+    file: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl MountLock {
-    fn take(mountpoint: &Path) -> Result<MountLock, DaemonError> {
+    pub fn take(mountpoint: &Path) -> Result<MountLock, DaemonError> {
         let path = control::lock_path(mountpoint);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -127,19 +136,105 @@ impl MountLock {
         // The pid, for the message a refused daemon prints.
         let _ = file.set_len(0);
         let _ = write!(&*file, "{}", std::process::id());
-        Ok(MountLock { _file: file })
+        Ok(MountLock { file })
+    }
+
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.as_fd()
     }
 }
 
-fn serve_until_stopped(
+/// The server's end of its supervisor's socket.
+pub struct Link(pub OwnedFd);
+
+impl Link {
+    fn send(&self, tag: u8, body: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), DaemonError> {
+        handover::send(&self.0, tag, body, fds).map_err(|e| DaemonError(format!("telling the supervisor: {e}")))
+    }
+
+    /// Hands the supervisor what a successor needs: every live
+    /// generation's view, range, data path and held files.
+    pub fn checkpoint(&self, served: &Served) -> Result<(), DaemonError> {
+        let (checkpoint, files) = served
+            .checkpoint()
+            .map_err(|e| DaemonError(format!("copying the held files for the supervisor: {e}")))?;
+        let json = serde_json::to_vec(&checkpoint).map_err(|e| DaemonError(format!("encoding a checkpoint: {e}")))?;
+        handover::send_checkpoint(&self.0, &json, &files)
+            .map_err(|e| DaemonError(format!("sending a checkpoint to the supervisor: {e}")))
+    }
+
+    fn recv(&self) -> Result<handover::Message, DaemonError> {
+        handover::recv(&self.0)
+            .map_err(|e| DaemonError(format!("hearing from the supervisor: {e}")))?
+            .ok_or_else(|| DaemonError("the supervisor went away".into()))
+    }
+}
+
+pub fn run(
     driver: &DriverArgs,
     serve: &ServeArgs,
     mountpoint: &Path,
     ready: &mut Readiness,
+    link: Link,
+    start: Start,
 ) -> Result<(), DaemonError> {
-    crate::privileges::check_can_mount()?;
-    let mountpoint = layout::absolute(mountpoint).map_err(DaemonError)?;
-    let _lock = MountLock::take(&mountpoint)?;
+    let result = match start {
+        Start::Mount => mount_and_serve(driver, serve, mountpoint, ready, link),
+        Start::Takeover => take_over_and_serve(driver, serve, mountpoint, link),
+    };
+    if let Err(e) = &result {
+        ready.send(&format!("error: {e}"));
+    }
+    result
+}
+
+/// Signals: blocked everywhere and taken by one thread (so every thread
+/// inherits the mask, set before any starts); the ones nothing should act
+/// on are ignored, so an outside SIGUSR1 cannot end the server or pass for
+/// an unmount.
+fn block_signals() -> Result<SigSet, DaemonError> {
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| DaemonError(format!("blocking signals: {e}")))?;
+    for s in [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGPIPE] {
+        // SAFETY: SIG_IGN installs no handler code.
+        unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }
+            .map_err(|e| DaemonError(format!("ignoring {s}: {e}")))?;
+    }
+    Ok(signals)
+}
+
+fn fuse_config(serve: &ServeArgs) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::DefaultPermissions,
+        MountOption::FSName("nvlibfs".into()),
+        MountOption::Subtype("nvlibfs".into()),
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(serve.threads.into());
+    // Every thread reads the one descriptor the supervisor also holds: a
+    // cloned one would die with this process and fail the requests it had
+    // read (see takeover.rs).
+    config.clone_fd = false;
+    config
+}
+
+fn mount_and_serve(
+    driver: &DriverArgs,
+    serve: &ServeArgs,
+    mountpoint: &Path,
+    ready: &mut Readiness,
+    link: Link,
+) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&serve.state_dir)
         .map_err(|e| DaemonError(format!("creating state directory {}: {e}", serve.state_dir.display())))?;
     raise_file_limit();
@@ -158,7 +253,7 @@ fn serve_until_stopped(
         plan.elapsed.as_secs_f64() * 1e3
     );
 
-    let mountpoint = layout::mount_point(&mountpoint).map_err(DaemonError)?;
+    let mountpoint = layout::mount_point(mountpoint).map_err(DaemonError)?;
     if !Path::new("/dev/fuse").exists() {
         return fail("no /dev/fuse: load the fuse module (`modprobe fuse`) or pass the device into this container");
     }
@@ -172,38 +267,10 @@ fn serve_until_stopped(
     // A mount point set up just now is taken down again if serving fails
     // before it is ready; one a previous daemon left stays for the next.
     let mut setup = FreshSetup(fresh.then(|| mountpoint.clone()));
-
-    // Stop signals are taken by one thread (sigwait), so they are blocked
-    // before any thread starts and every thread inherits the mask. Signals
-    // nothing should act on are ignored: an outside SIGUSR1 must not end
-    // the daemon or be taken for an unmount.
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        signals.add(s);
-    }
-    signals
-        .thread_block()
-        .map_err(|e| DaemonError(format!("blocking signals: {e}")))?;
-    for s in [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGPIPE] {
-        // SAFETY: SIG_IGN installs no handler code.
-        unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }
-            .map_err(|e| DaemonError(format!("ignoring {s}: {e}")))?;
-    }
+    let signals = block_signals()?;
 
     let served = Arc::new(Served::new(mountpoint.clone(), !serve.no_passthrough));
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::NoSuid,
-        MountOption::NoDev,
-        MountOption::DefaultPermissions,
-        MountOption::FSName("nvlibfs".into()),
-        MountOption::Subtype("nvlibfs".into()),
-    ];
-    config.acl = SessionACL::All;
-    config.n_threads = Some(serve.threads.into());
-    config.clone_fd = true;
-    let mut session = fuser::Session::new(NvlibFs::new(served.clone()), &live, &config).map_err(|e| {
+    let session = fuser::Session::new(NvlibFs::new(served.clone()), &live, &fuse_config(serve)).map_err(|e| {
         let _ = std::fs::remove_file(&socket);
         DaemonError(match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => {
@@ -216,6 +283,109 @@ fn serve_until_stopped(
         })
     })?;
     served.start(plan.view, Some(&session));
+    // The supervisor keeps the connection and everything held from now on.
+    let init = served
+        .init_record
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .ok_or_else(|| DaemonError("the FUSE INIT was not recorded".into()))?;
+    {
+        use std::os::fd::AsFd;
+        let json = serde_json::to_vec(&init).map_err(|e| DaemonError(e.to_string()))?;
+        link.send(handover::CONNECTION, &json, &[session.as_fd()])?;
+    }
+    link.checkpoint(&served)?;
+    if let Err(e) = drop_privileges(serve) {
+        let _ = std::fs::remove_file(&socket);
+        let _ = nix::mount::umount2(&live, nix::mount::MntFlags::MNT_DETACH);
+        return Err(e);
+    }
+    serve_session(
+        Serving {
+            driver,
+            served,
+            session,
+            listener,
+            socket,
+            live,
+            signals,
+            link,
+            resend: None,
+        },
+        |mountpoint| {
+            setup.keep();
+            ready.send("ready");
+            tracing::info!("ready at {}", mountpoint.display());
+        },
+    )
+}
+
+fn take_over_and_serve(
+    driver: &DriverArgs,
+    serve: &ServeArgs,
+    mountpoint: &Path,
+    link: Link,
+) -> Result<(), DaemonError> {
+    raise_file_limit();
+    let mountpoint = layout::absolute(mountpoint).map_err(DaemonError)?;
+    let connection = link.recv()?;
+    if connection.tag != handover::CONNECTION {
+        return fail("the supervisor sent no connection first");
+    }
+    let init: InitRecord = serde_json::from_slice(&connection.body)
+        .map_err(|e| DaemonError(format!("the supervisor's connection record: {e}")))?;
+    let fuse = connection
+        .fds
+        .into_iter()
+        .next()
+        .ok_or_else(|| DaemonError("the supervisor sent no FUSE descriptor".into()))?;
+    let first = link.recv()?;
+    let (json, files) =
+        handover::recv_checkpoint(first, &link.0).map_err(|e| DaemonError(format!("receiving the checkpoint: {e}")))?;
+    let checkpoint =
+        serde_json::from_slice(&json).map_err(|e| DaemonError(format!("the supervisor's checkpoint: {e}")))?;
+    let served = Arc::new(
+        Served::restore(mountpoint.clone(), !serve.no_passthrough, checkpoint, files, &fuse)
+            .map_err(|e| DaemonError(format!("restoring the served state: {e}")))?,
+    );
+    let mut config = fuse_config(serve);
+    config.mount_options.clear();
+    let resumed = takeover::resume(NvlibFs::new(served.clone()), &init, SessionACL::All, config)
+        .map_err(|e| DaemonError(format!("resuming the FUSE session: {e}")))?;
+    let signals = block_signals()?;
+    tracing::info!(
+        generations = ?served.live_generations(),
+        "restored the served state; waiting for the connection"
+    );
+    link.send(handover::PREPARED, &[], &[])?;
+    let go = link.recv()?;
+    if go.tag != handover::GO {
+        return fail("the supervisor did not hand the connection over");
+    }
+    let session = resumed
+        .attach(&fuse)
+        .map_err(|e| DaemonError(format!("taking the FUSE connection: {e}")))?;
+    let socket = control::socket_path(&serve.state_dir, &mountpoint);
+    let listener = bind_control_socket(&socket)?;
+    let live = mountpoint.join(layout::LIVE);
+    drop_privileges(serve)?;
+    serve_session(
+        Serving {
+            driver,
+            served,
+            session,
+            listener,
+            socket,
+            live,
+            signals,
+            link,
+            resend: Some((fuse, init)),
+        },
+        |_| {},
+    )
+}
+
+fn drop_privileges(serve: &ServeArgs) -> Result<(), DaemonError> {
     // Mounted and every file held: from here on, only what is still used.
     match crate::privileges::drop_to_kept() {
         Ok(()) => {
@@ -224,21 +394,52 @@ fn serve_until_stopped(
                 "dropped all other capabilities and set no_new_privs; keeping {}",
                 kept.join(", ")
             );
+            Ok(())
         }
         Err(e) if serve.keep_privileges => {
-            tracing::warn!("could not drop capabilities ({e}); --keep-privileges: continuing with all of them")
+            tracing::warn!("could not drop capabilities ({e}); --keep-privileges: continuing with all of them");
+            Ok(())
         }
-        Err(e) => {
-            let _ = session.unmount_callable().unmount();
-            let _ = std::fs::remove_file(&socket);
-            return fail(format!(
-                "could not drop the capabilities the daemon does not need ({e}); refusing to serve with all \
-                 of them (--keep-privileges overrides)"
-            ));
-        }
+        Err(e) => fail(format!(
+            "could not drop the capabilities the daemon does not need ({e}); refusing to serve with all \
+             of them (--keep-privileges overrides)"
+        )),
     }
+}
+
+/// A server with its connection, about to answer.
+struct Serving<'a> {
+    driver: &'a DriverArgs,
+    served: Arc<Served>,
+    session: fuser::Session<NvlibFs>,
+    listener: UnixListener,
+    socket: std::path::PathBuf,
+    live: std::path::PathBuf,
+    signals: SigSet,
+    link: Link,
+    /// After a takeover: the connection, to ask the kernel to resend the
+    /// requests the previous server had read but not answered.
+    resend: Option<(OwnedFd, InitRecord)>,
+}
+
+/// Serves until stopped: the session, status, the module watcher, signals.
+fn serve_session(s: Serving<'_>, on_ready: impl FnOnce(&Path)) -> Result<(), DaemonError> {
+    let Serving {
+        driver,
+        served,
+        session,
+        listener,
+        socket,
+        live,
+        signals,
+        link,
+        resend,
+    } = s;
+    let mountpoint = served.mountpoint.clone();
+    *served.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(nix::unistd::getppid().as_raw() as u32).filter(|&p| p != 1);
+    let link = Arc::new(link);
     let notifier = session.notifier();
-    let mut unmounter = session.unmount_callable();
     let (events, event) = mpsc::channel();
     let loop_thread = {
         let events = events.clone();
@@ -251,6 +452,15 @@ fn serve_until_stopped(
             })
             .map_err(|e| DaemonError(format!("starting the session thread: {e}")))?
     };
+    if let Some((fuse, init)) = &resend {
+        match takeover::resend(fuse, init) {
+            Ok(true) => tracing::info!("asked the kernel to resend what the previous server had not answered"),
+            Ok(false) => tracing::info!(
+                "this kernel cannot resend requests a dead server had read (FUSE_NOTIFY_RESEND is Linux 6.9+)"
+            ),
+            Err(e) => tracing::warn!("FUSE_NOTIFY_RESEND: {e}"),
+        }
+    }
     let status_served = served.clone();
     std::thread::Builder::new()
         .name("status".into())
@@ -258,10 +468,10 @@ fn serve_until_stopped(
         .map_err(|e| DaemonError(format!("starting the status thread: {e}")))?;
     let (recheck, recheck_requests) = mpsc::channel();
     {
-        let (driver, served) = (driver.clone(), served.clone());
+        let (driver, served, link) = (driver.clone(), served.clone(), link.clone());
         std::thread::Builder::new()
             .name("repin".into())
-            .spawn(move || crate::repin::watch(driver, served, notifier, recheck_requests))
+            .spawn(move || crate::repin::watch(driver, served, notifier, recheck_requests, &link))
             .map_err(|e| DaemonError(format!("starting the module watcher: {e}")))?;
     }
     std::thread::Builder::new()
@@ -278,6 +488,14 @@ fn serve_until_stopped(
             }
         })
         .map_err(|e| DaemonError(format!("starting the signal thread: {e}")))?;
+    {
+        let served = served.clone();
+        let link = link.clone();
+        std::thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || hear_supervisor(&link, &served))
+            .map_err(|e| DaemonError(format!("starting the supervisor thread: {e}")))?;
+    }
 
     wait_until_answering(&live)?;
     crate::logging::open_file().map_err(DaemonError)?;
@@ -286,26 +504,31 @@ fn serve_until_stopped(
         mountpoint = %mountpoint.display(),
         version = %status.driver_version,
         data_path = %status.data_path,
-        "ready: serving {} files ({} bytes)",
+        server = %crate::version(),
+        "serving {} files ({} bytes)",
         status.files,
         status.bytes
     );
-    ready.send("ready");
-    setup.keep();
-    notify_systemd(&format!(
-        "READY=1\nSTATUS=serving NVIDIA driver {} at {}",
-        status.driver_version,
-        mountpoint.display()
-    ));
+    let ready = handover::Ready {
+        version: crate::version(),
+        status: format!(
+            "serving NVIDIA driver {} at {} (nvlibfs {})",
+            status.driver_version,
+            mountpoint.display(),
+            crate::version()
+        ),
+    };
+    let json = serde_json::to_vec(&ready).map_err(|e| DaemonError(e.to_string()))?;
+    link.send(handover::READY, &json, &[])?;
+    on_ready(&mountpoint);
 
     match event.recv() {
         Ok(Event::SessionEnded) | Err(_) => {
             tracing::info!("{} was unmounted; exiting", mountpoint.display());
         }
         Ok(Event::Stop(signal)) => {
-            notify_systemd("STOPPING=1");
             tracing::info!("{signal}: unmounting {}", mountpoint.display());
-            if let Err(e) = unmounter.unmount() {
+            if let Err(e) = nix::mount::umount2(&live, nix::mount::MntFlags::empty()) {
                 // Still in use: detach now; the kernel ends the session when the
                 // last user is gone, and until then we keep answering.
                 tracing::warn!("unmount failed ({e}); detaching lazily and serving until the last user closes it");
@@ -333,6 +556,26 @@ fn serve_until_stopped(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => fail(format!("FUSE session ended with an error: {e}")),
         Err(_) => fail("the FUSE session thread panicked"),
+    }
+}
+
+/// What the supervisor tells a running server: the handovers so far. When
+/// it goes away, the server goes on alone (a crash from then on ends the
+/// mount, as before there was a supervisor).
+fn hear_supervisor(link: &Link, served: &Served) {
+    loop {
+        match handover::recv(&link.0) {
+            Ok(Some(m)) if m.tag == handover::HISTORY => match serde_json::from_slice(&m.body) {
+                Ok(history) => *served.handovers.lock().unwrap_or_else(|e| e.into_inner()) = history,
+                Err(e) => tracing::warn!("the supervisor's handover history: {e}"),
+            },
+            Ok(Some(m)) => tracing::warn!("unexpected message {:?} from the supervisor", m.tag as char),
+            Ok(None) | Err(_) => {
+                tracing::warn!("the supervisor is gone; serving on without one");
+                *served.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                return;
+            }
+        }
     }
 }
 
@@ -400,7 +643,7 @@ fn raise_file_limit() {
 }
 
 /// Tells systemd (a `Type=notify` unit) how we are doing, if it asked.
-fn notify_systemd(state: &str) {
+pub fn notify_systemd(state: &str) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {

@@ -4,6 +4,7 @@
 //! in the core and is tested without FUSE.
 
 use crate::served::{DirEntry, Entry, Errno as CoreErrno, Served};
+use crate::takeover::InitRecord;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
@@ -114,7 +115,21 @@ impl fuser::Filesystem for NvlibFs {
                 && config.set_max_stack_depth(MAX_STACK_DEPTH).is_ok();
             self.served.passthrough_offered.store(offered, Relaxed);
         }
-        tracing::debug!(abi = ?config.kernel_abi(), "FUSE connection initialised");
+        // Recorded for a server that takes this connection over: it must
+        // see the INIT the kernel sent, once, to this one.
+        let abi = config.kernel_abi();
+        let record = InitRecord {
+            major: abi.0,
+            minor: abi.1,
+            max_readahead: config.set_max_readahead(u32::MAX).unwrap_or_else(|max| max),
+            flags: config.capabilities().bits(),
+        };
+        self.served
+            .init_record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(record);
+        tracing::debug!(?abi, "FUSE connection initialised");
         Ok(())
     }
 

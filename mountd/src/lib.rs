@@ -9,8 +9,20 @@
 pub mod backing;
 pub mod daemon;
 pub mod fs;
+pub mod handover;
 pub mod layout;
 pub mod logging;
 pub mod privileges;
 pub mod repin;
 pub mod served;
+pub mod supervisor;
+pub mod takeover;
+
+/// This binary's version; `NVLIBFS_BUILD_ID` at build time adds to it, so
+/// two builds can be told apart after `nvlibfs restart`.
+pub fn version() -> String {
+    match option_env!("NVLIBFS_BUILD_ID") {
+        Some(id) => format!("{} ({id})", env!("CARGO_PKG_VERSION")),
+        None => env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}

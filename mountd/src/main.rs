@@ -1,10 +1,14 @@
 //! `nvlibfs-mountd`: mounts and serves one view until stopped. Normally
 //! started by `nvlibfs mount`, which waits for it to be ready; run it
-//! directly (it always stays in the foreground) under a supervisor.
+//! directly (it always stays in the foreground) under systemd. This
+//! process is the supervisor that holds the FUSE connection; it runs
+//! itself again, with `--supervisor-socket`, as the serving process.
 
 use clap::Parser;
 use nvlibfs::args::{DriverArgs, ServeArgs};
 use nvlibfs_mountd::daemon::{self, Readiness};
+use nvlibfs_mountd::supervisor;
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,8 +40,38 @@ struct Args {
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
 
+    /// Run as the serving process of the supervisor at the other end of
+    /// this socket (set by the supervisor)
+    #[arg(long, hide = true, value_name = "FD")]
+    supervisor_socket: Option<i32>,
+
+    /// With --supervisor-socket: take over the connection and state the
+    /// supervisor holds instead of mounting
+    #[arg(long, hide = true, requires = "supervisor_socket")]
+    takeover: bool,
+
     /// Where to mount the view (created if missing)
     mountpoint: PathBuf,
+}
+
+/// This binary as it is on disk, run again as the server with the same
+/// flags: found by path at every start, so after an upgrade the new one.
+fn supervise(args: &Args, ready: Readiness) -> Result<(), daemon::DaemonError> {
+    let exe = std::env::current_exe().map_err(|e| daemon::DaemonError::new(format!("finding this binary: {e}")))?;
+    let mut server_args = args.driver.to_args();
+    server_args.extend(args.serve.to_args());
+    if args.verbose > 0 {
+        server_args.push(format!("-{}", "v".repeat(args.verbose as usize)).into());
+    }
+    if let Some(log) = &args.log_file {
+        server_args.extend(["--log-file".into(), log.clone().into_os_string()]);
+    }
+    let command = supervisor::ServerCommand {
+        exe,
+        args: server_args,
+        mountpoint: args.mountpoint.clone(),
+    };
+    supervisor::run(command, ready)
 }
 
 fn main() -> ExitCode {
@@ -45,7 +79,20 @@ fn main() -> ExitCode {
     nvlibfs_mountd::logging::init(args.verbose, args.log_file.as_deref());
     // SAFETY: the descriptor was passed to us by `nvlibfs mount` for this purpose.
     let mut ready = unsafe { Readiness::from_fd(args.ready_fd) };
-    match daemon::run(&args.driver, &args.serve, &args.mountpoint, &mut ready) {
+    let result = match args.supervisor_socket {
+        Some(fd) => {
+            // SAFETY: the supervisor passed this socket for this purpose.
+            let link = daemon::Link(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            let start = if args.takeover {
+                daemon::Start::Takeover
+            } else {
+                daemon::Start::Mount
+            };
+            daemon::run(&args.driver, &args.serve, &args.mountpoint, &mut ready, link, start)
+        }
+        None => supervise(&args, ready),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Once: to the log (stderr in the foreground); `nvlibfs mount`

@@ -5,6 +5,7 @@
 //! generation is freed as soon as its last user lets go. Open files keep
 //! the old generation until then.
 
+use crate::daemon::Link;
 use crate::served::{Deletion, Forgetting, Served, FUSE_ROOT};
 use fuser::{INodeNo, Notifier};
 use nvlibfs::args::DriverArgs;
@@ -21,13 +22,18 @@ pub const POLL: Duration = Duration::from_millis(500);
 
 /// Checks every `POLL`, and at once when `wake` says so (SIGHUP); returns
 /// when `wake`'s sender is dropped.
-pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: Receiver<()>) {
+///
+/// The supervisor gets a checkpoint after each swap, before the kernel is
+/// told (so a successor knows every generation the kernel can reach), and
+/// whenever the set of live generations changed (one was freed).
+pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: Receiver<()>, link: &Link) {
     let request = driver.pin_request();
     let follows_module = !matches!(request, PinRequest::Version(_));
     if !follows_module {
         tracing::info!("--driver-version fixes the pin; not following the kernel module");
     }
     let mut last_error = None;
+    let mut checkpointed = served.live_generations();
     loop {
         match wake.recv_timeout(POLL) {
             Ok(()) => tracing::info!("checking the kernel module's version now (SIGHUP)"),
@@ -39,6 +45,11 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: 
         let retired = served.retired_names();
         if !retired.is_empty() {
             delete_names(&notifier, &retired);
+        }
+        let live = served.live_generations();
+        if live != checkpointed {
+            checkpoint(link, &served);
+            checkpointed = live;
         }
         if !follows_module {
             continue;
@@ -89,7 +100,15 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: 
         let from = current.view.pin().version.clone();
         let forgetting = served.install(view, problem);
         tracing::info!(%from, %to, "re-pinned");
+        checkpoint(link, &served);
+        checkpointed = served.live_generations();
         tell_kernel(&notifier, &forgetting);
+    }
+}
+
+fn checkpoint(link: &Link, served: &Served) {
+    if let Err(e) = link.checkpoint(served) {
+        tracing::warn!("{e}; a server that takes over would start from the previous checkpoint");
     }
 }
 

@@ -15,8 +15,10 @@
 //! inode, never earlier.
 
 use crate::backing;
+use crate::takeover::InitRecord;
 use nvlibfs::control::{Counters, GenerationStatus, Status};
 use nvlibfs::select::FileKind;
+use nvlibfs::view::ViewSnapshot;
 use nvlibfs::view::{Attr, Ino, NodeKind, View, ROOT_INO};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -105,6 +107,42 @@ enum DataPath {
     /// READ requests answered from the held files; opens keep the page
     /// cache, so each page is read through the daemon once.
     Cached { reason: String },
+}
+
+/// What `Served::checkpoint` hands to the server that takes over.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub generations: Vec<GenerationState>,
+    pub current: Option<u32>,
+    pub next_number: u32,
+    pub next_base: u64,
+    /// Whether the mount serves by passthrough, or why not.
+    pub passthrough: Result<(), String>,
+    pub pin_problem: Option<String>,
+    pub init: Option<InitRecord>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct GenerationState {
+    pub number: u32,
+    pub base: u64,
+    pub view: ViewSnapshot,
+    /// Where this generation's files start among the descriptors sent.
+    pub first_fd: usize,
+    pub data: DataState,
+    pub refs: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum DataState {
+    /// Backing ids by view inode: registered with the connection, which
+    /// keeps them across servers.
+    Passthrough {
+        ids: Vec<(Ino, u32)>,
+    },
+    Cached {
+        reason: String,
+    },
 }
 
 /// One immutable view as served.
@@ -225,6 +263,10 @@ pub struct AtomicCounters {
 struct Live {
     generation: Arc<Generation>,
     refs: u64,
+    /// Taken over from a previous server: references it counted after its
+    /// last checkpoint are unknown, so this generation is never freed by
+    /// its count (only with the mount), rather than freed too early.
+    inherited: bool,
 }
 
 #[derive(Default)]
@@ -280,7 +322,9 @@ impl Generations {
             tracing::warn!("the kernel released inode {ino}, which no generation holds");
             return;
         };
-        if live.refs < n {
+        // A generation taken over from a previous server may see releases
+        // of references that server counted after its last checkpoint.
+        if live.refs < n && !live.inherited {
             tracing::error!(
                 generation = live.generation.number,
                 "the kernel released {n} references to inode {ino} but only {} were counted",
@@ -289,7 +333,7 @@ impl Generations {
         }
         live.refs = live.refs.saturating_sub(n);
         let base = live.generation.base;
-        if live.refs == 0 && Some(base) != current {
+        if live.refs == 0 && !live.inherited && Some(base) != current {
             self.live.remove(&base);
         }
     }
@@ -307,6 +351,11 @@ pub struct Served {
     generations: Mutex<Generations>,
     /// Why the current generation is not the loaded module's full driver.
     pin_problem: Mutex<Option<String>>,
+    /// The connection's FUSE_INIT, for a server that takes it over.
+    pub init_record: Mutex<Option<InitRecord>>,
+    /// Shown by `status`: who supervises this server, and the handovers.
+    pub supervisor_pid: Mutex<Option<u32>>,
+    pub handovers: Mutex<Vec<nvlibfs::control::Handover>>,
     started: Instant,
 }
 
@@ -320,6 +369,9 @@ impl Served {
             passthrough_dev: Mutex::new(Err("not started".into())),
             generations: Mutex::new(Generations::default()),
             pin_problem: Mutex::new(None),
+            init_record: Mutex::new(None),
+            supervisor_pid: Mutex::new(None),
+            handovers: Mutex::new(Vec::new()),
             started: Instant::now(),
         }
     }
@@ -424,12 +476,13 @@ impl Served {
             Live {
                 generation: new.clone(),
                 refs: 0,
+                inherited: false,
             },
         );
         let mut forgetting = Forgetting::default();
         if let Some(old) = old.and_then(|b| generations.live.get(&b)) {
             let old_gen = old.generation.clone();
-            if old.refs == 0 {
+            if old.refs == 0 && !old.inherited {
                 generations.live.remove(&old_gen.base);
             } else {
                 old_gen.deletions_below(ROOT_INO, &mut forgetting.deletions);
@@ -440,6 +493,119 @@ impl Served {
         drop(generations);
         *self.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = pin_problem;
         forgetting
+    }
+
+    /// Everything a server that takes over needs to answer for what the
+    /// kernel holds: each live generation's view (as a snapshot), inode
+    /// range, data path (passthrough ids stay registered with the
+    /// connection) and count, with the held files to send alongside, in
+    /// order.
+    pub fn checkpoint(&self) -> std::io::Result<(Checkpoint, Vec<std::fs::File>)> {
+        let generations = self.lock();
+        let mut files = Vec::new();
+        let mut states = Vec::new();
+        for live in generations.live.values() {
+            let g = &live.generation;
+            let (view, held) = g.view.snapshot();
+            let first_fd = files.len();
+            // Copies: a generation may be freed while they travel.
+            for f in held {
+                files.push(f.try_clone()?);
+            }
+            states.push(GenerationState {
+                number: g.number,
+                base: g.base,
+                view,
+                first_fd,
+                data: match &g.data {
+                    DataPath::Passthrough { ids, .. } => DataState::Passthrough {
+                        ids: ids.iter().map(|(&ino, &id)| (ino, id)).collect(),
+                    },
+                    DataPath::Cached { reason } => DataState::Cached { reason: reason.clone() },
+                },
+                refs: live.refs,
+            });
+        }
+        let checkpoint = Checkpoint {
+            generations: states,
+            current: generations.current().map(|l| l.generation.number),
+            next_number: generations.next_number,
+            next_base: generations.next_base,
+            passthrough: self
+                .passthrough_dev
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|_| ())
+                .map_err(Clone::clone),
+            pin_problem: self.pin_problem(),
+            init: *self.init_record.lock().unwrap_or_else(|e| e.into_inner()),
+        };
+        Ok((checkpoint, files))
+    }
+
+    /// A server continuing from `checkpoint` on the connection `dev`, with
+    /// the files that came with it in order.
+    pub fn restore(
+        mountpoint: PathBuf,
+        wants_passthrough: bool,
+        checkpoint: Checkpoint,
+        files: Vec<std::fs::File>,
+        dev: &OwnedFd,
+    ) -> Result<Served, String> {
+        let served = Served::new(mountpoint, wants_passthrough);
+        let dev = Arc::new(dev.try_clone().map_err(|e| format!("keeping the connection: {e}"))?);
+        *served.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) =
+            checkpoint.passthrough.clone().map(|()| dev.clone());
+        *served.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = checkpoint.pin_problem;
+        *served.init_record.lock().unwrap_or_else(|e| e.into_inner()) = checkpoint.init;
+        let mut files: Vec<Option<std::fs::File>> = files.into_iter().map(Some).collect();
+        let mut generations = Generations {
+            next_number: checkpoint.next_number,
+            next_base: checkpoint.next_base,
+            ..Generations::default()
+        };
+        for state in checkpoint.generations {
+            let count = state.view.files.len();
+            let held: Option<Vec<std::fs::File>> = files
+                .get_mut(state.first_fd..state.first_fd + count)
+                .map(|slots| slots.iter_mut().filter_map(Option::take).collect());
+            let held = held
+                .filter(|h| h.len() == count)
+                .ok_or_else(|| format!("generation {}'s files did not all arrive", state.number))?;
+            let view = View::restore(state.view, held)?;
+            let data = match state.data {
+                DataState::Passthrough { ids } => DataPath::Passthrough {
+                    ids: ids.into_iter().collect(),
+                    dev: dev.clone(),
+                },
+                DataState::Cached { reason } => DataPath::Cached { reason },
+            };
+            let generation = Arc::new(Generation {
+                number: state.number,
+                base: state.base,
+                span: view.walk().len() as u64,
+                stats: stats_of(&view),
+                view,
+                data,
+            });
+            if checkpoint.current == Some(state.number) {
+                generations.current = Some(state.base);
+            }
+            generations.live.insert(
+                state.base,
+                Live {
+                    generation,
+                    refs: state.refs,
+                    inherited: true,
+                },
+            );
+        }
+        if generations.current.is_none() {
+            return Err("the checkpoint names no current generation".into());
+        }
+        *served.generations.lock().unwrap_or_else(|e| e.into_inner()) = generations;
+        Ok(served)
     }
 
     /// The names of every retired generation the kernel still refers to,
@@ -665,6 +831,9 @@ impl Served {
         Status {
             mountpoint: self.mountpoint.clone(),
             pid: std::process::id(),
+            supervisor_pid: *self.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()),
+            version: crate::version(),
+            handovers: self.handovers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             driver_version: manifest.driver_version,
             version_source: manifest.version_source,
             driver_root: manifest.driver_root.clone().into(),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod loaders;
 
 use nvlibfs::control::Status;
 use nvlibfs_fixture::{build, build_loader, Fixture, FixtureSpec};
@@ -163,6 +164,12 @@ pub struct Mounted {
 
 impl Mounted {
     pub fn new(spec: FixtureSpec, extra: &[&str]) -> Mounted {
+        Mounted::with_binaries(spec, extra, None)
+    }
+
+    /// `new`, mounting with the nvlibfs (and so nvlibfs-mountd) in `bin`
+    /// instead of the ones cargo built: a test can then replace them.
+    pub fn with_binaries(spec: FixtureSpec, extra: &[&str], bin: Option<&Path>) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         // Unprivileged users in these tests must reach the mount and the loader.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -170,11 +177,16 @@ impl Mounted {
         let loader = build_loader(dir.path()).expect("loader builds");
         let mountpoint = dir.path().join("mnt");
         let state_dir = dir.path().join("state");
-        let out = mount_command(&fixture, &state_dir)
-            .args(extra)
-            .arg(&mountpoint)
-            .output()
-            .unwrap();
+        let mount = mount_command(&fixture, &state_dir);
+        let mut mount = match bin {
+            Some(bin) => {
+                let mut c = Command::new(bin.join("nvlibfs"));
+                c.args(mount.get_args());
+                c
+            }
+            None => mount,
+        };
+        let out = mount.args(extra).arg(&mountpoint).output().unwrap();
         ok(out, "nvlibfs mount");
         Mounted {
             fixture,
@@ -306,7 +318,8 @@ pub fn drop_caches() {
 }
 
 /// A process that mapped every given library (the loader's `--hold`) and,
-/// once released, calls each again: do old mappings survive an event?
+/// at each `check`, calls each again and reads every page of its data:
+/// do old mappings survive an event?
 pub struct Holder {
     child: std::process::Child,
     out: std::io::BufReader<std::process::ChildStdout>,
@@ -316,9 +329,15 @@ pub struct Holder {
 impl Holder {
     /// Starts it and returns its first report: "LIB VERSION" per library.
     pub fn start(loader: &Path, libs: &[PathBuf]) -> (Holder, String) {
+        Holder::start_with(loader, &[], libs)
+    }
+
+    /// `start` with more loader flags (`--touch`, `--half`).
+    pub fn start_with(loader: &Path, flags: &[&str], libs: &[PathBuf]) -> (Holder, String) {
         use std::io::BufRead;
         let mut child = Command::new(loader)
             .arg("--hold")
+            .args(flags)
             .args(libs)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -339,15 +358,27 @@ impl Holder {
         )
     }
 
-    /// Lets it call every library again; its "after LIB VERSION" lines, or
-    /// a failure naming what it printed.
-    pub fn release(mut self) -> String {
+    /// Lets it call every library again and read all their pages; its
+    /// "after LIB VERSION" lines. Fails the test if it died (SIGBUS).
+    pub fn check(&mut self) -> String {
         use std::io::{BufRead, Write};
         self.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
         let mut after = String::new();
         for _ in 0..self.count {
-            self.out.read_line(&mut after).unwrap();
+            if self.out.read_line(&mut after).unwrap() == 0 {
+                panic!(
+                    "the process with old mappings died: {:?}\n{after}",
+                    self.child.wait().unwrap()
+                );
+            }
         }
+        after
+    }
+
+    /// A last `check`, then it exits.
+    pub fn release(mut self) -> String {
+        let after = self.check();
+        drop(self.child.stdin.take());
         assert!(
             self.child.wait().unwrap().success(),
             "the process with old mappings died:\n{after}"
