@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 const OPS: [&str; 4] = ["dlopen", "stat", "readdir", "readlink"];
 
+mod common;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__worker") {
@@ -126,27 +128,11 @@ fn run(procs: usize, seconds: u64, out: &Path) {
     )
     .expect("fixture builds");
     let exe = std::env::current_exe().unwrap();
-    let nvlibfs = exe
-        .ancestors()
-        .skip(1)
-        .take(3)
-        .map(|d| d.join("nvlibfs"))
-        .find(|p| p.is_file())
+    let nvlibfs = common::nvlibfs_near_bench()
         .unwrap_or_else(|| usage("no nvlibfs binary near this bench; build the workspace first"));
     let mnt = work.path().join("mnt");
     let state = work.path().join("state");
-    let status = Command::new(&nvlibfs)
-        .args(["mount", "--driver-root"])
-        .arg(&fixture.root)
-        .arg("--module-version-file")
-        .arg(fixture.module_version_file())
-        .arg("--state-dir")
-        .arg(&state)
-        .arg(&mnt)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "nvlibfs mount failed");
+    common::mount_fixture(&nvlibfs, &fixture, &state, &mnt, &[]);
     let pid = nvlibfs::control::query(&state, &std::fs::canonicalize(&mnt).unwrap())
         .unwrap()
         .pid;

@@ -8,6 +8,7 @@ use common::{mount_root_command, umount, SERIAL};
 use nvlibfs::catalog::{Versioning, LIBRARIES};
 use nvlibfs::discover::KernelInfo;
 use nvlibfs::pin::PinRequest;
+use nvlibfs_fixture::Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -17,22 +18,6 @@ const OTHER: &str = "570.86.15";
 const SHARED: &str = "usr/lib/x86_64-linux-gnu";
 const TREE: &str = "usr/local/nvidia/lib64";
 const TREES: u64 = 24;
-
-/// xorshift64*: deterministic trees, reproducible from the seed in a failure.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// How one library appears on the random host.
 #[derive(Clone, Copy, Debug)]

@@ -179,10 +179,11 @@ pub fn run(
     link: Link,
     start: Start,
 ) -> Result<(), DaemonError> {
-    let result = match start {
-        Start::Mount => mount_and_serve(driver, serve, mountpoint, ready, link),
-        Start::Takeover => take_over_and_serve(driver, serve, mountpoint, link),
+    let serving = match start {
+        Start::Mount => mount(driver, serve, mountpoint, link),
+        Start::Takeover => take_over(driver, serve, mountpoint, link),
     };
+    let result = serving.and_then(|serving| serve_session(serving, ready));
     if let Err(e) = &result {
         ready.send(&format!("error: {e}"));
     }
@@ -228,13 +229,14 @@ fn fuse_config(serve: &ServeArgs) -> Config {
     config
 }
 
-fn mount_and_serve(
-    driver: &DriverArgs,
+/// The first server: scans, mounts, and hands the connection and a
+/// checkpoint to the supervisor.
+fn mount<'a>(
+    driver: &'a DriverArgs,
     serve: &ServeArgs,
     mountpoint: &Path,
-    ready: &mut Readiness,
     link: Link,
-) -> Result<(), DaemonError> {
+) -> Result<Serving<'a>, DaemonError> {
     std::fs::create_dir_all(&serve.state_dir)
         .map_err(|e| DaemonError(format!("creating state directory {}: {e}", serve.state_dir.display())))?;
     raise_file_limit();
@@ -266,7 +268,7 @@ fn mount_and_serve(
     })?;
     // A mount point set up just now is taken down again if serving fails
     // before it is ready; one a previous daemon left stays for the next.
-    let mut setup = FreshSetup(fresh.then(|| mountpoint.clone()));
+    let setup = FreshSetup(fresh.then(|| mountpoint.clone()));
     let signals = block_signals()?;
 
     let served = Arc::new(Served::new(mountpoint.clone(), !serve.no_passthrough));
@@ -300,32 +302,28 @@ fn mount_and_serve(
         let _ = nix::mount::umount2(&live, nix::mount::MntFlags::MNT_DETACH);
         return Err(e);
     }
-    serve_session(
-        Serving {
-            driver,
-            served,
-            session,
-            listener,
-            socket,
-            live,
-            signals,
-            link,
-            resend: None,
-        },
-        |mountpoint| {
-            setup.keep();
-            ready.send("ready");
-            tracing::info!("ready at {}", mountpoint.display());
-        },
-    )
+    Ok(Serving {
+        driver,
+        served,
+        session,
+        listener,
+        socket,
+        live,
+        signals,
+        link,
+        resend: None,
+        setup,
+    })
 }
 
-fn take_over_and_serve(
-    driver: &DriverArgs,
+/// A later server: restores the supervisor's checkpoint and takes its
+/// connection over, without a scan or a mount.
+fn take_over<'a>(
+    driver: &'a DriverArgs,
     serve: &ServeArgs,
     mountpoint: &Path,
     link: Link,
-) -> Result<(), DaemonError> {
+) -> Result<Serving<'a>, DaemonError> {
     raise_file_limit();
     let mountpoint = layout::absolute(mountpoint).map_err(DaemonError)?;
     let connection = link.recv()?;
@@ -369,20 +367,18 @@ fn take_over_and_serve(
     let listener = bind_control_socket(&socket)?;
     let live = mountpoint.join(layout::LIVE);
     drop_privileges(serve)?;
-    serve_session(
-        Serving {
-            driver,
-            served,
-            session,
-            listener,
-            socket,
-            live,
-            signals,
-            link,
-            resend: Some((fuse, init)),
-        },
-        |_| {},
-    )
+    Ok(Serving {
+        driver,
+        served,
+        session,
+        listener,
+        socket,
+        live,
+        signals,
+        link,
+        resend: Some((fuse, init)),
+        setup: FreshSetup(None),
+    })
 }
 
 fn drop_privileges(serve: &ServeArgs) -> Result<(), DaemonError> {
@@ -420,10 +416,12 @@ struct Serving<'a> {
     /// After a takeover: the connection, to ask the kernel to resend the
     /// requests the previous server had read but not answered.
     resend: Option<(OwnedFd, InitRecord)>,
+    /// A mount point this server set up, taken down if it never serves.
+    setup: FreshSetup,
 }
 
 /// Serves until stopped: the session, status, the module watcher, signals.
-fn serve_session(s: Serving<'_>, on_ready: impl FnOnce(&Path)) -> Result<(), DaemonError> {
+fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonError> {
     let Serving {
         driver,
         served,
@@ -434,6 +432,7 @@ fn serve_session(s: Serving<'_>, on_ready: impl FnOnce(&Path)) -> Result<(), Dae
         signals,
         link,
         resend,
+        mut setup,
     } = s;
     let mountpoint = served.mountpoint.clone();
     *served.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -509,7 +508,7 @@ fn serve_session(s: Serving<'_>, on_ready: impl FnOnce(&Path)) -> Result<(), Dae
         status.files,
         status.bytes
     );
-    let ready = handover::Ready {
+    let said = handover::Ready {
         version: crate::version(),
         status: format!(
             "serving NVIDIA driver {} at {} (nvlibfs {})",
@@ -518,9 +517,10 @@ fn serve_session(s: Serving<'_>, on_ready: impl FnOnce(&Path)) -> Result<(), Dae
             crate::version()
         ),
     };
-    let json = serde_json::to_vec(&ready).map_err(|e| DaemonError(e.to_string()))?;
+    let json = serde_json::to_vec(&said).map_err(|e| DaemonError(e.to_string()))?;
     link.send(handover::READY, &json, &[])?;
-    on_ready(&mountpoint);
+    setup.keep();
+    ready.send("ready");
 
     match event.recv() {
         Ok(Event::SessionEnded) | Err(_) => {

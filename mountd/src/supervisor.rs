@@ -31,10 +31,14 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// More crashes than this within `CRASH_WINDOW` and the supervisor gives
-/// up (a server that cannot run would otherwise be restarted for ever).
+/// More early deaths than this within `CRASH_WINDOW` and the supervisor
+/// gives up: a server that cannot start, or one that a request kills as
+/// soon as it answers (the kernel resends it to every new server), would
+/// otherwise be restarted for ever. A server that had served for
+/// `EARLY_DEATH` or longer before it died does not count.
 const MAX_CRASHES: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(30);
+const EARLY_DEATH: Duration = Duration::from_millis(500);
 
 /// Starts a server: taking over or not, with `nvlibfs mount`'s ready pipe.
 type StartServer<'a> = dyn Fn(bool, Option<BorrowedFd<'_>>) -> Result<Server, DaemonError> + 'a;
@@ -48,6 +52,8 @@ enum Event {
 struct Server {
     pid: Pid,
     sock: OwnedFd,
+    /// When it started answering.
+    serving_since: Option<Instant>,
 }
 
 /// A handover under way: the new server, why, and since when requests
@@ -194,7 +200,10 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
                             record.waited_ms
                         );
                         history.push(record);
-                        current = Some(inc.server);
+                        current = Some(Server {
+                            serving_since: Some(Instant::now()),
+                            ..inc.server
+                        });
                     } else if !serving {
                         if let Err(e) = crate::logging::open_file() {
                             tracing::warn!("{e}");
@@ -204,7 +213,8 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
                         notify_systemd(&format!("STATUS={}", said.status));
                     }
                     serving = true;
-                    if let Some(server) = current.as_ref().filter(|s| s.pid == pid) {
+                    if let Some(server) = current.as_mut().filter(|s| s.pid == pid) {
+                        server.serving_since.get_or_insert_with(Instant::now);
                         let json = serde_json::to_vec(&history).unwrap_or_default();
                         if let Err(e) = handover::send(&server.sock, handover::HISTORY, &json, &[]) {
                             tracing::warn!("telling pid {pid} the handovers: {e}");
@@ -272,19 +282,22 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
                     }
                     // A crash handover whose new server failed too: try
                     // again; requests have been waiting since the crash.
+                    crashes.push_back(Instant::now());
                     let mut again = respawn(&start, &connection, &checkpoint, &mut crashes, inc.old_pid)?;
                     again.since = inc.since;
                     incoming = Some(again);
                     continue;
                 }
-                if current.as_ref().is_some_and(|s| s.pid == pid) {
-                    current = None;
+                if let Some(dead) = current.take_if(|s| s.pid == pid) {
                     if stopping || !serving || matches!(status, WaitStatus::Exited(_, 0)) {
                         // Stopped, unmounted from outside, or never got going
                         // (it told `nvlibfs mount` why).
                         return Ok(code);
                     }
                     tracing::error!("the server (pid {pid}) died: {status:?}; starting another to take over");
+                    if dead.serving_since.is_none_or(|t| t.elapsed() < EARLY_DEATH) {
+                        crashes.push_back(Instant::now());
+                    }
                     let mut inc = respawn(&start, &connection, &checkpoint, &mut crashes, pid.as_raw() as u32)?;
                     inc.since = Some((Instant::now(), SystemTime::now()));
                     incoming = Some(inc);
@@ -302,7 +315,6 @@ fn respawn(
     crashes: &mut VecDeque<Instant>,
     old_pid: u32,
 ) -> Result<Incoming, DaemonError> {
-    crashes.push_back(Instant::now());
     while crashes.front().is_some_and(|t| t.elapsed() > CRASH_WINDOW) {
         crashes.pop_front();
     }
@@ -400,5 +412,9 @@ fn spawn(
             }
         })
         .map_err(|e| DaemonError::new(format!("starting a reader thread: {e}")))?;
-    Ok(Server { pid, sock: ours })
+    Ok(Server {
+        pid,
+        sock: ours,
+        serving_since: None,
+    })
 }

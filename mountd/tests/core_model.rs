@@ -11,7 +11,7 @@
 use nvlibfs::discover::KernelInfo;
 use nvlibfs::pin::PinRequest;
 use nvlibfs::view::{NodeType, View};
-use nvlibfs_fixture::{build, FixtureSpec};
+use nvlibfs_fixture::{build, FixtureSpec, Rng};
 use nvlibfs_mountd::served::{Served, FUSE_ROOT};
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
@@ -35,26 +35,6 @@ struct Held {
 }
 
 type Holdings = HashMap<u64, Held>;
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
-        (!items.is_empty()).then(|| items[self.below(items.len() as u64) as usize])
-    }
-}
 
 fn view_of(root: &Path, version: &str) -> View {
     nvlibfs::plan(root, &PinRequest::Version(version.into()), &KernelInfo::running())
