@@ -644,20 +644,31 @@ fn raise_file_limit() {
 
 /// Tells systemd (a `Type=notify` unit) how we are doing, if it asked.
 pub fn notify_systemd(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    if let Err(e) = notify_systemd_with_fds(state, &[]) {
+        tracing::warn!("telling systemd {state:?} failed: {e}");
+    }
+}
+
+/// `notify_systemd` with descriptors alongside (FDSTORE=1). Ok(false)
+/// when no systemd asked.
+pub fn notify_systemd_with_fds(state: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> std::io::Result<bool> {
+    use nix::sys::socket::{sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
+        return Ok(false);
     };
     let bytes = path.as_encoded_bytes();
     let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => SocketAddr::from_abstract_name(name),
-        None => SocketAddr::from_pathname(&path),
+        Some(name) => UnixAddr::new_abstract(name)?,
+        None => UnixAddr::new(Path::new(&path))?,
     };
-    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
-    if let Err(e) = sent {
-        tracing::warn!("telling systemd {state:?} failed: {e}");
-    }
+    let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
+    let iov = [std::io::IoSlice::new(state.as_bytes())];
+    sendmsg(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), Some(&addr))?;
+    Ok(true)
 }
 
 /// Polls the mount point from this process until the kernel shows our FUSE

@@ -8,6 +8,7 @@
 
 pub mod backing;
 pub mod daemon;
+pub mod fdstore;
 pub mod fs;
 pub mod handover;
 pub mod layout;

@@ -18,6 +18,7 @@
 //! SIGUSR2 hands over to a new server; SIGUSR1 and SIGPIPE are ignored.
 
 use crate::daemon::{notify_systemd, DaemonError, MountLock, Readiness};
+use crate::fdstore;
 use crate::handover::{self, Message};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -132,13 +133,34 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
         spawn(&command, &mountpoint, lock.as_fd(), takeover, ready, events.clone())
     };
 
-    let mut current = Some(start(false, ready.fd())?);
-    // The first server answers `nvlibfs mount` itself.
-    ready.close();
     let mut connection: Option<Message> = None;
     let mut checkpoint: Vec<Message> = Vec::new();
-    let mut partial: HashMap<Pid, Vec<Message>> = HashMap::new();
+    let mut store = fdstore::Store::default();
+    let mut current = None;
     let mut incoming: Option<Incoming> = None;
+    match fdstore::restore() {
+        // The whole daemon died; systemd kept the connection: take it over.
+        Ok(Some(kept)) => {
+            tracing::warn!("systemd kept the FUSE connection of a supervisor that is gone; taking it over");
+            connection = Some(kept.connection);
+            checkpoint = kept.checkpoint;
+            store = kept.store;
+            incoming = Some(Incoming {
+                server: start_takeover(&start, &connection, &checkpoint)?,
+                reason: "supervisor restart",
+                old_pid: 0,
+                since: Some((Instant::now(), SystemTime::now())),
+            });
+        }
+        Ok(None) => current = Some(start(false, ready.fd())?),
+        Err(e) => {
+            tracing::error!("what systemd kept cannot be used ({e}); mounting afresh");
+            current = Some(start(false, ready.fd())?);
+        }
+    }
+    // The first server answers `nvlibfs mount` itself.
+    ready.close();
+    let mut partial: HashMap<Pid, Vec<Message>> = HashMap::new();
     let mut history: Vec<Handover> = Vec::new();
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     let mut serving = false;
@@ -156,6 +178,11 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
                     let mut parts = partial.remove(&pid).unwrap_or_default();
                     parts.push(m);
                     checkpoint = parts;
+                    if let Some(connection) = &connection {
+                        if let Err(e) = store.save(connection, &checkpoint) {
+                            tracing::warn!("keeping the connection in systemd's fd store: {e}");
+                        }
+                    }
                 }
                 handover::PREPARED => {
                     let Some(inc) = incoming.as_mut().filter(|i| i.server.pid == pid) else {
@@ -204,7 +231,8 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
                             serving_since: Some(Instant::now()),
                             ..inc.server
                         });
-                    } else if !serving {
+                    }
+                    if !serving {
                         if let Err(e) = crate::logging::open_file() {
                             tracing::warn!("{e}");
                         }

@@ -1,0 +1,265 @@
+//! Under a real systemd as PID 1 (a container from a debootstrapped Debian
+//! 12 with systemd 252), the unit from contrib/systemd serving a fixture
+//! driver at /run/nvlibs, with loaders looping through it the whole time:
+//! SIGKILL of the serving process, `systemctl kill -s KILL nvlibfs` (the
+//! whole unit: systemd starts it again and hands back its file-descriptor
+//! store) and `systemctl reload nvlibfs` fail no load. `systemctl restart`
+//! is a stop (which unmounts) and a start: its outage is measured and
+//! printed, and the loaders load again after it.
+
+mod common;
+
+use common::images::{cache_dir, run};
+use common::loaders::{finish, Outcome};
+use common::VERSION;
+use nvlibfs::control::Status;
+use nvlibfs_fixture::{build, build_loader, FixtureSpec};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "nvlibfs-test-systemd:bookworm-1";
+
+fn docker() -> Command {
+    Command::new("docker")
+}
+
+/// Debian 12 with systemd, imported into the host's dockerd once; the
+/// root file system is cached beside the other test images.
+fn image() -> Result<(), String> {
+    if run(docker().args(["image", "inspect", IMAGE])).is_ok() {
+        return Ok(());
+    }
+    let tar = cache_dir().join("systemd-bookworm-1.tar");
+    if !tar.exists() {
+        std::fs::create_dir_all(cache_dir()).map_err(|e| e.to_string())?;
+        let rootfs = cache_dir().join("rootfs-systemd.tmp");
+        let _ = std::fs::remove_dir_all(&rootfs);
+        run(Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=systemd,systemd-sysv,dbus", "bookworm"])
+            .arg(&rootfs))?;
+        let partial = tar.with_extension("partial");
+        run(Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&partial)
+            .arg("."))?;
+        std::fs::rename(&partial, &tar).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(&rootfs);
+    }
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker import '{}' {IMAGE}", tar.display())))?;
+    Ok(())
+}
+
+/// A container booted with systemd as PID 1; removed when dropped.
+struct Machine {
+    name: String,
+}
+
+impl Machine {
+    fn boot(test: &Path, out: &Path) -> Result<Machine, String> {
+        let name = format!("nvlibfs-test-systemd-{}", std::process::id());
+        let _ = docker().args(["rm", "-f", &name]).output();
+        // This machine's capability set, as in tests/dind.rs; systemd wants
+        // the cgroup tree and its own /run.
+        run(docker()
+            .args(["run", "-d", "--name", &name, "--network", "none"])
+            .args(["--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE"])
+            .args([
+                "--security-opt",
+                "seccomp=unconfined",
+                "--security-opt",
+                "apparmor=unconfined",
+            ])
+            .args([
+                "--security-opt",
+                "systempaths=unconfined",
+                "--device-cgroup-rule",
+                "a *:* rwm",
+            ])
+            .args([
+                "--tmpfs",
+                "/run",
+                "--tmpfs",
+                "/run/lock",
+                "-v",
+                "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+            ])
+            .args(["--device", "/dev/fuse"])
+            .arg(format!("--volume={}:/test:ro", test.display()))
+            .arg(format!("--volume={}:/out", out.display()))
+            .args([IMAGE, "/lib/systemd/systemd"]))?;
+        let machine = Machine { name };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = machine.sh("systemctl is-system-running || true").unwrap_or_default();
+            if matches!(state.trim(), "running" | "degraded") {
+                return Ok(machine);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("systemd did not come up: {state}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn sh(&self, script: &str) -> Result<String, String> {
+        run(docker().args(["exec", &self.name, "sh", "-c", script]))
+    }
+
+    fn status(&self) -> Result<Status, String> {
+        let json = self.sh("/test/bin/nvlibfs status --json /run/nvlibs")?;
+        serde_json::from_str(&json).map_err(|e| format!("{e}: {json}"))
+    }
+
+    /// Waits until the unit serves and has made `handovers` handovers.
+    fn wait_serving(&self, handovers: usize) -> Result<Status, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = self.status() {
+                if s.handovers.len() >= handovers {
+                    return Ok(s);
+                }
+            }
+            if Instant::now() > deadline {
+                let journal = self
+                    .sh("journalctl -u nvlibfs --no-pager | tail -30")
+                    .unwrap_or_default();
+                return Err(format!("not serving with {handovers} handovers after 30 s:\n{journal}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn loader(&self, ms: u64) -> Child {
+        docker()
+            .args(["exec", &self.name, "/test/nvlibfs-load", "--loop", &ms.to_string()])
+            .arg("/run/nvlibs/lib64/libcuda.so.1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = docker().args(["rm", "-f", &self.name]).output();
+    }
+}
+
+fn step<T>(name: &str, f: impl FnOnce() -> Result<T, String>) -> T {
+    f().unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn under_systemd_crashes_kills_and_reloads_fail_no_load() {
+    common::require_fixture_tools();
+    common::require_docker_engine();
+    if run(docker().args(["image", "inspect", IMAGE])).is_err() && !cache_dir().join("systemd-bookworm-1.tar").exists()
+    {
+        common::require("debootstrap", "debootstrap");
+    }
+    step("systemd image (cached)", image);
+    let dir = tempfile::tempdir().unwrap();
+    let test = dir.path().join("test");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(test.join("bin")).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    common::nvlibfs(); // builds nvlibfs-mountd beside nvlibfs
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_nvlibfs"));
+    for name in ["nvlibfs", "nvlibfs-mountd"] {
+        std::fs::copy(built.with_file_name(name), test.join("bin").join(name)).unwrap();
+    }
+    build(&FixtureSpec::new(VERSION), &test.join("host")).expect("fixture builds");
+    build_loader(&test).expect("loader builds");
+
+    let machine = step("boot systemd in a container", || Machine::boot(&test, &out));
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/systemd/nvlibfs.service")).unwrap();
+    let dropin = "[Service]\nExecStart=\nExecStart=/test/bin/nvlibfs mount --foreground --driver-root /test/host \
+                  --module-version-file /test/host/sys/module/nvidia/version /run/nvlibs\n\
+                  ExecReload=\nExecReload=/test/bin/nvlibfs restart /run/nvlibs\n";
+    step("install and start the unit", || {
+        machine.sh(&format!(
+            "cat > /etc/systemd/system/nvlibfs.service <<'EOF'\n{unit}EOF\n\
+             mkdir -p /etc/systemd/system/nvlibfs.service.d\n\
+             cat > /etc/systemd/system/nvlibfs.service.d/test.conf <<'EOF'\n{dropin}EOF\n\
+             systemctl daemon-reload && systemctl start nvlibfs"
+        ))
+    });
+    let first = step("the unit serves", || machine.wait_serving(0));
+    assert!(first.supervisor_pid.is_some(), "{first:?}");
+
+    let loaders: Vec<Child> = (0..4).map(|_| machine.loader(9000)).collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    // The serving process alone.
+    let pid = step("status", || machine.status()).pid;
+    step("SIGKILL of the server", || machine.sh(&format!("kill -9 {pid}")));
+    step("taken over", || machine.wait_serving(1));
+    std::thread::sleep(Duration::from_millis(1500));
+    // The whole unit: systemd starts it again with its fd store.
+    step("systemctl kill -s KILL nvlibfs", || {
+        machine.sh("systemctl kill -s KILL nvlibfs")
+    });
+    let after_kill = step("restarted by systemd, fd store taken over", || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = machine.status() {
+                if s.supervisor_pid != first.supervisor_pid {
+                    return Ok(s);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(machine
+                    .sh("journalctl -u nvlibfs --no-pager | tail -30")
+                    .unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(
+        after_kill.handovers.iter().any(|h| h.reason == "supervisor restart"),
+        "the new supervisor mounted afresh instead of taking the kept connection over: {after_kill:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    step("systemctl reload nvlibfs", || machine.sh("systemctl reload nvlibfs"));
+    let reloaded = step("status", || machine.status());
+    assert!(reloaded.handovers.iter().any(|h| h.reason == "restart"), "{reloaded:?}");
+
+    let outcomes: Vec<Outcome> = loaders.into_iter().map(finish).collect();
+    let loads: u64 = outcomes.iter().map(|o| o.ok).sum();
+    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
+    let slowest = outcomes.iter().map(|o| o.slowest_ms).fold(0.0, f64::max);
+    let waits: Vec<String> = reloaded
+        .handovers
+        .iter()
+        .map(|h| format!("{} {:.1} ms", h.reason, h.waited_ms))
+        .collect();
+    eprintln!(
+        "systemd: {loads} loads, {failed} failed, slowest {slowest:.1} ms; handovers: {}",
+        waits.join(", ")
+    );
+    assert!(loads > 4 * 1000, "only {loads} loads");
+    assert_eq!(failed, 0, "{:#?}", outcomes.iter().map(|o| &o.text).collect::<Vec<_>>());
+    assert!(slowest < 1000.0, "a load took {slowest:.0} ms");
+
+    // systemctl restart: a stop, which unmounts, then a start.
+    let loaders: Vec<Child> = (0..4).map(|_| machine.loader(4000)).collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let started = Instant::now();
+    step("systemctl restart nvlibfs", || machine.sh("systemctl restart nvlibfs"));
+    let took = started.elapsed();
+    let outcomes: Vec<Outcome> = loaders.into_iter().map(finish).collect();
+    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
+    eprintln!(
+        "systemd: systemctl restart took {:.0} ms; {failed} loads failed across 4 loaders (about one a ms each)",
+        took.as_secs_f64() * 1e3
+    );
+    let recovered = outcomes
+        .iter()
+        .all(|o| o.text.lines().last().is_some_and(|l| l.starts_with("count")));
+    assert!(recovered);
+}
