@@ -388,16 +388,39 @@ fn foreground_daemon_notifies_systemd_when_ready() {
         .env("NOTIFY_SOCKET", &notify)
         .spawn()
         .unwrap();
+    // The supervisor also fills the unit's fd store (FDSTORE=1 messages,
+    // descriptors attached) before and after it says READY=1.
     let mut buf = [0u8; 512];
-    let n = systemd.recv(&mut buf).expect("READY=1 within 30 s");
-    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let mut next = |what: &str| {
+        let n = systemd
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{what} within 30 s: {e}"));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut stored = Vec::new();
+    let message = loop {
+        let m = next("READY=1");
+        if !m.starts_with("FDSTORE") {
+            break m;
+        }
+        stored.push(m);
+    };
     assert!(message.starts_with("READY=1\n"), "{message}");
     assert!(message.contains(VERSION), "{message}");
+    assert!(
+        stored.iter().any(|m| m == "FDSTORE=1\nFDNAME=nvlibfs-fuse"),
+        "the connection was not given to the fd store: {stored:?}"
+    );
     // Ready means answering: no waiting here.
     assert!(mountpoint.join("lib64/libcuda.so.1").exists());
     nix_kill(daemon.id(), libc::SIGTERM);
-    let n = systemd.recv(&mut buf).expect("STOPPING=1");
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    let stopping = loop {
+        let m = next("STOPPING=1");
+        if !m.starts_with("FDSTORE") && !m.starts_with("STATUS") {
+            break m;
+        }
+    };
+    assert_eq!(stopping, "STOPPING=1");
     assert!(daemon.wait().unwrap().success());
     ok(
         nvlibfs().arg("umount").arg(&mountpoint).output().unwrap(),
