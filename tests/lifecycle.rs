@@ -67,6 +67,29 @@ fn a_retired_generation_is_released_once_its_last_user_lets_go() {
     assert!(log.contains("released a generation's files"), "{log}");
 }
 
+/// The same after the server that counted the references was killed and
+/// another took over: the counts live in memory the new one maps.
+#[test]
+fn a_retired_generation_is_released_after_a_takeover_too() {
+    require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(with_other_version(), &[]);
+    let (_, libcuda) = m.libcuda();
+    let (holder, _) = Holder::start(&m.loader, std::slice::from_ref(&libcuda));
+    repin(&m, OTHER, 1);
+    let pid = m.status().pid;
+    kill(pid, nix::sys::signal::Signal::SIGKILL);
+    wait_for("the takeover", || {
+        nvlibfs::control::query(&m.state_dir, &m.mountpoint).is_ok_and(|s| s.handovers.len() == 1)
+    });
+    let status = m.status();
+    assert_eq!(status.retired_generations, 1, "{status:?}");
+    assert!(status.generations[0].kernel_refs > 0, "{:?}", status.generations);
+    holder.release();
+    let took = wait_for("generation 0 to be released", || m.status().retired_generations == 0);
+    assert!(took < Duration::from_secs(5), "released after {took:?}");
+}
+
 fn log_name(mountpoint: &Path) -> PathBuf {
     nvlibfs::control::log_path(Path::new(""), mountpoint)
 }

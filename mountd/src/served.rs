@@ -120,6 +120,9 @@ pub struct Checkpoint {
     pub passthrough: Result<(), String>,
     pub pin_problem: Option<String>,
     pub init: Option<InitRecord>,
+    /// Which of the files is the memfd of shared reference counters.
+    #[serde(default)]
+    pub counts: Option<usize>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -131,6 +134,9 @@ pub struct GenerationState {
     pub first_fd: usize,
     pub data: DataState,
     pub refs: u64,
+    /// Its counter among the shared ones, when they are shared.
+    #[serde(default)]
+    pub slot: Option<usize>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -221,6 +227,11 @@ impl Generation {
     }
 }
 
+/// Counts `n` more kernel references to `live` (under the lock).
+fn generations_add(cells: &[AtomicU64], live: &Live, n: u64) {
+    cells[live.slot].fetch_add(n, Relaxed);
+}
+
 fn stats_of(view: &View) -> FsStats {
     let walk = view.walk();
     let bytes: u64 = walk
@@ -259,17 +270,78 @@ pub struct AtomicCounters {
     pub write_attempts: AtomicU64,
 }
 
+/// How many generations can live at once (each needs a count slot).
+const COUNT_SLOTS: usize = 1024;
+
+/// The kernel's references, one counter per live generation, in a memfd
+/// that is handed to the server that takes over: it maps the same
+/// counters, so counts survive a server's death exactly, or one too high
+/// (a reference is counted before the answer that gives it leaves), never
+/// too low. Mapped once per process and never unmapped.
+struct Counts {
+    fd: Option<OwnedFd>,
+    cells: &'static [AtomicU64],
+}
+
+impl Counts {
+    /// Fresh counters; kept in this process alone if no memfd can be had.
+    fn new() -> Counts {
+        let shared = nix::sys::memfd::memfd_create(c"nvlibfs-counts", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .and_then(|fd| {
+                nix::unistd::ftruncate(&fd, (COUNT_SLOTS * 8) as i64)?;
+                Ok(fd)
+            })
+            .map_err(std::io::Error::from)
+            .and_then(Counts::map);
+        shared.unwrap_or_else(|e| {
+            tracing::warn!(
+                "reference counts kept in this process only ({e}): a server that takes over will keep \
+                            earlier generations until unmount"
+            );
+            Counts {
+                fd: None,
+                cells: Box::leak((0..COUNT_SLOTS).map(|_| AtomicU64::new(0)).collect()),
+            }
+        })
+    }
+
+    /// The counters a previous server kept in `fd`.
+    fn map(fd: OwnedFd) -> std::io::Result<Counts> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let len = std::num::NonZeroUsize::new(COUNT_SLOTS * 8).expect("non-zero");
+        if (nix::sys::stat::fstat(&fd)?.st_size as usize) < len.get() {
+            return Err(std::io::Error::other("the counters' memfd is too small"));
+        }
+        // SAFETY: a shared mapping of a memfd at least `len` bytes long,
+        // never unmapped, so the 'static slice stays valid; the counters
+        // are only ever accessed atomically.
+        let cells = unsafe {
+            let ptr = mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )?;
+            std::slice::from_raw_parts(ptr.as_ptr() as *const AtomicU64, COUNT_SLOTS)
+        };
+        Ok(Counts { fd: Some(fd), cells })
+    }
+}
+
 /// A generation with the kernel's references into it.
 struct Live {
     generation: Arc<Generation>,
-    refs: u64,
-    /// Taken over from a previous server: references it counted after its
-    /// last checkpoint are unknown, so this generation is never freed by
-    /// its count (only with the mount), rather than freed too early.
+    /// Its counter in `Counts`.
+    slot: usize,
+    /// Taken over from a previous server whose counts could not be
+    /// shared: references it counted after its last checkpoint are
+    /// unknown, so this generation is never freed by its count (only with
+    /// the mount), rather than freed too early.
     inherited: bool,
 }
 
-#[derive(Default)]
 struct Generations {
     /// By base inode number.
     live: BTreeMap<u64, Live>,
@@ -277,9 +349,32 @@ struct Generations {
     current: Option<u64>,
     next_number: u32,
     next_base: u64,
+    counts: Counts,
 }
 
 impl Generations {
+    fn new(counts: Counts) -> Generations {
+        Generations {
+            live: BTreeMap::new(),
+            current: None,
+            next_number: 0,
+            next_base: 0,
+            counts,
+        }
+    }
+
+    fn refs(&self, live: &Live) -> u64 {
+        self.counts.cells[live.slot].load(Relaxed)
+    }
+
+    /// A counter no live generation uses, set to zero.
+    fn free_slot(&self) -> Option<usize> {
+        let used: BTreeSet<usize> = self.live.values().map(|l| l.slot).collect();
+        let slot = (0..COUNT_SLOTS).find(|s| !used.contains(s))?;
+        self.counts.cells[slot].store(0, Relaxed);
+        Some(slot)
+    }
+
     fn current(&self) -> Option<&Live> {
         self.live.get(&self.current?)
     }
@@ -318,22 +413,24 @@ impl Generations {
             return;
         }
         let current = self.current;
+        let cells = self.counts.cells;
         let Some((live, _)) = self.resolve(ino) else {
             tracing::warn!("the kernel released inode {ino}, which no generation holds");
             return;
         };
-        // A generation taken over from a previous server may see releases
-        // of references that server counted after its last checkpoint.
-        if live.refs < n && !live.inherited {
+        let refs = cells[live.slot].load(Relaxed);
+        // A generation taken over without shared counts may see releases
+        // of references its previous server counted after its checkpoint.
+        if refs < n && !live.inherited {
             tracing::error!(
                 generation = live.generation.number,
-                "the kernel released {n} references to inode {ino} but only {} were counted",
-                live.refs
+                "the kernel released {n} references to inode {ino} but only {refs} were counted"
             );
         }
-        live.refs = live.refs.saturating_sub(n);
+        let left = refs.saturating_sub(n);
+        cells[live.slot].store(left, Relaxed);
         let base = live.generation.base;
-        if live.refs == 0 && !live.inherited && Some(base) != current {
+        if left == 0 && !live.inherited && Some(base) != current {
             self.live.remove(&base);
         }
     }
@@ -367,7 +464,7 @@ impl Served {
             passthrough_offered: AtomicBool::new(false),
             wants_passthrough,
             passthrough_dev: Mutex::new(Err("not started".into())),
-            generations: Mutex::new(Generations::default()),
+            generations: Mutex::new(Generations::new(Counts::new())),
             pin_problem: Mutex::new(None),
             init_record: Mutex::new(None),
             supervisor_pid: Mutex::new(None),
@@ -452,6 +549,10 @@ impl Served {
         let stats = stats_of(&view);
         let span = view.walk().len() as u64;
         let mut generations = self.lock();
+        let Some(slot) = generations.free_slot() else {
+            tracing::error!("{COUNT_SLOTS} generations live at once; keeping the current one");
+            return Forgetting::default();
+        };
         let Some(base) = generations.allocate(span) else {
             // 2^32 inode numbers all held by the kernel at once: not a
             // state a real kernel reaches. Keep serving what we have.
@@ -475,14 +576,14 @@ impl Served {
             base,
             Live {
                 generation: new.clone(),
-                refs: 0,
+                slot,
                 inherited: false,
             },
         );
         let mut forgetting = Forgetting::default();
         if let Some(old) = old.and_then(|b| generations.live.get(&b)) {
             let old_gen = old.generation.clone();
-            if old.refs == 0 && !old.inherited {
+            if generations.refs(old) == 0 && !old.inherited {
                 generations.live.remove(&old_gen.base);
             } else {
                 old_gen.deletions_below(ROOT_INO, &mut forgetting.deletions);
@@ -523,9 +624,18 @@ impl Served {
                     },
                     DataPath::Cached { reason } => DataState::Cached { reason: reason.clone() },
                 },
-                refs: live.refs,
+                refs: generations.refs(live),
+                slot: generations.counts.fd.as_ref().map(|_| live.slot),
             });
         }
+        // The counters travel as the last file.
+        let counts = match &generations.counts.fd {
+            Some(fd) => {
+                files.push(std::fs::File::from(fd.try_clone()?));
+                Some(files.len() - 1)
+            }
+            None => None,
+        };
         let checkpoint = Checkpoint {
             generations: states,
             current: generations.current().map(|l| l.generation.number),
@@ -540,6 +650,7 @@ impl Served {
                 .map_err(Clone::clone),
             pin_problem: self.pin_problem(),
             init: *self.init_record.lock().unwrap_or_else(|e| e.into_inner()),
+            counts,
         };
         Ok((checkpoint, files))
     }
@@ -560,11 +671,21 @@ impl Served {
         *served.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = checkpoint.pin_problem;
         *served.init_record.lock().unwrap_or_else(|e| e.into_inner()) = checkpoint.init;
         let mut files: Vec<Option<std::fs::File>> = files.into_iter().map(Some).collect();
-        let mut generations = Generations {
-            next_number: checkpoint.next_number,
-            next_base: checkpoint.next_base,
-            ..Generations::default()
+        let shared = checkpoint
+            .counts
+            .and_then(|i| files.get_mut(i)?.take())
+            .map(|f| Counts::map(OwnedFd::from(f)));
+        let (counts, counted) = match shared {
+            Some(Ok(counts)) => (counts, true),
+            Some(Err(e)) => {
+                tracing::warn!("the previous server's counters cannot be mapped ({e}); keeping its generations");
+                (Counts::new(), false)
+            }
+            None => (Counts::new(), false),
         };
+        let mut generations = Generations::new(counts);
+        generations.next_number = checkpoint.next_number;
+        generations.next_base = checkpoint.next_base;
         for state in checkpoint.generations {
             let count = state.view.files.len();
             let held: Option<Vec<std::fs::File>> = files
@@ -592,12 +713,22 @@ impl Served {
             if checkpoint.current == Some(state.number) {
                 generations.current = Some(state.base);
             }
+            let slot = match state.slot.filter(|_| counted) {
+                Some(slot) if slot < COUNT_SLOTS => slot,
+                _ => {
+                    let slot = generations
+                        .free_slot()
+                        .ok_or_else(|| "no free count slot for a restored generation".to_owned())?;
+                    generations.counts.cells[slot].store(state.refs, Relaxed);
+                    slot
+                }
+            };
             generations.live.insert(
                 state.base,
                 Live {
                     generation,
-                    refs: state.refs,
-                    inherited: true,
+                    slot,
+                    inherited: !counted,
                 },
             );
         }
@@ -649,6 +780,7 @@ impl Served {
             return Err(libc::ENAMETOOLONG);
         }
         let mut generations = self.lock();
+        let cells = generations.counts.cells;
         let (live, local) = generations.resolve(parent).ok_or(libc::ENOENT)?;
         let generation = &live.generation;
         if !matches!(generation.view.node(local).map(|n| &n.kind), Some(NodeKind::Dir(_))) {
@@ -657,7 +789,7 @@ impl Served {
         let Some(entry) = generation.view.lookup(local, name).and_then(|c| generation.entry(c)) else {
             return Ok(None);
         };
-        live.refs += 1;
+        generations_add(cells, live, 1);
         Ok(Some(entry))
     }
 
@@ -691,6 +823,7 @@ impl Served {
             return Err(libc::EROFS);
         }
         let mut generations = self.lock();
+        let cells = generations.counts.cells;
         let (live, local) = generations.resolve(ino).ok_or(libc::ENOENT)?;
         match live.generation.view.node(local).map(|n| &n.kind) {
             Some(NodeKind::File(_)) => {}
@@ -702,7 +835,7 @@ impl Served {
             DataPath::Passthrough { ids, .. } => Some(*ids.get(&local).ok_or(libc::EIO)?),
             DataPath::Cached { .. } => None,
         };
-        live.refs += 1;
+        generations_add(cells, live, 1);
         Ok(Opened { fh: ino, backing_id })
     }
 
@@ -765,6 +898,7 @@ impl Served {
         // Under the lock throughout: a counted entry's generation must not
         // be retired between listing it and counting it.
         let mut generations = self.lock();
+        let cells = generations.counts.cells;
         let (live, local) = generations.resolve(ino).ok_or(libc::ENOENT)?;
         let listing = live.generation.listing(local).ok_or(libc::ENOTDIR)?;
         for (i, (name, child)) in listing.into_iter().enumerate().skip(offset as usize) {
@@ -780,7 +914,7 @@ impl Served {
                 break;
             }
             if counted && i >= 2 {
-                live.refs += 1;
+                generations_add(cells, live, 1);
             }
         }
         Ok(())
@@ -810,7 +944,8 @@ impl Served {
     pub fn status(&self) -> Status {
         let (current, generations) = {
             let g = self.lock();
-            let list: Vec<(Arc<Generation>, u64)> = g.live.values().map(|l| (l.generation.clone(), l.refs)).collect();
+            let list: Vec<(Arc<Generation>, u64)> =
+                g.live.values().map(|l| (l.generation.clone(), g.refs(l))).collect();
             (g.current().map(|l| l.generation.clone()), list)
         };
         let Some(current) = current else {
