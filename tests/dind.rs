@@ -79,19 +79,7 @@ impl Outer {
             exec dockerd --iptables=false --ip-masq=false --bridge=none";
         run(docker()
             .args(["run", "-d", "--name", &outer.name])
-            .args(["--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE"])
-            .args([
-                "--security-opt",
-                "seccomp=unconfined",
-                "--security-opt",
-                "apparmor=unconfined",
-            ])
-            .args([
-                "--security-opt",
-                "systempaths=unconfined",
-                "--device-cgroup-rule",
-                "a *:* rwm",
-            ])
+            .args(common::images::all_but_privileged())
             .arg(format!("--volume={}:/var/lib/docker", outer.volume))
             // rslave: a wholly new daemon's mount reaches this container.
             .arg(format!("--volume={}:/nvlibs:ro,rslave", view.display()))

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::images::{cache_dir, run};
+use common::images::{all_but_privileged, cache_dir, debootstrap_tar, run};
 use common::loaders::{finish, Outcome};
 use common::VERSION;
 use nvlibfs::control::Status;
@@ -30,24 +30,7 @@ fn image() -> Result<(), String> {
     if run(docker().args(["image", "inspect", IMAGE])).is_ok() {
         return Ok(());
     }
-    let tar = cache_dir().join("systemd-bookworm-1.tar");
-    if !tar.exists() {
-        std::fs::create_dir_all(cache_dir()).map_err(|e| e.to_string())?;
-        let rootfs = cache_dir().join("rootfs-systemd.tmp");
-        let _ = std::fs::remove_dir_all(&rootfs);
-        run(Command::new("debootstrap")
-            .args(["--variant=minbase", "--include=systemd,systemd-sysv,dbus", "bookworm"])
-            .arg(&rootfs))?;
-        let partial = tar.with_extension("partial");
-        run(Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&partial)
-            .arg("."))?;
-        std::fs::rename(&partial, &tar).map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_dir_all(&rootfs);
-    }
+    let tar = debootstrap_tar("systemd-bookworm-1", "bookworm", &["systemd", "systemd-sysv", "dbus"])?;
     run(Command::new("sh")
         .arg("-c")
         .arg(format!("docker import '{}' {IMAGE}", tar.display())))?;
@@ -63,23 +46,11 @@ impl Machine {
     fn boot(test: &Path, out: &Path) -> Result<Machine, String> {
         let name = format!("nvlibfs-test-systemd-{}", std::process::id());
         let _ = docker().args(["rm", "-f", &name]).output();
-        // This machine's capability set, as in tests/dind.rs; systemd wants
-        // the cgroup tree and its own /run.
+        // As for the DIND test's outer container; systemd also wants the
+        // cgroup tree and its own /run.
         run(docker()
             .args(["run", "-d", "--name", &name, "--network", "none"])
-            .args(["--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE"])
-            .args([
-                "--security-opt",
-                "seccomp=unconfined",
-                "--security-opt",
-                "apparmor=unconfined",
-            ])
-            .args([
-                "--security-opt",
-                "systempaths=unconfined",
-                "--device-cgroup-rule",
-                "a *:* rwm",
-            ])
+            .args(all_but_privileged())
             .args([
                 "--tmpfs",
                 "/run",

@@ -37,17 +37,26 @@ pub fn require_image_tools() {
 
 /// A Debian minbase root file system as a tarball, built once.
 pub fn inner_rootfs() -> Result<PathBuf, String> {
+    debootstrap_tar(&format!("inner-{IMAGE_KEY}"), "bookworm", &[])
+}
+
+/// `debootstrap --variant=minbase SUITE` with `include`d packages, as a
+/// tarball cached as `cache_dir()/NAME.tar`.
+pub fn debootstrap_tar(name: &str, suite: &str, include: &[&str]) -> Result<PathBuf, String> {
     let cache = cache_dir();
-    let tar = cache.join(format!("inner-{IMAGE_KEY}.tar"));
+    let tar = cache.join(format!("{name}.tar"));
     if tar.exists() {
         return Ok(tar);
     }
     std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let rootfs = cache.join(format!("rootfs-{IMAGE_KEY}.tmp"));
+    let rootfs = cache.join(format!("rootfs-{name}.tmp"));
     let _ = std::fs::remove_dir_all(&rootfs);
-    run(Command::new("debootstrap")
-        .args(["--variant=minbase", "bookworm"])
-        .arg(&rootfs))?;
+    let mut debootstrap = Command::new("debootstrap");
+    debootstrap.arg("--variant=minbase");
+    if !include.is_empty() {
+        debootstrap.arg(format!("--include={}", include.join(",")));
+    }
+    run(debootstrap.arg(suite).arg(&rootfs))?;
     let partial = tar.with_extension("partial");
     run(Command::new("tar")
         .arg("-C")
@@ -58,4 +67,24 @@ pub fn inner_rootfs() -> Result<PathBuf, String> {
     std::fs::rename(&partial, &tar).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&rootfs);
     Ok(tar)
+}
+
+/// `docker run` flags for a container that runs a dockerd or a systemd of
+/// its own on this machine (FACTS §6): everything --privileged gives but
+/// CAP_SYS_RESOURCE, which the machine's bounding set lacks.
+pub fn all_but_privileged() -> [&'static str; 12] {
+    [
+        "--cap-add",
+        "ALL",
+        "--cap-drop",
+        "SYS_RESOURCE",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+        "--security-opt",
+        "systempaths=unconfined",
+        "--device-cgroup-rule",
+        "a *:* rwm",
+    ]
 }
