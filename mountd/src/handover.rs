@@ -65,8 +65,26 @@ pub fn send(sock: &impl AsFd, tag: u8, body: &[u8], fds: &[BorrowedFd<'_>]) -> s
 
 /// The next message; `None` when the other side has closed.
 pub fn recv(sock: &impl AsFd) -> std::io::Result<Option<Message>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    use nix::sys::socket::{recv as peek, recvmsg, ControlMessageOwned, MsgFlags};
+    // The message's size first, so the buffer is only as big as it: a
+    // buffer of the largest size would stay in the process's memory.
+    let size = loop {
+        match peek(
+            sock.as_fd().as_raw_fd(),
+            &mut [],
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    if size == 0 {
+        return Ok(None);
+    }
+    if size > MAX_MESSAGE {
+        return Err(std::io::Error::other(format!("a message of {size} bytes is too large")));
+    }
+    let mut buf = vec![0u8; size];
     let mut space = nix::cmsg_space!([RawFd; 253]);
     let (len, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
