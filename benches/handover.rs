@@ -130,15 +130,7 @@ fn measure(nvlibfs: &Path, extra: &[&str], kind: &str, events: usize) -> Measure
     }
     let waited = query().unwrap().handovers.iter().map(|h| h.waited_ms).collect();
     let out = looping.wait_with_output().unwrap();
-    let (mut loads, mut failed, mut slowest_ms) = (0, 0, 0.0);
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let words: Vec<&str> = line.split(' ').collect();
-        if words[0] == "count" {
-            loads = words[1].parse().unwrap_or(0);
-            failed = words[2].parse().unwrap_or(0);
-            slowest_ms = words[3].parse::<f64>().unwrap_or(0.0) / 1e6;
-        }
-    }
+    let report = nvlibfs_fixture::LoopReport::parse(&String::from_utf8_lossy(&out.stdout));
     let _ = Command::new(nvlibfs)
         .args(["umount", "--state-dir"])
         .arg(&state)
@@ -146,9 +138,9 @@ fn measure(nvlibfs: &Path, extra: &[&str], kind: &str, events: usize) -> Measure
         .status();
     Measured {
         waited,
-        loads,
-        failed,
-        slowest_ms,
+        loads: report.ok,
+        failed: report.failed,
+        slowest_ms: report.slowest_ms,
     }
 }
 

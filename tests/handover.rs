@@ -110,21 +110,14 @@ fn events_that_nobody_notices(extra: &[&str]) {
 
     let outcomes: Vec<Outcome> = loaders.into_iter().map(loaders::finish).collect();
     let status = m.status();
-    let loads: u64 = outcomes.iter().map(|o| o.ok).sum();
-    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
-    let slowest = outcomes.iter().map(|o| o.slowest_ms).fold(0.0, f64::max);
-    let waited: Vec<String> = status
-        .handovers
-        .iter()
-        .map(|h| format!("{} {:.1} ms", h.reason, h.waited_ms))
-        .collect();
+    let (loads, failed, slowest) = loaders::totals(&outcomes);
     eprintln!(
         "handover {extra:?}: {loads} loads, {failed} failed, slowest load {slowest:.1} ms; requests waited: {}",
-        waited.join(", ")
+        loaders::handovers(&status)
     );
     for (i, o) in outcomes.iter().enumerate() {
         assert_eq!(
-            o.failed,
+            o.report.failed,
             0,
             "loader {i} ({:?}) failed loads:\n{}",
             if i % 2 == 0 { Bind::Rslave } else { Bind::Private },

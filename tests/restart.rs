@@ -70,11 +70,10 @@ fn running_namespaces_survive_sigkill_and_restarts_of_the_daemon() {
     let upgraded_at = restart(&m);
 
     let outcomes: Vec<Outcome> = loaders.into_iter().map(loaders::finish).collect();
-    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
-    let loaded: u64 = outcomes.iter().map(|o| o.ok).sum();
+    let (loaded, failed, _) = loaders::totals(&outcomes);
     let mut gaps = Vec::new();
     for o in &outcomes {
-        for &at in &o.recovered_at {
+        for &at in &o.report.recovered_at {
             // Measured from whichever restart it followed (or slightly
             // preceded: the mount answers before the CLI returns).
             let since = if (at - upgraded_at).abs() < (at - restarted_at).abs() {

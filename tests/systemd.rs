@@ -10,7 +10,7 @@
 mod common;
 
 use common::images::{all_but_privileged, cache_dir, debootstrap_tar, run};
-use common::loaders::{finish, Outcome};
+use common::loaders::{finish, handovers, totals, Outcome};
 use common::VERSION;
 use nvlibfs::control::Status;
 use nvlibfs_fixture::{build, build_loader, FixtureSpec};
@@ -201,17 +201,10 @@ fn under_systemd_crashes_kills_and_reloads_fail_no_load() {
     assert!(reloaded.handovers.iter().any(|h| h.reason == "restart"), "{reloaded:?}");
 
     let outcomes: Vec<Outcome> = loaders.into_iter().map(finish).collect();
-    let loads: u64 = outcomes.iter().map(|o| o.ok).sum();
-    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
-    let slowest = outcomes.iter().map(|o| o.slowest_ms).fold(0.0, f64::max);
-    let waits: Vec<String> = reloaded
-        .handovers
-        .iter()
-        .map(|h| format!("{} {:.1} ms", h.reason, h.waited_ms))
-        .collect();
+    let (loads, failed, slowest) = totals(&outcomes);
     eprintln!(
         "systemd: {loads} loads, {failed} failed, slowest {slowest:.1} ms; handovers: {}",
-        waits.join(", ")
+        handovers(&reloaded)
     );
     assert!(loads > 4 * 1000, "only {loads} loads");
     assert_eq!(failed, 0, "{:#?}", outcomes.iter().map(|o| &o.text).collect::<Vec<_>>());
@@ -224,7 +217,7 @@ fn under_systemd_crashes_kills_and_reloads_fail_no_load() {
     step("systemctl restart nvlibfs", || machine.sh("systemctl restart nvlibfs"));
     let took = started.elapsed();
     let outcomes: Vec<Outcome> = loaders.into_iter().map(finish).collect();
-    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
+    let (_, failed, _) = totals(&outcomes);
     eprintln!(
         "systemd: systemctl restart took {:.0} ms; {failed} loads failed across 4 loaders (about one a ms each)",
         took.as_secs_f64() * 1e3

@@ -2,6 +2,7 @@
 //! containers bind it, recording every failed load and the slowest one.
 
 use super::Mounted;
+use nvlibfs_fixture::LoopReport;
 use std::process::{Child, Command, Stdio};
 
 /// How a container got the view.
@@ -37,15 +38,10 @@ pub fn start(m: &Mounted, i: usize, bind: Bind, ms: u64) -> Child {
         .unwrap()
 }
 
-/// What a loader saw.
+/// What a loader saw, and its output for failure messages.
 #[derive(Debug)]
 pub struct Outcome {
-    pub ok: u64,
-    pub failed: u64,
-    /// The slowest single load, in ms.
-    pub slowest_ms: f64,
-    /// When it first loaded again after each failure, in ns since the epoch.
-    pub recovered_at: Vec<i128>,
+    pub report: LoopReport,
     pub text: String,
 }
 
@@ -53,30 +49,26 @@ pub fn finish(child: Child) -> Outcome {
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "loader failed:\n{text}");
-    let mut outcome = Outcome {
-        ok: 0,
-        failed: 0,
-        slowest_ms: 0.0,
-        recovered_at: Vec::new(),
-        text: text.clone(),
-    };
-    let mut failing = false;
-    for line in text.lines() {
-        let words: Vec<&str> = line.split(' ').collect();
-        match words[0] {
-            "ok" if failing => {
-                outcome.recovered_at.push(words[1].parse().unwrap());
-                failing = false;
-            }
-            "fail" => failing = true,
-            "count" => {
-                outcome.ok = words[1].parse().unwrap();
-                outcome.failed = words[2].parse().unwrap();
-                outcome.slowest_ms = words[3].parse::<f64>().unwrap() / 1e6;
-            }
-            _ => {}
-        }
-    }
-    assert!(!failing, "a loader never loaded again:\n{text}");
-    outcome
+    let report = LoopReport::parse(&text);
+    assert!(!report.failing_at_end, "a loader never loaded again:\n{text}");
+    Outcome { report, text }
+}
+
+/// All loaders together: loads, failed loads, the slowest load (ms).
+pub fn totals(outcomes: &[Outcome]) -> (u64, u64, f64) {
+    (
+        outcomes.iter().map(|o| o.report.ok).sum(),
+        outcomes.iter().map(|o| o.report.failed).sum(),
+        outcomes.iter().map(|o| o.report.slowest_ms).fold(0.0, f64::max),
+    )
+}
+
+/// The handovers a status lists, as "REASON WAITED ms, ...".
+pub fn handovers(status: &nvlibfs::control::Status) -> String {
+    status
+        .handovers
+        .iter()
+        .map(|h| format!("{} {:.1} ms", h.reason, h.waited_ms))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
