@@ -83,6 +83,13 @@ fn a_retired_generation_is_released_after_a_takeover_too() {
         nvlibfs::control::query(&m.state_dir, &m.mountpoint).is_ok_and(|s| s.handovers.len() == 1)
     });
     let status = m.status();
+    // Killed right after the re-pin showed in `status`: the new server
+    // must still serve the new generation, not the one before it.
+    assert_eq!(
+        (status.generation, status.driver_version.as_str()),
+        (1, OTHER),
+        "{status:?}"
+    );
     assert_eq!(status.retired_generations, 1, "{status:?}");
     assert!(status.generations[0].kernel_refs > 0, "{:?}", status.generations);
     holder.release();

@@ -83,6 +83,9 @@ fn main() -> ExitCode {
         Some(fd) => {
             // SAFETY: the supervisor passed this socket for this purpose.
             let link = daemon::Link(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            // The supervisor learns that this server is gone when the
+            // socket closes: no process this one starts may keep it open.
+            let _ = nix::fcntl::fcntl(&link.0, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
             let start = if args.takeover {
                 daemon::Start::Takeover
             } else {

@@ -23,9 +23,9 @@ pub const POLL: Duration = Duration::from_millis(500);
 /// Checks every `POLL`, and at once when `wake` says so (SIGHUP); returns
 /// when `wake`'s sender is dropped.
 ///
-/// The supervisor gets a checkpoint after each swap, before the kernel is
-/// told (so a successor knows every generation the kernel can reach), and
-/// whenever the set of live generations changed (one was freed).
+/// The supervisor gets checkpoints around each swap (see
+/// `Served::swap_in`), and one whenever the set of live generations
+/// changed (one was freed).
 pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: Receiver<()>, link: &Link) {
     let request = driver.pin_request();
     let follows_module = !matches!(request, PinRequest::Version(_));
@@ -98,9 +98,8 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: 
             (View::build(pinned, driver.driver_root.clone(), Vec::new()), Some(why))
         };
         let from = current.view.pin().version.clone();
-        let forgetting = served.install(view, problem);
+        let forgetting = served.swap_in(view, problem, |served| checkpoint(link, served));
         tracing::info!(%from, %to, "re-pinned");
-        checkpoint(link, &served);
         checkpointed = served.live_generations();
         tell_kernel(&notifier, &forgetting);
     }

@@ -109,6 +109,13 @@ enum DataPath {
     Cached { reason: String },
 }
 
+/// A generation `Served::stage` made live but not yet current.
+#[must_use = "a staged generation serves nothing until it is committed"]
+pub struct Staged {
+    base: u64,
+    pin_problem: Option<String>,
+}
+
 /// What `Served::checkpoint` hands to the server that takes over.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
@@ -539,6 +546,27 @@ impl Served {
     /// Swaps in a new view as the next generation. Returns what the kernel
     /// must be told to forget the one it replaced (nothing for the first).
     pub fn install(&self, view: View, pin_problem: Option<String>) -> Forgetting {
+        self.swap_in(view, pin_problem, |_| {})
+    }
+
+    /// `install`, telling the supervisor at each step: `checkpoint` runs
+    /// once the new generation is live but nothing can reach it (so a
+    /// server that takes over after the commit knows every inode the
+    /// kernel may have been given), and again once it is current.
+    pub fn swap_in(&self, view: View, pin_problem: Option<String>, mut checkpoint: impl FnMut(&Served)) -> Forgetting {
+        let Some(staged) = self.stage(view, pin_problem) else {
+            return Forgetting::default();
+        };
+        checkpoint(self);
+        let forgetting = self.commit(staged);
+        checkpoint(self);
+        forgetting
+    }
+
+    /// Makes a new view a live generation that nothing can reach yet:
+    /// a checkpoint taken now carries it, so a server that takes over
+    /// after `commit` knows every inode the kernel may have been given.
+    pub fn stage(&self, view: View, pin_problem: Option<String>) -> Option<Staged> {
         let data = self.data_path(&view);
         match &data {
             DataPath::Passthrough { .. } => tracing::info!("serving file data by FUSE passthrough"),
@@ -551,13 +579,13 @@ impl Served {
         let mut generations = self.lock();
         let Some(slot) = generations.free_slot() else {
             tracing::error!("{COUNT_SLOTS} generations live at once; keeping the current one");
-            return Forgetting::default();
+            return None;
         };
         let Some(base) = generations.allocate(span) else {
             // 2^32 inode numbers all held by the kernel at once: not a
             // state a real kernel reaches. Keep serving what we have.
             tracing::error!("no free range of {span} inode numbers; keeping the current generation");
-            return Forgetting::default();
+            return None;
         };
         let number = generations.next_number;
         let new = Arc::new(Generation {
@@ -568,18 +596,27 @@ impl Served {
             data,
             stats,
         });
-        tracing::info!(generation = number, version = %new.view.pin().version, "installed a new generation");
         generations.next_number += 1;
         generations.next_base = base + span;
-        let old = generations.current.replace(base);
         generations.live.insert(
             base,
             Live {
-                generation: new.clone(),
+                generation: new,
                 slot,
                 inherited: false,
             },
         );
+        Some(Staged { base, pin_problem })
+    }
+
+    /// Makes a staged generation the current one.
+    pub fn commit(&self, staged: Staged) -> Forgetting {
+        let mut generations = self.lock();
+        let Some(new) = generations.live.get(&staged.base).map(|l| l.generation.clone()) else {
+            return Forgetting::default();
+        };
+        tracing::info!(generation = new.number, version = %new.view.pin().version, "installed a new generation");
+        let old = generations.current.replace(staged.base);
         let mut forgetting = Forgetting::default();
         if let Some(old) = old.and_then(|b| generations.live.get(&b)) {
             let old_gen = old.generation.clone();
@@ -592,7 +629,7 @@ impl Served {
             forgetting.stale_root_names = root_names(&new.view).difference(&old_names).cloned().collect();
         }
         drop(generations);
-        *self.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = pin_problem;
+        *self.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = staged.pin_problem;
         forgetting
     }
 
@@ -734,6 +771,16 @@ impl Served {
         }
         if generations.current.is_none() {
             return Err("the checkpoint names no current generation".into());
+        }
+        // A generation staged but never made current (its server died in
+        // between), or one freed after the checkpoint: nothing refers to it.
+        let current = generations.current;
+        let unused: Vec<u64> = (generations.live.iter())
+            .filter(|(&base, live)| Some(base) != current && !live.inherited && generations.refs(live) == 0)
+            .map(|(&base, _)| base)
+            .collect();
+        for base in unused {
+            generations.live.remove(&base);
         }
         *served.generations.lock().unwrap_or_else(|e| e.into_inner()) = generations;
         Ok(served)

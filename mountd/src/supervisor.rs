@@ -24,12 +24,12 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use nvlibfs::control::Handover;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
 /// More early deaths than this within `CRASH_WINDOW` and the supervisor
@@ -41,12 +41,19 @@ const MAX_CRASHES: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(30);
 const EARLY_DEATH: Duration = Duration::from_millis(500);
 
+/// How long a dead server's socket may stay open (held by a process it
+/// left behind) before its death is acted on anyway.
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
 /// Starts a server: taking over or not, with `nvlibfs mount`'s ready pipe.
 type StartServer<'a> = dyn Fn(bool, Option<BorrowedFd<'_>>) -> Result<Server, DaemonError> + 'a;
 
 enum Event {
     Signal(Signal),
     Message(Pid, Message),
+    /// The server's socket reached end of file: every message it sent
+    /// has come before this.
+    Closed(Pid),
 }
 
 /// A server process and the supervisor's end of its socket.
@@ -165,10 +172,21 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     let mut serving = false;
     let mut stopping = false;
+    let mut exited: Vec<(Pid, WaitStatus, Instant)> = Vec::new();
+    let mut closed: HashSet<Pid> = HashSet::new();
 
     loop {
-        let Ok(event) = event.recv() else {
-            return Err(DaemonError::new("the supervisor's event channel closed"));
+        let event = if exited.is_empty() {
+            event.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            event.recv_timeout(DRAIN_LIMIT / 10)
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) => Event::Signal(Signal::SIGCHLD),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(DaemonError::new("the supervisor's event channel closed"));
+            }
         };
         match event {
             Event::Message(pid, m) => match m.tag {
@@ -293,45 +311,64 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
                 }
             }
             Event::Signal(Signal::SIGCHLD) => loop {
-                let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) | Err(_) => break,
-                    Ok(status) => status,
-                };
-                let Some(pid) = status.pid() else { break };
-                let code = match status {
-                    WaitStatus::Exited(_, code) => code,
-                    _ => 128 + 9,
-                };
-                if let Some(inc) = incoming.take_if(|i| i.server.pid == pid) {
-                    tracing::error!("the new server (pid {pid}) ended before it was ready: {status:?}");
-                    if current.is_some() {
-                        tracing::error!("restart failed; the running server goes on");
-                        continue;
+                    Ok(status) => {
+                        if let Some(pid) = status.pid() {
+                            exited.push((pid, status, Instant::now()));
+                        }
                     }
-                    // A crash handover whose new server failed too: try
-                    // again; requests have been waiting since the crash.
-                    crashes.push_back(Instant::now());
-                    let mut again = respawn(&start, &connection, &checkpoint, &mut crashes, inc.old_pid)?;
-                    again.since = inc.since;
-                    incoming = Some(again);
-                    continue;
-                }
-                if let Some(dead) = current.take_if(|s| s.pid == pid) {
-                    if stopping || !serving || matches!(status, WaitStatus::Exited(_, 0)) {
-                        // Stopped, unmounted from outside, or never got going
-                        // (it told `nvlibfs mount` why).
-                        return Ok(code);
-                    }
-                    tracing::error!("the server (pid {pid}) died: {status:?}; starting another to take over");
-                    if dead.serving_since.is_none_or(|t| t.elapsed() < EARLY_DEATH) {
-                        crashes.push_back(Instant::now());
-                    }
-                    let mut inc = respawn(&start, &connection, &checkpoint, &mut crashes, pid.as_raw() as u32)?;
-                    inc.since = Some((Instant::now(), SystemTime::now()));
-                    incoming = Some(inc);
                 }
             },
+            Event::Closed(pid) => {
+                closed.insert(pid);
+            }
             Event::Signal(other) => tracing::debug!("ignored {other}"),
+        }
+        // A server's death is acted on only once every message it sent
+        // has been read (its socket reached end of file): a checkpoint it
+        // sent just before it died must not be lost to the race between
+        // SIGCHLD and the reader thread.
+        while let Some(i) = exited
+            .iter()
+            .position(|(pid, _, at)| closed.contains(pid) || at.elapsed() >= DRAIN_LIMIT)
+        {
+            let (pid, status, _) = exited.swap_remove(i);
+            if !closed.remove(&pid) {
+                tracing::warn!("pid {pid}'s socket is still open after it died; going on without its last messages");
+            }
+            let code = match status {
+                WaitStatus::Exited(_, code) => code,
+                _ => 128 + 9,
+            };
+            if let Some(inc) = incoming.take_if(|i| i.server.pid == pid) {
+                tracing::error!("the new server (pid {pid}) ended before it was ready: {status:?}");
+                if current.is_some() {
+                    tracing::error!("restart failed; the running server goes on");
+                    continue;
+                }
+                // A crash handover whose new server failed too: try
+                // again; requests have been waiting since the crash.
+                crashes.push_back(Instant::now());
+                let mut again = respawn(&start, &connection, &checkpoint, &mut crashes, inc.old_pid)?;
+                again.since = inc.since;
+                incoming = Some(again);
+                continue;
+            }
+            if let Some(dead) = current.take_if(|s| s.pid == pid) {
+                if stopping || !serving || matches!(status, WaitStatus::Exited(_, 0)) {
+                    // Stopped, unmounted from outside, or never got going
+                    // (it told `nvlibfs mount` why).
+                    return Ok(code);
+                }
+                tracing::error!("the server (pid {pid}) died: {status:?}; starting another to take over");
+                if dead.serving_since.is_none_or(|t| t.elapsed() < EARLY_DEATH) {
+                    crashes.push_back(Instant::now());
+                }
+                let mut inc = respawn(&start, &connection, &checkpoint, &mut crashes, pid.as_raw() as u32)?;
+                inc.since = Some((Instant::now(), SystemTime::now()));
+                incoming = Some(inc);
+            }
         }
     }
 }
@@ -438,6 +475,7 @@ fn spawn(
                     return;
                 }
             }
+            let _ = events.send(Event::Closed(pid));
         })
         .map_err(|e| DaemonError::new(format!("starting a reader thread: {e}")))?;
     Ok(Server {

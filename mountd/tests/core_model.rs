@@ -7,16 +7,22 @@
 //! (never freed, never reused), and at every pause, with no request in
 //! flight, exactly the current generation and those the kernel still holds
 //! must be live.
+//!
+//! Installs follow the daemon's protocol with its supervisor (stage,
+//! checkpoint, commit, checkpoint), and at pauses a new server sometimes
+//! takes over from the last checkpoint "sent", at times one taken with a
+//! generation staged but never committed (the server died in between):
+//! everything the kernel holds must resolve in the new server too.
 
 use nvlibfs::discover::KernelInfo;
 use nvlibfs::pin::PinRequest;
 use nvlibfs::view::{NodeType, View};
 use nvlibfs_fixture::{build, FixtureSpec, Rng};
-use nvlibfs_mountd::served::{Served, FUSE_ROOT};
+use nvlibfs_mountd::served::{Checkpoint, Served, FUSE_ROOT};
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const THREADS: usize = 4;
 const ROUNDS: usize = 40;
@@ -36,6 +42,42 @@ struct Held {
 
 type Holdings = HashMap<u64, Held>;
 
+/// The newest checkpoint the supervisor has, as the bytes and files that
+/// crossed its socket. Its lock also stands for the daemon's one re-pin
+/// thread: one install at a time.
+#[derive(Default)]
+struct Supervisor(Mutex<Option<(Vec<u8>, Vec<std::fs::File>)>>);
+
+impl Supervisor {
+    fn keep(&self, slot: &mut Option<(Vec<u8>, Vec<std::fs::File>)>, served: &Served) {
+        let (checkpoint, files) = served.checkpoint().expect("checkpoint");
+        *slot = Some((serde_json::to_vec(&checkpoint).unwrap(), files));
+    }
+
+    /// As repin.rs does it; `dies` after the commit, before its second
+    /// checkpoint.
+    fn install(&self, served: &Served, view: View, dies: bool) {
+        let mut slot = self.0.lock().unwrap();
+        let mut sent = 0;
+        served.swap_in(view, None, |served| {
+            sent += 1;
+            if sent == 1 || !dies {
+                self.keep(&mut slot, served);
+            }
+        });
+    }
+
+    /// A new server from the newest checkpoint, with the shared counters.
+    fn take_over(&self) -> Served {
+        let slot = self.0.lock().unwrap();
+        let (json, files) = slot.as_ref().expect("a checkpoint was sent");
+        let checkpoint: Checkpoint = serde_json::from_slice(json).unwrap();
+        let files = files.iter().map(|f| f.try_clone().unwrap()).collect();
+        let connection = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        Served::restore("/model".into(), false, checkpoint, files, &connection).expect("restore")
+    }
+}
+
 fn view_of(root: &Path, version: &str) -> View {
     nvlibfs::plan(root, &PinRequest::Version(version.into()), &KernelInfo::running())
         .expect("plan")
@@ -43,7 +85,13 @@ fn view_of(root: &Path, version: &str) -> View {
 }
 
 /// One random kernel action; returns a description for failure messages.
-fn step(served: &Served, rng: &mut Rng, held: &mut Holdings, new_view: &dyn Fn() -> View) -> String {
+fn step(
+    served: &Served,
+    supervisor: &Supervisor,
+    rng: &mut Rng,
+    held: &mut Holdings,
+    new_view: &dyn Fn() -> View,
+) -> String {
     let dirs: Vec<u64> = held
         .iter()
         .filter(|(_, h)| h.lookups > 0 && h.node_type == Some(NodeType::Dir))
@@ -138,7 +186,7 @@ fn step(served: &Served, rng: &mut Rng, held: &mut Holdings, new_view: &dyn Fn()
             format!("forget {ino} x{n}")
         }
         _ if served.live_generations().len() < MAX_LIVE => {
-            served.install(new_view(), None);
+            supervisor.install(served, new_view(), false);
             "install".into()
         }
         _ => {
@@ -187,8 +235,10 @@ fn raise_file_limit() {
 
 fn run(seed: u64, root: &Path, version: &str) {
     raise_file_limit();
-    let served = Arc::new(Served::new("/model".into(), false));
+    let mut served = Arc::new(Served::new("/model".into(), false));
     served.start(view_of(root, version), None::<&OwnedFd>);
+    let supervisor = Arc::new(Supervisor::default());
+    supervisor.keep(&mut supervisor.0.lock().unwrap(), &served);
     let mut holdings: Vec<Holdings> = vec![Holdings::new(); THREADS];
     let mut rngs: Vec<Rng> = (0..THREADS as u64)
         .map(|t| Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(t + 1) | 1))
@@ -202,11 +252,12 @@ fn run(seed: u64, root: &Path, version: &str) {
             .zip(rngs.drain(..))
             .map(|(mut held, mut rng)| {
                 let served = served.clone();
+                let supervisor = supervisor.clone();
                 let (root, version) = (root.to_owned(), version.to_owned());
                 std::thread::spawn(move || {
                     let new_view = || view_of(&root, &version);
                     for _ in 0..STEPS {
-                        let last = step(&served, &mut rng, &mut held, &new_view);
+                        let last = step(&served, &supervisor, &mut rng, &mut held, &new_view);
                         check_held(&served, &mut held, &last);
                     }
                     (held, rng)
@@ -219,6 +270,35 @@ fn run(seed: u64, root: &Path, version: &str) {
                 .unwrap_or_else(|_| panic!("seed {seed}, round {round}: a kernel thread failed"));
             holdings.push(held);
             rngs.push(rng);
+        }
+        let takeover = match rngs[0].below(5) {
+            0 => Some("a takeover"),
+            1 => {
+                // Died between stage and commit: the checkpoint has a
+                // generation nothing reached.
+                let mut slot = supervisor.0.lock().unwrap();
+                let _staged = served.stage(view_of(root, version), None).expect("stage");
+                supervisor.keep(&mut slot, &served);
+                Some("a takeover from a staged generation")
+            }
+            2 => {
+                // Died after the commit, before its checkpoint, with the
+                // kernel already holding a name of the new generation.
+                supervisor.install(&served, view_of(root, version), true);
+                let lib64 = served.lookup(FUSE_ROOT, "lib64".as_ref()).unwrap().expect("lib64");
+                let h = holdings[0].entry(lib64.attr.ino).or_default();
+                h.lookups += 1;
+                h.generation = lib64.generation;
+                h.node_type = Some(lib64.attr.node_type);
+                Some("a takeover right after a commit")
+            }
+            _ => None,
+        };
+        if let Some(what) = takeover {
+            served = Arc::new(supervisor.take_over());
+            for held in &mut holdings {
+                check_held(&served, held, what);
+            }
         }
         let mut expected: BTreeSet<u32> = holdings
             .iter()
