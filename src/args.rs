@@ -78,6 +78,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", default_value = crate::control::DEFAULT_STATE_DIR, help_heading = "Serving")]
     pub state_dir: PathBuf,
 
+    /// Where the NVIDIA device nodes are, for the CDI spec the view
+    /// carries (etc/cdi/nvlibfs.json): it lists those found here, as
+    /// /dev/NAME, and follows them as they come and go
+    #[arg(long, value_name = "DIR", default_value = "/dev", help_heading = "Serving")]
+    pub dev: PathBuf,
+
     /// Keep running with every capability if dropping the unneeded ones
     /// fails (by default the daemon stops: it never serves with more
     /// privilege than it says)
@@ -92,6 +98,8 @@ impl ServeArgs {
             self.threads.to_string().into(),
             "--state-dir".into(),
             self.state_dir.clone().into(),
+            "--dev".into(),
+            self.dev.clone().into(),
         ];
         if self.no_passthrough {
             args.push("--no-passthrough".into());

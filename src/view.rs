@@ -27,6 +27,15 @@ pub struct View {
     nodes: Vec<Node>,
     /// When the view was built: the time shown for directories and links.
     built: SystemTime,
+    /// Files added by `add_generated`, in order, for `snapshot`.
+    added: Vec<AddedFile>,
+}
+
+/// A file nvlibfs writes into a view after it is built (the CDI spec).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AddedFile {
+    pub view_path: PathBuf,
+    pub contents: String,
 }
 
 #[derive(Debug)]
@@ -78,6 +87,7 @@ impl View {
                 kind: NodeKind::Dir(BTreeMap::new()),
             }],
             built,
+            added: Vec::new(),
         };
         // Present even when empty, so `PATH`/`LD_LIBRARY_PATH` entries never dangle.
         view.make_dirs(Path::new("bin"));
@@ -144,6 +154,25 @@ impl View {
             };
         }
         dir
+    }
+
+    /// Adds a generated file to a view not yet served, numbered after
+    /// every other node so that the rest keep their inode numbers. A name
+    /// already taken keeps what it had.
+    pub fn add_generated(&mut self, added: AddedFile) -> std::io::Result<()> {
+        let mut file = Selected::generated(added.view_path.clone(), added.contents.as_bytes())?;
+        file.mtime = self.built;
+        self.insert(&added.view_path, NodeKind::File(file));
+        self.added.push(added);
+        Ok(())
+    }
+
+    /// What `add_generated` put at `view_path`.
+    pub fn added(&self, view_path: &Path) -> Option<&str> {
+        self.added
+            .iter()
+            .find(|a| a.view_path == view_path)
+            .map(|a| a.contents.as_str())
     }
 
     /// Whether any library versioned with the driver is served: without
@@ -387,6 +416,9 @@ pub struct ViewSnapshot {
     /// When the view was first built (seconds, nanoseconds since the epoch).
     pub built: (u64, u32),
     pub files: Vec<FileSnapshot>,
+    /// Files added after the build, made again in this order.
+    #[serde(default)]
+    pub added: Vec<AddedFile>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -411,7 +443,8 @@ fn from_epoch((secs, nanos): (u64, u32)) -> SystemTime {
 
 impl View {
     /// The view's description and its host files in the same order.
-    /// Generated files are left out: `restore` makes them again.
+    /// Generated files are left out: `restore` makes them again (those
+    /// added after the build from the contents the snapshot carries).
     pub fn snapshot(&self) -> (ViewSnapshot, Vec<&std::fs::File>) {
         let mut files = Vec::new();
         let mut held = Vec::new();
@@ -441,6 +474,7 @@ impl View {
             driver_root: self.driver_root.clone(),
             built: since_epoch(self.built),
             files,
+            added: self.added.clone(),
         };
         (snapshot, held)
     }
@@ -490,11 +524,12 @@ impl View {
                 }
             })
             .collect();
-        Ok(View::build_at(
-            pin,
-            snapshot.driver_root,
-            selected,
-            from_epoch(snapshot.built),
-        ))
+        let mut view = View::build_at(pin, snapshot.driver_root, selected, from_epoch(snapshot.built));
+        for added in snapshot.added {
+            let path = added.view_path.display().to_string();
+            view.add_generated(added)
+                .map_err(|e| format!("making the view's {path} again: {e}"))?;
+        }
+        Ok(view)
     }
 }

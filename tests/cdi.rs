@@ -258,3 +258,43 @@ fn podman_runs_a_container_from_the_spec() {
         );
     }
 }
+
+/// The spec a mount carries in its view is the generated one for that
+/// mount point, with the nodes as a container given them at /dev sees
+/// them (no host path), and it follows the nodes as they come and go.
+#[test]
+fn a_mount_carries_its_own_spec_and_keeps_it_in_step_with_the_nodes() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let dev = fake_dev(dir.path());
+    let dev_flag = dev.to_str().unwrap().to_owned();
+    let m = Mounted::new(FixtureSpec::new(VERSION), &["--dev", &dev_flag]);
+    let path = m.mountpoint.join("etc/cdi/nvlibfs.json");
+    let read = || -> Value { serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap() };
+    let carried = read();
+    let mut generated = generate(&m.mountpoint, &dev);
+    let strip = |edits: &mut Value| {
+        for node in edits["deviceNodes"].as_array_mut().into_iter().flatten() {
+            node.as_object_mut().unwrap().remove("hostPath");
+        }
+    };
+    for device in generated["devices"].as_array_mut().unwrap() {
+        strip(&mut device["containerEdits"]);
+    }
+    strip(&mut generated["containerEdits"]);
+    assert_eq!(carried, generated);
+    check_edits(&carried["containerEdits"], "carried spec");
+
+    let names = |spec: &Value| -> Vec<String> {
+        spec["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    std::fs::remove_file(dev.join("nvidia1")).unwrap();
+    common::wait_for("the spec to drop GPU 1", || names(&read()) == ["0", "all"]);
+    assert_eq!(m.status().driver_version, VERSION, "the pin stays");
+}

@@ -272,6 +272,10 @@ fn random_driver_trees_match_the_model_in_scan_and_through_a_mount() {
             seen.files.remove("etc/ld.so.cache").is_some(),
             "seed {seed}: no loader cache through the mount"
         );
+        assert!(
+            seen.files.remove("etc/cdi/nvlibfs.json").is_some(),
+            "seed {seed}: no CDI spec through the mount"
+        );
         assert_eq!(seen.files, expected.files, "seed {seed}: files through the mount");
         assert_eq!(seen.links, expected.links, "seed {seed}: links through the mount");
         assert!(!absent, "seed {seed}: a name that is not in the view exists");

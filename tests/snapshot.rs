@@ -38,7 +38,10 @@ fn a_view_restored_from_its_snapshot_is_the_same_view() {
         &KernelInfo::running(),
     )
     .unwrap();
-    let view = plan.view;
+    let mut view = plan.view;
+    // A file added after the build (the CDI spec a mount carries) too.
+    let spec = nvlibfs::cdi::view_spec(std::path::Path::new("/run/nvlibs"), std::path::Path::new("/dev")).unwrap();
+    view.add_generated(spec.clone()).unwrap();
     let (snapshot, files) = view.snapshot();
     assert!(snapshot.files.len() > 30);
     let copies = files.iter().map(|f| f.try_clone().unwrap()).collect();
@@ -51,6 +54,16 @@ fn a_view_restored_from_its_snapshot_is_the_same_view() {
         assert_eq!(a, b);
     }
     assert_eq!(restored.pin(), view.pin());
+    assert_eq!(restored.added(&spec.view_path), Some(spec.contents.as_str()));
+    let ino = restored
+        .lookup_path(&spec.view_path)
+        .expect("the spec is in the restored view");
+    let NodeKind::File(file) = &restored.node(ino).unwrap().kind else {
+        panic!("the spec is not a file")
+    };
+    let mut served = vec![0; file.size as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&file.file, &mut served, 0).unwrap();
+    assert_eq!(String::from_utf8(served).unwrap(), spec.contents);
     let (a, b) = (restored.manifest(), view.manifest());
     assert_eq!(serde_json::to_value(&a).unwrap(), serde_json::to_value(&b).unwrap());
 

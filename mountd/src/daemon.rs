@@ -284,7 +284,10 @@ fn mount<'a>(
             _ => format!("mounting {}: {e}", mountpoint.display()),
         })
     })?;
-    served.start(plan.view, Some(&session));
+    served.start(
+        crate::repin::with_cdi_spec(plan.view, &mountpoint, &serve.dev),
+        Some(&session),
+    );
     // The supervisor keeps the connection and everything held from now on.
     let init = served
         .init_record
@@ -304,6 +307,7 @@ fn mount<'a>(
     }
     Ok(Serving {
         driver,
+        dev: serve.dev.clone(),
         served,
         session,
         listener,
@@ -369,6 +373,7 @@ fn take_over<'a>(
     drop_privileges(serve)?;
     Ok(Serving {
         driver,
+        dev: serve.dev.clone(),
         served,
         session,
         listener,
@@ -406,6 +411,8 @@ fn drop_privileges(serve: &ServeArgs) -> Result<(), DaemonError> {
 /// A server with its connection, about to answer.
 struct Serving<'a> {
     driver: &'a DriverArgs,
+    /// Where the device nodes for the view's CDI spec are.
+    dev: std::path::PathBuf,
     served: Arc<Served>,
     session: fuser::Session<NvlibFs>,
     listener: UnixListener,
@@ -424,6 +431,7 @@ struct Serving<'a> {
 fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonError> {
     let Serving {
         driver,
+        dev,
         served,
         session,
         listener,
@@ -470,7 +478,7 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         let (driver, served, link) = (driver.clone(), served.clone(), link.clone());
         std::thread::Builder::new()
             .name("repin".into())
-            .spawn(move || crate::repin::watch(driver, served, notifier, recheck_requests, &link))
+            .spawn(move || crate::repin::watch(driver, dev, served, notifier, recheck_requests, &link))
             .map_err(|e| DaemonError(format!("starting the module watcher: {e}")))?;
     }
     std::thread::Builder::new()

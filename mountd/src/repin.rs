@@ -11,6 +11,7 @@ use fuser::{INodeNo, Notifier};
 use nvlibfs::args::DriverArgs;
 use nvlibfs::pin::PinRequest;
 use nvlibfs::view::View;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,18 @@ pub const POLL: Duration = Duration::from_millis(500);
 /// The supervisor gets checkpoints around each swap (see
 /// `Served::swap_in`), and one whenever the set of live generations
 /// changed (one was freed).
-pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: Receiver<()>, link: &Link) {
+///
+/// It also follows the NVIDIA device nodes under `dev`: when they change
+/// (`nvidia-uvm` made on first use, a GPU added), the view is built again
+/// with a CDI spec that lists them.
+pub fn watch(
+    driver: DriverArgs,
+    dev: PathBuf,
+    served: Arc<Served>,
+    notifier: Notifier,
+    wake: Receiver<()>,
+    link: &Link,
+) {
     let request = driver.pin_request();
     let follows_module = !matches!(request, PinRequest::Version(_));
     if !follows_module {
@@ -51,9 +63,6 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: 
             checkpoint(link, &served);
             checkpointed = live;
         }
-        if !follows_module {
-            continue;
-        }
         let pinned = match request.resolve() {
             Ok(p) => {
                 last_error = None;
@@ -70,7 +79,10 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: 
         };
         let Some(current) = served.current() else { continue };
         let waiting = served.pin_problem().is_some();
-        if pinned.version == current.view.pin().version && !waiting {
+        let spec = nvlibfs::cdi::view_spec(&served.mountpoint, &dev).ok();
+        let devices_changed =
+            spec.as_ref().map(|s| s.contents.as_str()) != current.view.added(Path::new(nvlibfs::cdi::VIEW_SPEC_PATH));
+        if pinned.version == current.view.pin().version && !waiting && !devices_changed {
             continue;
         }
         // Pins again from the module, so the view says where its pin came from.
@@ -97,12 +109,30 @@ pub fn watch(driver: DriverArgs, served: Arc<Served>, notifier: Notifier, wake: 
             tracing::warn!("{why}");
             (View::build(pinned, driver.driver_root.clone(), Vec::new()), Some(why))
         };
+        let view = with_cdi_spec(view, &served.mountpoint, &dev);
         let from = current.view.pin().version.clone();
         let forgetting = served.swap_in(view, problem, |served| checkpoint(link, served));
-        tracing::info!(%from, %to, "re-pinned");
+        if from == to {
+            tracing::info!(version = %to, "the NVIDIA device nodes changed; serving a CDI spec that lists them");
+        } else {
+            tracing::info!(%from, %to, "re-pinned");
+        }
         checkpointed = served.live_generations();
         tell_kernel(&notifier, &forgetting);
     }
+}
+
+/// The view as this mount serves it: with its CDI spec, for the device
+/// nodes under `dev` now (see `nvlibfs::cdi::view_spec`).
+pub fn with_cdi_spec(mut view: View, mountpoint: &Path, dev: &Path) -> View {
+    let added = nvlibfs::cdi::view_spec(mountpoint, dev).and_then(|spec| {
+        view.add_generated(spec)
+            .map_err(|e| format!("adding the CDI spec to the view: {e}"))
+    });
+    if let Err(e) = added {
+        tracing::warn!("{e}; the view carries no CDI spec");
+    }
+    view
 }
 
 fn checkpoint(link: &Link, served: &Served) {
