@@ -7,8 +7,8 @@ use crate::served::{DirEntry, Entry, Errno as CoreErrno, Served};
 use crate::takeover::InitRecord;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    PollEvents, PollFlags, PollNotifier, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use nvlibfs::view::{Attr, NodeType};
 use std::cell::RefCell;
@@ -200,6 +200,22 @@ impl fuser::Filesystem for NvlibFs {
                 Err(e) => reply.error(errno(e)),
             }
         })
+    }
+
+    /// Files here are always ready to read, as on a disk file system. Go
+    /// programs register every file they open with epoll (dockerd reading
+    /// the view's CDI spec): unanswered, each logs a warning.
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        reply.poll(events & (PollEvents::POLLIN | PollEvents::POLLRDNORM));
     }
 
     fn release(
