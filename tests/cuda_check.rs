@@ -7,35 +7,16 @@
 
 mod common;
 
-use common::{ok, Mounted, SERIAL, VERSION};
+use common::{Mounted, SERIAL, VERSION};
 use nvlibfs_fixture::FixtureSpec;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn build(dir: &Path) -> PathBuf {
-    let out = dir.join("nvlibfs-cuda-check");
-    ok(
-        Command::new("cc")
-            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&out)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/contrib/cuda-check/nvlibfs-cuda-check.c"
-            ))
-            .args(["-ldl", "-lm"])
-            .output()
-            .unwrap(),
-        "building nvlibfs-cuda-check",
-    );
-    out
-}
 
 #[test]
 fn the_cuda_check_builds_and_tells_no_driver_from_the_views() {
     common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
-    let check = build(m.dir.path());
+    let check = common::build_cuda_check(m.dir.path());
 
     // No libcuda.so.1 anywhere the loader looks.
     let out = Command::new(&check).env_remove("LD_LIBRARY_PATH").output().unwrap();

@@ -40,9 +40,36 @@ pub fn inner_rootfs() -> Result<PathBuf, String> {
     debootstrap_tar(&format!("inner-{IMAGE_KEY}"), "bookworm", &[])
 }
 
+/// Debian 13 with Debian's Docker 26 (dockerd, containerd, runc, the
+/// CLI), for tests/dind26/run.sh: what the apt caches, documentation and
+/// locales take is left out, and so is what Docker's daemon never runs
+/// here, to keep the tarball small enough to carry to the GPU machine.
+pub fn docker26_rootfs() -> Result<PathBuf, String> {
+    debootstrap_tar_without(
+        "dind26-trixie-1",
+        "trixie",
+        &["docker.io", "docker-cli"],
+        &[
+            "var/cache/apt",
+            "var/lib/apt/lists",
+            "usr/share/doc",
+            "usr/share/locale",
+            "usr/share/man",
+            "usr/bin/ctr",
+            "usr/bin/containerd-shim",
+            "usr/bin/containerd-shim-runc-v1",
+        ],
+    )
+}
+
 /// `debootstrap --variant=minbase SUITE` with `include`d packages, as a
 /// tarball cached as `cache_dir()/NAME.tar`.
 pub fn debootstrap_tar(name: &str, suite: &str, include: &[&str]) -> Result<PathBuf, String> {
+    debootstrap_tar_without(name, suite, include, &[])
+}
+
+/// `debootstrap_tar` without the paths in `remove` (relative to its root).
+fn debootstrap_tar_without(name: &str, suite: &str, include: &[&str], remove: &[&str]) -> Result<PathBuf, String> {
     let cache = cache_dir();
     let tar = cache.join(format!("{name}.tar"));
     if tar.exists() {
@@ -57,6 +84,14 @@ pub fn debootstrap_tar(name: &str, suite: &str, include: &[&str]) -> Result<Path
         debootstrap.arg(format!("--include={}", include.join(",")));
     }
     run(debootstrap.arg(suite).arg(&rootfs))?;
+    for path in remove {
+        let path = rootfs.join(path);
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        } else if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
     let partial = tar.with_extension("partial");
     run(Command::new("tar")
         .arg("-C")

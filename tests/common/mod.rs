@@ -386,3 +386,23 @@ impl Holder {
         after
     }
 }
+
+/// The project's CUDA check (contrib/cuda-check), built with warnings as
+/// errors into `dir`.
+pub fn build_cuda_check(dir: &Path) -> PathBuf {
+    let out = dir.join("nvlibfs-cuda-check");
+    ok(
+        Command::new("cc")
+            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&out)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/contrib/cuda-check/nvlibfs-cuda-check.c"
+            ))
+            .args(["-ldl", "-lm"])
+            .output()
+            .unwrap(),
+        "building nvlibfs-cuda-check",
+    );
+    out
+}

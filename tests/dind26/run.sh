@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Docker-in-Docker with the view, end to end, with Debian 13's Docker 26
+# (dockerd, containerd, runc): the same script runs on the GPU machine
+# with the real driver and, in CI, against the fixture driver and
+# stand-in device nodes (tests/dind26.rs).
+#
+#   host:   nvlibfs mount MOUNTPOINT; a dockerd of its own, run from the
+#           Debian 13 root file system in a mount namespace (the host needs
+#           no Docker installed, and one already running is left alone)
+#   outer:  a container of that dockerd running its own dockerd, given the
+#           view at the same path, the device nodes, and the one line of
+#           contrib/compose/dind-daemon.json that points CDI at the spec
+#           the view carries
+#   inner:  `docker run --device nvidia.com/gpu=all` as root and uid 1000,
+#           the same with plain flags (`nvlibfs docker-flags`), and a
+#           control with neither, which must find no CUDA
+#
+# Each inner container runs `nvidia-smi -L` and the project's CUDA check
+# (contrib/cuda-check) from the view. Writes OUT_DIR/dind26.md and exits 1
+# if any check failed.
+#
+#   tests/dind26/run.sh ROOTFS BIN_DIR OUT_DIR [nvlibfs mount flags...]
+#
+# ROOTFS: tarball (.tar, .tar.xz, or several parts given as A+B) of
+#         `debootstrap --variant=minbase --include=docker.io,docker-cli trixie`
+# BIN_DIR: nvlibfs, nvlibfs-mountd and nvlibfs-cuda-check
+# tests/dind26.rs caches that tarball in /var/cache/nvlibfs-test; to run
+# on a machine with no network (the GPU machine), compress it with xz,
+# split it to fit what can be carried, and pass the parts joined by +.
+# Environment: NVLIBFS_DIND_MOUNTPOINT (default /run/nvlibs),
+#   NVLIBFS_DIND_DEV (where the device nodes are, default /dev),
+#   NVLIBFS_DIND_EXPECT=gpu (default: a real GPU and driver) or fixture.
+set -euo pipefail
+[ $# -ge 3 ] || { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
+[ "$(id -u)" = 0 ] || { echo "dind26: needs root (it mounts, and runs dockerd)" >&2; exit 2; }
+rootfs=$1 bin=$(realpath "$2") out=$(realpath -m "$3") here=$(dirname "$(realpath "$0")")
+shift 3
+mount_flags=("$@")
+mp=${NVLIBFS_DIND_MOUNTPOINT:-/run/nvlibs}
+dev=${NVLIBFS_DIND_DEV:-/dev}
+expect=${NVLIBFS_DIND_EXPECT:-gpu}
+image=nvlibfs-dind:26
+outer=nvlibfs-dind-outer-$$
+mkdir -p "$out"
+report=$out/dind26.md
+work=$(mktemp -d /var/tmp/nvlibfs-dind.XXXXXX)
+root=$work/root
+failures=()
+say() { echo "dind26: $*" >&2; }
+since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+
+hd() { chroot "$root" docker -H unix:///run/nvlibfs-dind.sock "$@"; }
+od() { hd exec "$outer" docker "$@"; }
+
+cleanup() {
+    set +e
+    hd rm -f "$outer" >/dev/null 2>&1
+    hd volume rm -f "$outer" >/dev/null 2>&1
+    [ -f "$root/run/nvlibfs-dind.pid" ] && kill "$(cat "$root/run/nvlibfs-dind.pid")" 2>/dev/null
+    for _ in $(seq 50); do [ -e "$root/run/nvlibfs-dind.pid" ] || break; sleep 0.2; done
+    "$bin/nvlibfs" umount "$mp" >/dev/null 2>&1
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# 1. The root file system: the host dockerd's, and the outer and inner
+#    image (a Debian 13 with Docker, no NVIDIA file, and the CUDA check).
+t0=$EPOCHREALTIME
+mkdir -p "$root"
+IFS=+ read -ra parts <<< "$rootfs"
+case $rootfs in
+*.xz) cat "${parts[@]}" | xz -dc | tar -C "$root" -x ;;
+*) cat "${parts[@]}" | tar -C "$root" -x ;;
+esac
+install -m 755 "$bin/nvlibfs-cuda-check" "$root/usr/local/bin/"
+mkdir -p "$root/share"
+tar -C "$root" --exclude=./share -cf "$work/image.tar" .
+mv "$work/image.tar" "$root/share/"
+t_rootfs=$(since "$t0")
+say "root file system and image ready (${t_rootfs} s)"
+
+# 2. The view, on the host.
+"$bin/nvlibfs" mount "${mount_flags[@]}" --dev "$dev" "$mp" >&2
+
+# 3. The host's dockerd: in a mount namespace of its own whose root is the
+#    Debian 13 file system, with the host's /proc, /sys, /dev, the device
+#    nodes and the view bound at their own paths (as slaves: a new mount
+#    of the view reaches it), and in a network namespace of its own: with
+#    --bridge=none it deletes any `docker0`, which may be another
+#    dockerd's.
+unshare --mount --net --propagation slave sh -c "
+    set -e
+    mount --bind '$root' '$root'
+    for d in /proc /sys /dev '$dev' '$mp'; do mkdir -p '$root'\$d; mount --rbind \$d '$root'\$d; done
+    cd '$root'
+    mkdir -p .old-root
+    pivot_root . .old-root
+    umount -l /.old-root
+    rmdir /.old-root
+    exec dockerd -H unix:///run/nvlibfs-dind.sock --pidfile /run/nvlibfs-dind.pid \
+        --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs
+" >"$work/host-dockerd.log" 2>&1 &
+for _ in $(seq 120); do hd info >/dev/null 2>&1 && break; sleep 0.5; done
+hd info >/dev/null || { tail -20 "$work/host-dockerd.log" >&2; exit 1; }
+hd import /share/image.tar "$image" >/dev/null
+say "host dockerd $(hd version -f '{{.Server.Version}}') up, image imported"
+
+# 4. The outer container: privileged (Docker 26 grants what the bounding
+#    set has), /sys and the cgroups remounted read-write inside (FACTS §6),
+#    and /var/lib/docker on a volume.
+nodes=()
+while read -r n; do nodes+=("$n"); done < <(find "$dev" -maxdepth 2 -type c \( -name 'nvidia*' -o -path '*/nvidia-caps/*' \) | sort)
+device_flags=()
+for n in "${nodes[@]}"; do device_flags+=(--device "$n:/dev/${n#"$dev"/}"); done
+# The daemon.json users are given, at this mount point.
+sed "s#/run/nvlibs#$mp#" "$here/../../contrib/compose/dind-daemon.json" >"$root/share/daemon.json"
+entry='mount -o remount,rw /sys
+if [ -f /sys/fs/cgroup/cgroup.controllers ]; then mount -o remount,rw /sys/fs/cgroup
+else for d in /sys/fs/cgroup/*; do mount -o remount,bind,rw "$d"; done; fi
+exec dockerd --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs'
+hd run -d --name "$outer" --privileged \
+    -v "$outer:/var/lib/docker" -v "$mp:$mp:ro,rslave" -v /share:/share:ro \
+    -v /share/daemon.json:/etc/docker/daemon.json:ro \
+    "${device_flags[@]}" "$image" sh -c "$entry" >/dev/null
+for _ in $(seq 120); do od info >/dev/null 2>&1 && break; sleep 0.5; done
+od info >/dev/null || { hd logs --tail 20 "$outer" >&2; exit 1; }
+od import /share/image.tar "$image" >/dev/null
+say "outer dockerd $(od version -f '{{.Server.Version}}') up, image imported"
+
+# 5. The inner containers.
+status_before=$("$bin/nvlibfs" status "$mp")
+# CUDA_CACHE_DISABLE: every run compiles the PTX, so every run loads the
+# driver's JIT compiler from the view.
+script='id -u; nvidia-smi -L; echo "nvidia-smi exit $?"
+CUDA_CACHE_DISABLE=1 nvlibfs-cuda-check; echo "cuda-check exit $?"'
+results=$work/results.md
+: >"$results"
+inner() { # NAME DOCKER-RUN-FLAGS...: runs $script; its output in $o
+    local name=$1 t=$EPOCHREALTIME
+    shift
+    o=$(od run --rm --network none "$@" "$image" sh -c "$script" 2>&1) || true
+    printf '\n### %s (%s s)\n\n```\n$ docker run --rm --network none %s %s sh -c ...\n%s\n```\n' \
+        "$name" "$(since "$t")" "$*" "$image" "$o" >>"$results"
+}
+check() { # WHAT ok|no
+    if [ "$2" = ok ]; then say "ok: $1"; else say "FAILED: $1"; failures+=("$1"); fi
+}
+has() { grep -qF -- "$2" <<<"$1" && echo ok || echo no; }
+expect_works() { # NAME UID: checks $o
+    check "$1: runs as uid $2" "$([ "$(head -1 <<<"$o")" = "$2" ] && echo ok || echo no)"
+    if [ "$expect" = gpu ]; then
+        check "$1: nvidia-smi -L lists a GPU" "$(has "$o" "GPU 0: ")"
+        check "$1: the CUDA check passes" "$(has "$o" "cuda-check exit 0")"
+        check "$1: every element equal" "$(has "$o" "all equal to the CPU's")"
+    else
+        check "$1: nvidia-smi from the view" "$(has "$o" "nvlibfs fixture driver")"
+        check "$1: libcuda.so.1 loaded from the view" \
+            "$(has "$o" "libcuda.so.1 (/usr/local/nvidia/lib64/libcuda.so.1)")"
+    fi
+}
+
+cdi=(--device nvidia.com/gpu=all)
+inner "CDI, root" "${cdi[@]}"
+expect_works "CDI as root" 0
+inner "CDI, uid 1000" "${cdi[@]}" --user 1000:1000
+expect_works "CDI as uid 1000" 1000
+# docker-flags names the nodes it finds under /dev; stand-ins are added.
+mapfile -t plain < <("$bin/nvlibfs" docker-flags --mountpoint "$mp")
+for n in "${nodes[@]}"; do
+    flag=--device=/dev/${n#"$dev"/}
+    printf '%s\n' "${plain[@]}" | grep -qxF -- "$flag" || plain+=("$flag")
+done
+inner "plain flags (nvlibfs docker-flags and --device), uid 1000" "${plain[@]}" --user 1000:1000
+expect_works "plain flags as uid 1000" 1000
+inner "control: no view, no devices"
+check "control: no nvidia-smi" "$(has "$o" "nvidia-smi: not found")"
+check "control: the CUDA check finds no driver" "$(has "$o" "cuda-check exit 2")"
+
+# 6. With stand-in nodes only: a node added on the host reaches the spec
+#    the inner dockerd reads, with nothing restarted.
+if [ "$expect" = fixture ]; then
+    mknod "$dev/nvidia1" c 1 3
+    hd exec "$outer" mknod /dev/nvidia1 c 1 3
+    for _ in $(seq 20); do hd exec "$outer" grep -q /dev/nvidia1 "$mp/etc/cdi/nvlibfs.json" && break; sleep 0.25; done
+    check "the spec lists a node added on the host" \
+        "$(hd exec "$outer" grep -q '"name": "1"' "$mp/etc/cdi/nvlibfs.json" && echo ok || echo no)"
+    o=$(od run --rm --network none --device nvidia.com/gpu=1 "$image" sh -c 'ls /dev/nvidia1' 2>&1 || true)
+    printf '\n### a node added on the host: --device nvidia.com/gpu=1\n\n```\n%s\n```\n' "$o" >>"$results"
+    check "the inner dockerd uses the new spec" "$([ "$o" = /dev/nvidia1 ] && echo ok || echo no)"
+fi
+status_after=$("$bin/nvlibfs" status "$mp")
+
+{
+    echo "# Docker-in-Docker with Docker 26 and the view"
+    echo
+    echo "- $(uname -sr); $(nvidia-smi -L 2>/dev/null | head -1 || echo "no GPU"); driver $(cat /sys/module/nvidia/version 2>/dev/null || echo "(fixture)")"
+    echo "- host and outer dockerd $(od version -f '{{.Server.Version}}'), containerd $(chroot "$root" containerd --version | awk '{print $3}'), runc $(chroot "$root" runc --version | awk 'NR==1{print $3}')"
+    echo "- outer daemon.json: \`$(cat "$root/share/daemon.json")\`"
+    echo "- device nodes: ${nodes[*]}"
+    echo "- root file system and image: ${t_rootfs} s"
+    echo
+    echo "## Inner containers"
+    cat "$results"
+    echo "## The view's CDI spec, as the outer container reads it"
+    echo
+    echo '```json'
+    hd exec "$outer" cat "$mp/etc/cdi/nvlibfs.json"
+    echo '```'
+    echo
+    echo "## nvlibfs status before and after the inner containers"
+    echo
+    echo '```'
+    echo "$status_before"
+    echo
+    echo "$status_after"
+    echo '```'
+    echo
+    if [ ${#failures[@]} -eq 0 ]; then echo "All checks passed."; else printf -- '- FAILED: %s\n' "${failures[@]}"; fi
+} >"$report"
+say "report: $report"
+[ ${#failures[@]} -eq 0 ]
