@@ -132,6 +132,7 @@ status_before=$("$bin/nvlibfs" status "$mp")
 # CUDA_CACHE_DISABLE: every run compiles the PTX, so every run loads the
 # driver's JIT compiler from the view.
 script='id -u; nvidia-smi -L; echo "nvidia-smi exit $?"
+nvidia-smi --query-gpu=driver_version --format=csv,noheader
 CUDA_CACHE_DISABLE=1 nvlibfs-cuda-check; echo "cuda-check exit $?"'
 results=$work/results.md
 : >"$results"
@@ -152,6 +153,7 @@ expect_works() { # NAME UID: checks $o
         check "$1: nvidia-smi -L lists a GPU" "$(has "$o" "GPU 0: ")"
         check "$1: the CUDA check passes" "$(has "$o" "cuda-check exit 0")"
         check "$1: every element equal" "$(has "$o" "all equal to the CPU's")"
+        check "$1: on the host's driver" "$(has "$o" "$(cat /sys/module/nvidia/version)")"
     else
         check "$1: nvidia-smi from the view" "$(has "$o" "nvlibfs fixture driver")"
         check "$1: libcuda.so.1 loaded from the view" \
