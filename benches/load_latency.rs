@@ -154,6 +154,7 @@ struct Env {
     nvlibfs: PathBuf,
     work: PathBuf,
     squash_image: Option<PathBuf>,
+    nvlibfs_flags: Vec<String>,
 }
 
 struct Server {
@@ -204,6 +205,7 @@ impl Server {
                 if kind == Kind::NvlibfsCached {
                     c.arg("--no-passthrough");
                 }
+                c.args(&env.nvlibfs_flags);
                 c.arg(&mnt);
                 c
             }
@@ -253,15 +255,41 @@ impl Server {
         }
     }
 
-    /// The FUSE daemon's pid: the process whose command line names the mount point.
-    fn daemon_pid(&self) -> Option<u32> {
-        let m = self.mountpoint.as_ref()?.to_str()?.to_owned();
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            (pid != std::process::id() && args.contains(&m.as_bytes()) && !args[0].ends_with(b"nvlibfs")).then_some(pid)
-        })
+    /// Bytes nvlibfs's server read for the kernel (READ requests and
+    /// prefetches), from `nvlibfs status --json`.
+    fn bytes_read(&self, env: &Env) -> Option<u64> {
+        let m = self.mountpoint.as_ref().filter(|_| self.kind.is_nvlibfs())?;
+        let out = Command::new(&env.nvlibfs)
+            .args(["status", "--json", "--state-dir"])
+            .arg(env.work.join("state"))
+            .arg(m)
+            .output()
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let counters = &status["counters"];
+        Some(counters["bytes_read"].as_u64()? + counters["prefetched_bytes"].as_u64().unwrap_or(0))
+    }
+
+    /// The FUSE daemon's processes (nvlibfs's supervisor and server, or
+    /// the one of another server): those whose command line names the
+    /// mount point.
+    fn daemon_pids(&self) -> Vec<u32> {
+        let Some(m) = self.mountpoint.as_ref().and_then(|m| m.to_str()) else {
+            return Vec::new();
+        };
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+                (pid != std::process::id() && args.contains(&m.as_bytes()) && !args[0].ends_with(b"nvlibfs"))
+                    .then_some(pid)
+            })
+            .collect()
     }
 }
 
@@ -309,6 +337,27 @@ fn load(libs: &[PathBuf], touch: bool) -> Vec<(Duration, Duration)> {
         .collect()
 }
 
+/// dlopen + cuInit + a first context in a fresh process, in ms.
+fn cuinit(libcuda: &Path) -> f64 {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("__cuinit")
+        .arg(libcuda)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cuInit: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap() / 1e6
+}
+
+/// One pread of the whole file into a buffer already faulted in.
+fn pread_whole(path: &Path) -> Duration {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![1u8; f.metadata().unwrap().len() as usize];
+    let start = Instant::now();
+    f.read_exact_at(&mut buf, 0).unwrap();
+    start.elapsed()
+}
+
 fn read_file(path: &Path) -> Duration {
     let start = Instant::now();
     let mut f = std::fs::File::open(path).unwrap();
@@ -346,6 +395,10 @@ struct Options {
     cold: usize,
     nvlibfs: Option<PathBuf>,
     cuinit: bool,
+    /// Extra `nvlibfs mount` flags, to measure one lever at a time.
+    nvlibfs_flags: Vec<String>,
+    /// Only these columns (labels as in the table); all when empty.
+    servers: Vec<String>,
 }
 
 fn options(args: &[String]) -> Options {
@@ -357,6 +410,8 @@ fn options(args: &[String]) -> Options {
         cold: 5,
         nvlibfs: None,
         cuinit: false,
+        nvlibfs_flags: Vec::new(),
+        servers: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -373,6 +428,8 @@ fn options(args: &[String]) -> Options {
             "--cold" => o.cold = v().parse().unwrap_or_else(|_| usage("--cold takes a number")),
             "--nvlibfs" => o.nvlibfs = Some(v().into()),
             "--cuinit" => o.cuinit = true,
+            "--nvlibfs-flag" => o.nvlibfs_flags.push(v()),
+            "--servers" => o.servers = v().split(',').map(str::to_owned).collect(),
             "--bench" => {}
             other => usage(&format!("unknown argument {other}")),
         }
@@ -383,7 +440,8 @@ fn options(args: &[String]) -> Options {
 fn usage(why: &str) -> ! {
     eprintln!(
         "load_latency: {why}\nusage: load_latency [--driver-root DIR [--driver-version V] [--cuinit]] \
-         [--out DIR] [--warm N] [--cold N] [--nvlibfs PATH]"
+         [--out DIR] [--warm N] [--cold N] [--nvlibfs PATH] [--nvlibfs-flag FLAG]... \
+         [--servers native,nvlibfs --no-passthrough,...]"
     );
     std::process::exit(2);
 }
@@ -433,6 +491,10 @@ fn bench(args: &[String]) {
             )
         }
     };
+    let kinds: Vec<Kind> = kinds
+        .into_iter()
+        .filter(|k| o.servers.is_empty() || *k == Kind::Native || o.servers.iter().any(|s| s == k.label()))
+        .collect();
     let mut files = files(&root, &pin);
     // A real driver's graphics libraries need the host's GLVND, X11 and so
     // on; measure the ones this host can load at all.
@@ -468,6 +530,7 @@ fn bench(args: &[String]) {
         nvlibfs: o.nvlibfs.clone().unwrap_or_else(find_nvlibfs),
         work: work.path().to_owned(),
         squash_image,
+        nvlibfs_flags: o.nvlibfs_flags.clone(),
     };
     let big_size = std::fs::metadata(env.root.join(&files.big.1)).unwrap().len();
     let fw_size = std::fs::metadata(env.root.join(&files.firmware.1)).unwrap().len();
@@ -506,6 +569,13 @@ fn bench(args: &[String]) {
         "ms",
         true,
     );
+    // What no path through a daemon can beat where native first touches
+    // map pages already cached: copying the file's bytes once.
+    let r_pread_first = row(
+        format!("pread {big_name} whole into a buffer, first after mount (native: the copy floor)"),
+        "ms",
+        true,
+    );
     let r_fw = row(
         format!(
             "read firmware {} ({:.0} MiB), warm",
@@ -530,9 +600,21 @@ fn bench(args: &[String]) {
     let r_ready = row("mount to ready".to_owned(), "ms", false);
     let r_rss = row("daemon RSS after the run".to_owned(), "MiB", false);
     let r_cpu = row("daemon CPU time over the run".to_owned(), "ms", false);
+    let r_cpu_gib = row(
+        "daemon CPU per GiB it read for the kernel, over the run".to_owned(),
+        "ms/GiB",
+        false,
+    );
     let r_cuinit = o
         .cuinit
         .then(|| row("dlopen + cuInit + first context (fresh process)".to_owned(), "ms", true));
+    let r_cuinit_first = o.cuinit.then(|| {
+        row(
+            "dlopen + cuInit + first context, first after mount".to_owned(),
+            "ms",
+            true,
+        )
+    });
 
     for &kind in &kinds {
         eprintln!("load_latency: measuring {}", kind.label());
@@ -549,6 +631,14 @@ fn bench(args: &[String]) {
             let t = load(std::slice::from_ref(&server.path(&env, &files.big)), true)[0];
             put(r_touch_first, ms(t.0 + t.1));
             server.unmount(&env);
+            let (server, _) = Server::mount(&env, kind);
+            put(r_pread_first, ms(pread_whole(&server.path(&env, &files.big))));
+            server.unmount(&env);
+            if let Some(r) = r_cuinit_first {
+                let (server, _) = Server::mount(&env, kind);
+                put(r, cuinit(&server.path(&env, &files.big)));
+                server.unmount(&env);
+            }
         }
         let (server, _) = Server::mount(&env, kind);
         let big = server.path(&env, &files.big);
@@ -610,36 +700,33 @@ fn bench(args: &[String]) {
         }
         if let Some(r) = r_cuinit {
             for _ in 0..o.cold {
-                let out = Command::new(std::env::current_exe().unwrap())
-                    .arg("__cuinit")
-                    .arg(&big)
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "cuInit: {}", String::from_utf8_lossy(&out.stderr));
-                put(
-                    r,
-                    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap() / 1e6,
-                );
+                put(r, cuinit(&big));
             }
         }
-        if let Some(pid) = fresh.daemon_pid() {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if let Some(kb) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")) {
-                put(
-                    r_rss,
-                    kb.trim().trim_end_matches("kB").trim().parse::<f64>().unwrap() / 1024.0,
-                );
+        let pids = fresh.daemon_pids();
+        if !pids.is_empty() {
+            let (mut rss_kb, mut ticks) = (0.0, 0.0);
+            for pid in pids {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(kb) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")) {
+                    rss_kb += kb.trim().trim_end_matches("kB").trim().parse::<f64>().unwrap_or(0.0);
+                }
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map(|(_, r)| r.split_whitespace().collect())
+                    .unwrap_or_default();
+                if fields.len() > 13 {
+                    ticks += fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+                }
             }
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, r)| r.split_whitespace().collect())
-                .unwrap_or_default();
-            if fields.len() > 13 {
-                let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-                // SAFETY: sysconf has no preconditions.
-                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-                put(r_cpu, ticks / hz * 1e3);
+            put(r_rss, rss_kb / 1024.0);
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            let cpu_ms = ticks / hz * 1e3;
+            put(r_cpu, cpu_ms);
+            if let Some(bytes) = fresh.bytes_read(&env).filter(|&b| b > 0) {
+                put(r_cpu_gib, cpu_ms / (bytes as f64 / (1u64 << 30) as f64));
             }
         }
         fresh.unmount(&env);
