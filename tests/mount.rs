@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{mount_command, nvlibfs, ok, Mounted, SERIAL, VERSION};
+use common::{mount_command, nvlibfs, ok, wait_for, Mounted, SERIAL, VERSION};
 use nvlibfs_fixture::{build, FixtureSpec};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -567,5 +567,44 @@ fn the_view_is_a_driver_root_for_nvidia_tools() {
         scan(root),
         scan(&m.fixture.root),
         "the view, scanned as a driver root, is not the view"
+    );
+}
+
+/// The cached path's two levers, as a user would check them: the mount's
+/// readahead in sysfs is what `--readahead-kb` says, and with `--prefetch`
+/// a file's first open fills the kernel's page cache with all of it, so a
+/// process that then walks the whole library sends (almost) no READs.
+#[test]
+fn readahead_and_prefetch_on_the_cached_path() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = FixtureSpec {
+        libcuda_bytes: 64 << 20,
+        ..FixtureSpec::new(VERSION)
+    };
+    let m = Mounted::new(spec, &["--no-passthrough", "--readahead-kb", "2048", "--prefetch"]);
+    let live = m.mountpoint.join(".live").display().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let device = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(live.as_str()))
+        .and_then(|l| l.split(' ').nth(2))
+        .expect("the FUSE mount in mountinfo");
+    let readahead = std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb")).unwrap();
+    assert_eq!(readahead.trim(), "2048");
+
+    let (_, lib) = m.libcuda();
+    let size = std::fs::metadata(&lib).unwrap().len();
+    drop(std::fs::File::open(&lib).unwrap());
+    wait_for("the prefetch of libcuda", || {
+        m.status().counters.prefetched_bytes >= size
+    });
+    let before = m.status().counters;
+    m.load(&[], std::slice::from_ref(&lib), true);
+    let after = m.status().counters;
+    assert!(
+        after.reads - before.reads <= 4,
+        "walking a prefetched 64 MiB library sent {} READs",
+        after.reads - before.reads
     );
 }

@@ -8,6 +8,7 @@
 //! ends the daemon too (exit 0).
 
 use crate::fs::NvlibFs;
+use crate::prefetch::Prefetcher;
 use crate::served::Served;
 use crate::takeover::{self, InitRecord};
 use crate::{handover, layout};
@@ -221,7 +222,7 @@ fn fuse_config(serve: &ServeArgs) -> Config {
         MountOption::Subtype("nvlibfs".into()),
     ];
     config.acl = SessionACL::All;
-    config.n_threads = Some(serve.threads.into());
+    config.n_threads = Some(serve.threads().into());
     // Every thread reads the one descriptor the supervisor also holds: a
     // cloned one would die with this process and fail the requests it had
     // read (see takeover.rs).
@@ -272,7 +273,13 @@ fn mount<'a>(
     let signals = block_signals()?;
 
     let served = Arc::new(Served::new(mountpoint.clone(), !serve.no_passthrough));
-    let session = fuser::Session::new(NvlibFs::new(served.clone()), &live, &fuse_config(serve)).map_err(|e| {
+    let prefetch = start_prefetch(&served, serve)?;
+    let session = fuser::Session::new(
+        NvlibFs::new(served.clone(), prefetch.clone()),
+        &live,
+        &fuse_config(serve),
+    )
+    .map_err(|e| {
         let _ = std::fs::remove_file(&socket);
         DaemonError(match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => {
@@ -288,6 +295,7 @@ fn mount<'a>(
         crate::repin::with_cdi_spec(plan.view, &mountpoint, &serve.dev),
         Some(&session),
     );
+    set_readahead(&live, serve.readahead_kb);
     // The supervisor keeps the connection and everything held from now on.
     let init = served
         .init_record
@@ -308,6 +316,7 @@ fn mount<'a>(
     Ok(Serving {
         driver,
         dev: serve.dev.clone(),
+        prefetch,
         served,
         session,
         listener,
@@ -318,6 +327,32 @@ fn mount<'a>(
         resend: None,
         setup,
     })
+}
+
+fn start_prefetch(served: &Arc<Served>, serve: &ServeArgs) -> Result<Option<Arc<Prefetcher>>, DaemonError> {
+    if !serve.prefetch {
+        return Ok(None);
+    }
+    Prefetcher::start(served.clone(), serve.threads().into())
+        .map(|p| Some(Arc::new(p)))
+        .map_err(|e| DaemonError(format!("starting the prefetch threads: {e}")))
+}
+
+/// The kernel's readahead for the mount at `live` lives in its backing
+/// device info, which FUSE INIT can only lower (from the kernel's 128
+/// KiB): set it in sysfs once INIT is done. A server that takes the
+/// connection over keeps it.
+fn set_readahead(live: &Path, kb: u32) {
+    // From mountinfo: a stat of the mount would wait for this server,
+    // which does not answer yet.
+    let Some(mount) = nvlibfs::mountinfo::at(live) else {
+        return tracing::warn!("readahead left as it is: {} is not in mountinfo", live.display());
+    };
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", mount.device.0, mount.device.1);
+    match std::fs::write(&path, kb.to_string()) {
+        Ok(()) => tracing::debug!("readahead {kb} KiB ({path})"),
+        Err(e) => tracing::warn!("readahead left as it is: writing {path}: {e}"),
+    }
 }
 
 /// A later server: restores the supervisor's checkpoint and takes its
@@ -352,8 +387,14 @@ fn take_over<'a>(
     );
     let mut config = fuse_config(serve);
     config.mount_options.clear();
-    let resumed = takeover::resume(NvlibFs::new(served.clone()), &init, SessionACL::All, config)
-        .map_err(|e| DaemonError(format!("resuming the FUSE session: {e}")))?;
+    let prefetch = start_prefetch(&served, serve)?;
+    let resumed = takeover::resume(
+        NvlibFs::new(served.clone(), prefetch.clone()),
+        &init,
+        SessionACL::All,
+        config,
+    )
+    .map_err(|e| DaemonError(format!("resuming the FUSE session: {e}")))?;
     let signals = block_signals()?;
     tracing::info!(
         generations = ?served.live_generations(),
@@ -374,6 +415,7 @@ fn take_over<'a>(
     Ok(Serving {
         driver,
         dev: serve.dev.clone(),
+        prefetch,
         served,
         session,
         listener,
@@ -413,6 +455,7 @@ struct Serving<'a> {
     driver: &'a DriverArgs,
     /// Where the device nodes for the view's CDI spec are.
     dev: std::path::PathBuf,
+    prefetch: Option<Arc<Prefetcher>>,
     served: Arc<Served>,
     session: fuser::Session<NvlibFs>,
     listener: UnixListener,
@@ -432,6 +475,7 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     let Serving {
         driver,
         dev,
+        prefetch,
         served,
         session,
         listener,
@@ -447,6 +491,9 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         Some(nix::unistd::getppid().as_raw() as u32).filter(|&p| p != 1);
     let link = Arc::new(link);
     let notifier = session.notifier();
+    if let Some(prefetch) = &prefetch {
+        prefetch.set_notifier(session.notifier());
+    }
     let (events, event) = mpsc::channel();
     let loop_thread = {
         let events = events.clone();

@@ -3,6 +3,7 @@
 //! Everything that decides what exists, and every reference count, lives
 //! in the core and is tested without FUSE.
 
+use crate::prefetch::Prefetcher;
 use crate::served::{DirEntry, Entry, Errno as CoreErrno, Served};
 use crate::takeover::InitRecord;
 use fuser::{
@@ -40,11 +41,13 @@ thread_local! {
 
 pub struct NvlibFs {
     served: Arc<Served>,
+    /// `Some` with --prefetch.
+    prefetch: Option<Arc<Prefetcher>>,
 }
 
 impl NvlibFs {
-    pub fn new(served: Arc<Served>) -> NvlibFs {
-        NvlibFs { served }
+    pub fn new(served: Arc<Served>, prefetch: Option<Arc<Prefetcher>>) -> NvlibFs {
+        NvlibFs { served, prefetch }
     }
 }
 
@@ -174,7 +177,12 @@ impl fuser::Filesystem for NvlibFs {
                     backing.into_raw();
                 }
                 // A generation never changes, so its page cache stays valid across opens.
-                None => reply.opened(FileHandle(opened.fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
+                None => {
+                    reply.opened(FileHandle(opened.fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE);
+                    if let Some(prefetch) = &self.prefetch {
+                        prefetch.opened(&self.served, ino.0);
+                    }
+                }
             },
             Err(e) => reply.error(errno(e)),
         }

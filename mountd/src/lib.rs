@@ -13,6 +13,7 @@ pub mod fs;
 pub mod handover;
 pub mod layout;
 pub mod logging;
+pub mod prefetch;
 pub mod privileges;
 pub mod repin;
 pub mod served;

@@ -20,7 +20,7 @@ use nvlibfs::control::{Counters, GenerationStatus, Status};
 use nvlibfs::select::FileKind;
 use nvlibfs::view::ViewSnapshot;
 use nvlibfs::view::{Attr, Ino, NodeKind, View, ROOT_INO};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -169,6 +169,9 @@ pub struct Generation {
     pub view: View,
     data: DataPath,
     stats: FsStats,
+    /// Files whose contents were pushed into the kernel's page cache
+    /// already (see `Served::prefetch`).
+    prefetched: Mutex<HashSet<Ino>>,
 }
 
 impl Drop for Generation {
@@ -274,6 +277,7 @@ pub struct AtomicCounters {
     pub readdirs: AtomicU64,
     pub reads: AtomicU64,
     pub bytes_read: AtomicU64,
+    pub prefetched_bytes: AtomicU64,
     pub write_attempts: AtomicU64,
 }
 
@@ -595,6 +599,7 @@ impl Served {
             view,
             data,
             stats,
+            prefetched: Mutex::default(),
         });
         generations.next_number += 1;
         generations.next_base = base + span;
@@ -746,6 +751,7 @@ impl Served {
                 stats: stats_of(&view),
                 view,
                 data,
+                prefetched: Mutex::default(),
             });
             if checkpoint.current == Some(state.number) {
                 generations.current = Some(state.base);
@@ -895,6 +901,42 @@ impl Served {
     /// A file that shrank on disk since it was pinned is no longer the file
     /// that was checked: its reads fail rather than serve something else.
     pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let done = self.read_file(ino, offset, buf)?;
+        self.counters.reads.fetch_add(1, Relaxed);
+        self.counters.bytes_read.fetch_add(done as u64, Relaxed);
+        Ok(done)
+    }
+
+    /// The size of file `ino` if its contents should be pushed into the
+    /// kernel's page cache now: on the cached path, once per generation,
+    /// at its first open. A process that opens a library maps and walks
+    /// much of it; pushed in ahead, by several threads at once, its pages
+    /// are there when it faults instead of each readahead window waiting
+    /// for a request of its own.
+    pub fn prefetch(&self, ino: u64) -> Option<u64> {
+        let (generation, local) = self.resolve(ino).ok()?;
+        if !matches!(generation.data, DataPath::Cached { .. }) {
+            return None;
+        }
+        let NodeKind::File(file) = &generation.view.node(local)?.kind else {
+            return None;
+        };
+        let first = generation
+            .prefetched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(local);
+        first.then_some(file.size)
+    }
+
+    /// `read` for a prefetch: counted apart from the kernel's READs.
+    pub fn prefetch_read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let done = self.read_file(ino, offset, buf)?;
+        self.counters.prefetched_bytes.fetch_add(done as u64, Relaxed);
+        Ok(done)
+    }
+
+    fn read_file(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         let (generation, local) = self.resolve(ino)?;
         let NodeKind::File(file) = &generation.view.node(local).ok_or(libc::ENOENT)?.kind else {
             return Err(libc::EISDIR);
@@ -916,8 +958,6 @@ impl Served {
                 Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
             }
         }
-        self.counters.reads.fetch_add(1, Relaxed);
-        self.counters.bytes_read.fetch_add(done as u64, Relaxed);
         Ok(done)
     }
 
@@ -1042,6 +1082,7 @@ impl Served {
                 readdirs: c.readdirs.load(Relaxed),
                 reads: c.reads.load(Relaxed),
                 bytes_read: c.bytes_read.load(Relaxed),
+                prefetched_bytes: c.prefetched_bytes.load(Relaxed),
                 write_attempts: c.write_attempts.load(Relaxed),
             },
         }
