@@ -183,7 +183,13 @@ fn without_passthrough_later_loads_come_from_the_kernel_cache() {
     std::fs::read(&host_lib).unwrap();
     let before = meminfo_cached_kib();
     m.load(&[], std::slice::from_ref(&lib), true);
-    let first = m.status().counters;
+    // Readahead the loader started may still be on its way when it exits.
+    let mut first = m.status().counters;
+    wait_for("the first load's readahead to settle", || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = m.status().counters;
+        std::mem::replace(&mut first, now).reads == first.reads
+    });
     assert!(first.reads > 0 && first.bytes_read >= 100 << 20, "{first:?}");
     // A second copy in the page cache: the contrast the passthrough test relies on.
     let grew_mib = meminfo_cached_kib().saturating_sub(before) / 1024;
