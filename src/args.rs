@@ -91,7 +91,7 @@ pub struct ServeArgs {
     /// On the cached path, fill the kernel's page cache with all of a file
     /// at its first open, from several threads, instead of as its pages
     /// are read: for workloads that read whole files. A CUDA program reads
-    /// a tenth of libcuda, and its dlopen then waits behind the prefetch
+    /// an eighth of libcuda, and its dlopen then waits behind the prefetch
     #[arg(long, help_heading = "Serving")]
     pub prefetch: bool,
 

@@ -52,7 +52,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         nvlibfs mount /run/nvlibs\n  \
         nvlibfs mount --foreground /run/nvlibs        # under systemd or in a container\n  \
-        docker run -v /run/nvlibs:/usr/local/nvidia:ro,rslave IMAGE ...   # then, in containers\n\n\
+        docker run -v /run/nvlibs:/usr/local/nvidia:ro,rslave IMAGE ...   # then, in containers\n  \
+        docker run --device nvidia.com/gpu=all IMAGE ...   # or with CDI, its spec dir /run/nvlibs/etc/cdi\n\n\
         rslave lets the mount of a wholly new daemon (its supervisor gone too) reach running containers.\n\
         Without --foreground it returns once the mount answers (exit 0) or has failed (exit 1, with the reason).")]
     Mount(mount::MountArgs),
