@@ -80,6 +80,13 @@ fn one_flag_gpus_inside_docker_in_docker_with_docker_26() {
     }
     assert!(section("control").contains("no CUDA driver"), "{report}");
     assert!(report.contains(&format!("\"hostPath\": \"{mountpoint}\"")), "{report}");
+    let logs = std::fs::read_dir(&out).unwrap().flatten();
+    assert!(
+        logs.into_iter()
+            .any(|e| e.path().extension().is_some_and(|x| x == "log")),
+        "no daemon log in {}",
+        out.display()
+    );
     // Unmounted: only the empty directory `nvlibfs mount` made is left.
     std::fs::remove_dir(&mountpoint).unwrap_or_else(|e| panic!("run.sh left {mountpoint} behind: {e}"));
 }

@@ -16,8 +16,8 @@
 #           control with neither, which must find no CUDA
 #
 # Each inner container runs `nvidia-smi -L` and the project's CUDA check
-# (contrib/cuda-check) from the view. Writes OUT_DIR/dind26.md and exits 1
-# if any check failed.
+# (contrib/cuda-check) from the view. Writes OUT_DIR/dind26.md and the
+# daemon's log there, and exits 1 if any check failed.
 #
 #   tests/dind26/run.sh ROOTFS BIN_DIR OUT_DIR [nvlibfs mount flags...]
 #
@@ -58,7 +58,8 @@ cleanup() {
     hd volume rm -f "$outer" >/dev/null 2>&1
     [ -f "$root/run/nvlibfs-dind.pid" ] && kill "$(cat "$root/run/nvlibfs-dind.pid")" 2>/dev/null
     for _ in $(seq 50); do [ -e "$root/run/nvlibfs-dind.pid" ] || break; sleep 0.2; done
-    "$bin/nvlibfs" umount "$mp" >/dev/null 2>&1
+    "$bin/nvlibfs" umount --state-dir "$work/state" "$mp" >/dev/null 2>&1
+    cp "$work"/state/*.log "$out/" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -80,7 +81,8 @@ t_rootfs=$(since "$t0")
 say "root file system and image ready (${t_rootfs} s)"
 
 # 2. The view, on the host.
-"$bin/nvlibfs" mount "${mount_flags[@]}" --dev "$dev" "$mp" >&2
+# Its own state directory: the daemon's log ends up in OUT_DIR.
+"$bin/nvlibfs" mount "${mount_flags[@]}" --state-dir "$work/state" --dev "$dev" "$mp" >&2
 
 # 3. The host's dockerd: in a mount namespace of its own whose root is the
 #    Debian 13 file system, with the host's /proc, /sys, /dev, the device
@@ -128,7 +130,7 @@ od import /share/image.tar "$image" >/dev/null
 say "outer dockerd $(od version -f '{{.Server.Version}}') up, image imported"
 
 # 5. The inner containers.
-status_before=$("$bin/nvlibfs" status "$mp")
+status_before=$("$bin/nvlibfs" status --state-dir "$work/state" "$mp")
 # CUDA_CACHE_DISABLE: every run compiles the PTX, so every run loads the
 # driver's JIT compiler from the view.
 script='id -u; nvidia-smi -L; echo "nvidia-smi exit $?"
@@ -190,7 +192,7 @@ if [ "$expect" = fixture ]; then
     printf '\n### a node added on the host: --device nvidia.com/gpu=1\n\n```\n%s\n```\n' "$o" >>"$results"
     check "the inner dockerd uses the new spec" "$([ "$o" = /dev/nvidia1 ] && echo ok || echo no)"
 fi
-status_after=$("$bin/nvlibfs" status "$mp")
+status_after=$("$bin/nvlibfs" status --state-dir "$work/state" "$mp")
 
 {
     echo "# Docker-in-Docker with Docker 26 and the view"
