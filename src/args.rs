@@ -148,9 +148,12 @@ impl ServeArgs {
 /// any tracing filter in `NVLIBFS_LOG`.
 pub fn log_filter(verbose: u8) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
+    // fuser::session's one warning is its session trying to unmount, as it
+    // ends, a mount that `nvlibfs umount` already took away: every clean
+    // unmount would log "Failed to umount filesystem: Invalid argument".
     let default = match verbose {
-        0 => "warn,nvlibfs=info,nvlibfs_mountd=info",
-        1 => "info",
+        0 => "warn,nvlibfs=info,nvlibfs_mountd=info,fuser::session=error",
+        1 => "info,fuser::session=error",
         2 => "debug",
         _ => "trace",
     };
