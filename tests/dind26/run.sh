@@ -184,10 +184,14 @@ check "control: the CUDA check finds no driver" "$(has "$o" "cuda-check exit 2")
 #    the inner dockerd reads, with nothing restarted.
 if [ "$expect" = fixture ]; then
     mknod "$dev/nvidia1" c 1 3
-    hd exec "$outer" mknod /dev/nvidia1 c 1 3
     for _ in $(seq 20); do hd exec "$outer" grep -q /dev/nvidia1 "$mp/etc/cdi/nvlibfs.json" && break; sleep 0.25; done
     check "the spec lists a node added on the host" \
         "$(hd exec "$outer" grep -q '"name": "1"' "$mp/etc/cdi/nvlibfs.json" && echo ok || echo no)"
+    # What the docs warn of: the outer container lacks the new node.
+    o=$(od run --rm --network none --device nvidia.com/gpu=all "$image" true 2>&1) && o="(ran)"
+    printf '\n### the outer container lacks a node the spec names: --device nvidia.com/gpu=all\n\n```\n%s\n```\n' "$o" >>"$results"
+    check "gpu=all fails while the outer container lacks a node" "$([ "$o" != "(ran)" ] && echo ok || echo no)"
+    hd exec "$outer" mknod /dev/nvidia1 c 1 3
     o=$(od run --rm --network none --device nvidia.com/gpu=1 "$image" sh -c 'ls /dev/nvidia1' 2>&1 || true)
     printf '\n### a node added on the host: --device nvidia.com/gpu=1\n\n```\n%s\n```\n' "$o" >>"$results"
     check "the inner dockerd uses the new spec" "$([ "$o" = /dev/nvidia1 ] && echo ok || echo no)"
