@@ -234,7 +234,7 @@ fn fuse_config(serve: &ServeArgs) -> Config {
 /// checkpoint to the supervisor.
 fn mount<'a>(
     driver: &'a DriverArgs,
-    serve: &ServeArgs,
+    serve: &'a ServeArgs,
     mountpoint: &Path,
     link: Link,
 ) -> Result<Serving<'a>, DaemonError> {
@@ -292,7 +292,7 @@ fn mount<'a>(
         })
     })?;
     served.start(
-        crate::repin::with_cdi_spec(plan.view, &mountpoint, &serve.dev),
+        crate::repin::with_cdi_spec(plan.view, nvlibfs::cdi::view_spec(&mountpoint, &serve.dev)),
         Some(&session),
     );
     set_readahead(&live, serve.readahead_kb);
@@ -315,7 +315,7 @@ fn mount<'a>(
     }
     Ok(Serving {
         driver,
-        dev: serve.dev.clone(),
+        serve,
         prefetch,
         served,
         session,
@@ -359,7 +359,7 @@ fn set_readahead(live: &Path, kb: u32) {
 /// connection over, without a scan or a mount.
 fn take_over<'a>(
     driver: &'a DriverArgs,
-    serve: &ServeArgs,
+    serve: &'a ServeArgs,
     mountpoint: &Path,
     link: Link,
 ) -> Result<Serving<'a>, DaemonError> {
@@ -414,7 +414,7 @@ fn take_over<'a>(
     drop_privileges(serve)?;
     Ok(Serving {
         driver,
-        dev: serve.dev.clone(),
+        serve,
         prefetch,
         served,
         session,
@@ -453,8 +453,7 @@ fn drop_privileges(serve: &ServeArgs) -> Result<(), DaemonError> {
 /// A server with its connection, about to answer.
 struct Serving<'a> {
     driver: &'a DriverArgs,
-    /// Where the device nodes for the view's CDI spec are.
-    dev: std::path::PathBuf,
+    serve: &'a ServeArgs,
     prefetch: Option<Arc<Prefetcher>>,
     served: Arc<Served>,
     session: fuser::Session<NvlibFs>,
@@ -474,7 +473,7 @@ struct Serving<'a> {
 fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonError> {
     let Serving {
         driver,
-        dev,
+        serve,
         prefetch,
         served,
         session,
@@ -522,7 +521,7 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         .map_err(|e| DaemonError(format!("starting the status thread: {e}")))?;
     let (recheck, recheck_requests) = mpsc::channel();
     {
-        let (driver, served, link) = (driver.clone(), served.clone(), link.clone());
+        let (driver, dev, served, link) = (driver.clone(), serve.dev.clone(), served.clone(), link.clone());
         std::thread::Builder::new()
             .name("repin".into())
             .spawn(move || crate::repin::watch(driver, dev, served, notifier, recheck_requests, &link))

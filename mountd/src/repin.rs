@@ -10,7 +10,7 @@ use crate::served::{Deletion, Forgetting, Served, FUSE_ROOT};
 use fuser::{INodeNo, Notifier};
 use nvlibfs::args::DriverArgs;
 use nvlibfs::pin::PinRequest;
-use nvlibfs::view::View;
+use nvlibfs::view::{AddedFile, View};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -79,9 +79,9 @@ pub fn watch(
         };
         let Some(current) = served.current() else { continue };
         let waiting = served.pin_problem().is_some();
-        let spec = nvlibfs::cdi::view_spec(&served.mountpoint, &dev).ok();
-        let devices_changed =
-            spec.as_ref().map(|s| s.contents.as_str()) != current.view.added(Path::new(nvlibfs::cdi::VIEW_SPEC_PATH));
+        let spec = nvlibfs::cdi::view_spec(&served.mountpoint, &dev);
+        let devices_changed = spec.as_ref().ok().map(|s| s.contents.as_str())
+            != current.view.added(Path::new(nvlibfs::cdi::VIEW_SPEC_PATH));
         if pinned.version == current.view.pin().version && !waiting && !devices_changed {
             continue;
         }
@@ -109,7 +109,7 @@ pub fn watch(
             tracing::warn!("{why}");
             (View::build(pinned, driver.driver_root.clone(), Vec::new()), Some(why))
         };
-        let view = with_cdi_spec(view, &served.mountpoint, &dev);
+        let view = with_cdi_spec(view, spec);
         let from = current.view.pin().version.clone();
         let forgetting = served.swap_in(view, problem, |served| checkpoint(link, served));
         if from == to {
@@ -122,10 +122,11 @@ pub fn watch(
     }
 }
 
-/// The view as this mount serves it: with its CDI spec, for the device
-/// nodes under `dev` now (see `nvlibfs::cdi::view_spec`).
-pub fn with_cdi_spec(mut view: View, mountpoint: &Path, dev: &Path) -> View {
-    let added = nvlibfs::cdi::view_spec(mountpoint, dev).and_then(|spec| {
+/// The view as this mount serves it: with its CDI spec (from
+/// `nvlibfs::cdi::view_spec`), or without one, and a warning, if the spec
+/// could not be made.
+pub fn with_cdi_spec(mut view: View, spec: Result<AddedFile, String>) -> View {
+    let added = spec.and_then(|spec| {
         view.add_generated(spec)
             .map_err(|e| format!("adding the CDI spec to the view: {e}"))
     });
