@@ -201,10 +201,17 @@ fn without_passthrough_later_loads_come_from_the_kernel_cache() {
 
     m.load(&[], std::slice::from_ref(&lib), true);
     m.load(&[], std::slice::from_ref(&lib), true);
+    // A stray late READ (a readahead window the first load's exit left in
+    // flight, one evicted page) is not a re-read; a re-read is ~100 MiB.
     let later = m.status().counters;
-    assert_eq!(
-        later.reads, first.reads,
-        "later loads must be served from the kernel's cache"
+    let reread = later.bytes_read - first.bytes_read;
+    eprintln!(
+        "two later loads read {reread} bytes in {} READs",
+        later.reads - first.reads
+    );
+    assert!(
+        reread < 1 << 20,
+        "later loads must be served from the kernel's cache, they read {reread} bytes of a 100 MiB library"
     );
 }
 
