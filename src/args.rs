@@ -95,6 +95,15 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Serving")]
     pub prefetch: bool,
 
+    /// On the cached path, the libraries the daemon puts into the kernel's
+    /// page cache before the mount is ready (and after each re-pin), so
+    /// that the first process to load them finds them there instead of
+    /// waiting for a READ per readahead window: names as `nvlibfs scan`
+    /// shows them, comma-separated, or `none`. Costs their size in page
+    /// cache, which the kernel reclaims like any other
+    #[arg(long, value_name = "LIBS", value_delimiter = ',', default_value = "libcuda,libnvidia-ml", value_parser = warm_name, help_heading = "Serving")]
+    pub warm: Vec<String>,
+
     /// Where the NVIDIA device nodes are, for the CDI spec the view
     /// carries (etc/cdi/nvlibfs.json): it lists those found here, as
     /// /dev/NAME, and follows them as they come and go
@@ -120,6 +129,11 @@ impl ServeArgs {
         })
     }
 
+    /// The libraries `--warm` names; empty for `none`.
+    pub fn warm_libraries(&self) -> Vec<&str> {
+        self.warm.iter().map(String::as_str).filter(|&n| n != "none").collect()
+    }
+
     pub fn to_args(&self) -> Vec<OsString> {
         let mut args = vec![
             "--threads".into(),
@@ -130,6 +144,8 @@ impl ServeArgs {
             self.dev.clone().into(),
             "--readahead-kb".into(),
             self.readahead_kb.to_string().into(),
+            "--warm".into(),
+            self.warm.join(",").into(),
         ];
         if self.no_passthrough {
             args.push("--no-passthrough".into());
@@ -142,6 +158,21 @@ impl ServeArgs {
         }
         args
     }
+}
+
+/// A `--warm` name: `none`, or a library nvlibfs serves, by the name
+/// `nvlibfs scan` shows (`libcuda`, not `libcuda.so.1`).
+fn warm_name(name: &str) -> Result<String, String> {
+    let known = crate::catalog::LIBRARIES.iter().map(|l| l.name);
+    if name == "none" || known.clone().any(|k| k == name) {
+        return Ok(name.to_owned());
+    }
+    let mut names: Vec<&str> = known.collect();
+    names.sort_unstable();
+    Err(format!(
+        "`{name}` is not a driver library nvlibfs serves; one of: none, {}",
+        names.join(", ")
+    ))
 }
 
 /// What both binaries log: `-v` for info, `-vv` debug, `-vvv` trace, or

@@ -174,8 +174,10 @@ fn without_passthrough_later_loads_come_from_the_kernel_cache() {
         libcuda_bytes: 100 << 20,
         ..FixtureSpec::new(VERSION)
     };
-    let m = Mounted::new(spec, &["--no-passthrough"]);
+    // Not warmed: this is about what the kernel keeps of the READs' answers.
+    let m = Mounted::new(spec, &["--no-passthrough", "--warm", "none"]);
     let status = m.status();
+    assert_eq!(status.counters.prefetched_bytes, 0, "--warm none warmed");
     assert_eq!(status.data_path, "cached");
     assert!(status.fallback_reason.unwrap().contains("--no-passthrough"));
 
@@ -263,6 +265,14 @@ fn mount_refuses_bad_mount_points_and_missing_drivers() {
     std::fs::write(&file, "").unwrap();
     let err = try_mount(&file, &pin);
     assert!(err.contains("not a directory"), "{err}");
+
+    let err = try_mount(&m.dir.path().join("warm"), &["--warm", "libcuda,libcuda.so.1"]);
+    assert!(
+        err.contains("--warm")
+            && err.contains("`libcuda.so.1` is not a driver library")
+            && err.contains("libnvidia-ml"),
+        "{err}"
+    );
 
     let err = try_mount(&m.dir.path().join("fresh"), &["--driver-version", "1.2.3"]);
     assert!(err.contains("no driver found") && err.contains("1.2.3"), "{err}");
@@ -583,6 +593,64 @@ fn the_view_is_a_driver_root_for_nvidia_tools() {
     );
 }
 
+/// On the cached path the mount is ready only once libcuda and
+/// libnvidia-ml are in the kernel's page cache: the first process to load
+/// libcuda after the mount, touching all of it, sends (almost) no READs.
+/// A new generation (here: a GPU's device node appears) is warmed too. A
+/// library not warmed is read as before.
+#[test]
+fn the_cached_path_warms_libcuda_before_the_mount_is_ready() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = FixtureSpec {
+        libcuda_bytes: 64 << 20,
+        ..FixtureSpec::new(VERSION)
+    };
+    let dev = tempfile::tempdir().unwrap();
+    let m = Mounted::new(spec, &["--no-passthrough", "--dev", dev.path().to_str().unwrap()]);
+    let (_, lib) = m.libcuda();
+    let size = std::fs::metadata(&lib).unwrap().len();
+    let first_load_reads = |m: &Mounted, generation: u32| {
+        let before = m.status().counters;
+        assert!(
+            before.prefetched_bytes >= size * u64::from(generation + 1),
+            "generation {generation} was served with {} bytes warmed in all, libcuda has {size}",
+            before.prefetched_bytes
+        );
+        m.load(&[], std::slice::from_ref(&lib), true);
+        let read = m.status().counters.bytes_read - before.bytes_read;
+        eprintln!("the first load of generation {generation}'s warmed 64 MiB libcuda read {read} bytes");
+        assert!(read < 1 << 20, "the first load of a warmed libcuda read {read} bytes");
+    };
+    first_load_reads(&m, 0);
+
+    let out = Command::new("mknod")
+        .arg(dev.path().join("nvidia0"))
+        .args(["c", "1", "3"])
+        .output()
+        .unwrap();
+    ok(out, "mknod");
+    // The new generation is warmed right after it is swapped in.
+    wait_for("the new generation and its warm-up", || {
+        let status = m.status();
+        status.generation == 1 && status.counters.prefetched_bytes >= 2 * size
+    });
+    first_load_reads(&m, 1);
+    let after = m.status().counters;
+
+    let other = m
+        .lib64()
+        .into_iter()
+        .map(|(p, _)| p)
+        .find(|p| p.to_string_lossy().contains("libnvidia-ptxjitcompiler.so."))
+        .expect("ptxjitcompiler in the view");
+    m.load(&[], std::slice::from_ref(&other), true);
+    assert!(
+        m.status().counters.bytes_read > after.bytes_read,
+        "a library --warm does not name is read through the daemon"
+    );
+}
+
 /// The cached path's two levers, as a user would check them: the mount's
 /// readahead in sysfs is what `--readahead-kb` says, and with `--prefetch`
 /// a file's first open fills the kernel's page cache with all of it, so a
@@ -595,7 +663,17 @@ fn readahead_and_prefetch_on_the_cached_path() {
         libcuda_bytes: 64 << 20,
         ..FixtureSpec::new(VERSION)
     };
-    let m = Mounted::new(spec, &["--no-passthrough", "--readahead-kb", "2048", "--prefetch"]);
+    let m = Mounted::new(
+        spec,
+        &[
+            "--no-passthrough",
+            "--readahead-kb",
+            "2048",
+            "--prefetch",
+            "--warm",
+            "none",
+        ],
+    );
     let live = m.mountpoint.join(".live").display().to_string();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let device = mountinfo

@@ -490,6 +490,7 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         Some(nix::unistd::getppid().as_raw() as u32).filter(|&p| p != 1);
     let link = Arc::new(link);
     let notifier = session.notifier();
+    let warm_notifier = session.notifier();
     if let Some(prefetch) = &prefetch {
         prefetch.set_notifier(session.notifier());
     }
@@ -521,10 +522,16 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         .map_err(|e| DaemonError(format!("starting the status thread: {e}")))?;
     let (recheck, recheck_requests) = mpsc::channel();
     {
-        let (driver, dev, served, link) = (driver.clone(), serve.dev.clone(), served.clone(), link.clone());
+        let (driver, serve, served, link, live) = (
+            driver.clone(),
+            serve.clone(),
+            served.clone(),
+            link.clone(),
+            live.clone(),
+        );
         std::thread::Builder::new()
             .name("repin".into())
-            .spawn(move || crate::repin::watch(driver, dev, served, notifier, recheck_requests, &link))
+            .spawn(move || crate::repin::watch(driver, serve, live, served, notifier, recheck_requests, &link))
             .map_err(|e| DaemonError(format!("starting the module watcher: {e}")))?;
     }
     std::thread::Builder::new()
@@ -551,6 +558,17 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     }
 
     wait_until_answering(&live)?;
+    // A server that took the connection over finds the kernel's page
+    // cache as its predecessor left it.
+    if resend.is_none() {
+        crate::prefetch::warm(
+            &served,
+            &warm_notifier,
+            &live,
+            &serve.warm_libraries(),
+            serve.threads().into(),
+        );
+    }
     crate::logging::open_file().map_err(DaemonError)?;
     let status = served.status();
     tracing::info!(

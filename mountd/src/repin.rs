@@ -8,7 +8,7 @@
 use crate::daemon::Link;
 use crate::served::{Deletion, Forgetting, Served, FUSE_ROOT};
 use fuser::{INodeNo, Notifier};
-use nvlibfs::args::DriverArgs;
+use nvlibfs::args::{DriverArgs, ServeArgs};
 use nvlibfs::pin::PinRequest;
 use nvlibfs::view::{AddedFile, View};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,8 @@ pub const POLL: Duration = Duration::from_millis(500);
 /// with a CDI spec that lists them.
 pub fn watch(
     driver: DriverArgs,
-    dev: PathBuf,
+    serve: ServeArgs,
+    fuse_mount: PathBuf,
     served: Arc<Served>,
     notifier: Notifier,
     wake: Receiver<()>,
@@ -79,7 +80,7 @@ pub fn watch(
         };
         let Some(current) = served.current() else { continue };
         let waiting = served.pin_problem().is_some();
-        let spec = nvlibfs::cdi::view_spec(&served.mountpoint, &dev);
+        let spec = nvlibfs::cdi::view_spec(&served.mountpoint, &serve.dev);
         let devices_changed = spec.as_ref().ok().map(|s| s.contents.as_str())
             != current.view.added(Path::new(nvlibfs::cdi::VIEW_SPEC_PATH));
         if pinned.version == current.view.pin().version && !waiting && !devices_changed {
@@ -119,6 +120,13 @@ pub fn watch(
         }
         checkpointed = served.live_generations();
         tell_kernel(&notifier, &forgetting);
+        crate::prefetch::warm(
+            &served,
+            &notifier,
+            &fuse_mount,
+            &serve.warm_libraries(),
+            serve.threads().into(),
+        );
     }
 }
 

@@ -908,11 +908,11 @@ impl Served {
     }
 
     /// The size of file `ino` if its contents should be pushed into the
-    /// kernel's page cache now: on the cached path, once per generation,
-    /// at its first open. A process that opens a library maps and walks
-    /// much of it; pushed in ahead, by several threads at once, its pages
-    /// are there when it faults instead of each readahead window waiting
-    /// for a request of its own.
+    /// kernel's page cache now: on the cached path, once per generation
+    /// (by a warm-up, or at its first open with --prefetch). A process
+    /// that opens a library maps and walks much of it; pushed in ahead, by
+    /// several threads at once, its pages are there when it faults instead
+    /// of each readahead window waiting for a request of its own.
     pub fn prefetch(&self, ino: u64) -> Option<u64> {
         let (generation, local) = self.resolve(ino).ok()?;
         if !matches!(generation.data, DataPath::Cached { .. }) {
