@@ -267,7 +267,7 @@ impl Server {
     }
 
     /// Bytes nvlibfs's server read for the kernel (READ requests and
-    /// prefetches), from `nvlibfs status --json`.
+    /// the warm-up), from `nvlibfs status --json`.
     fn bytes_read(&self, env: &Env) -> Option<u64> {
         let m = self.mountpoint.as_ref().filter(|_| self.kind.is_nvlibfs())?;
         let out = Command::new(&env.nvlibfs)
@@ -278,7 +278,7 @@ impl Server {
             .ok()?;
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let counters = &status["counters"];
-        Some(counters["bytes_read"].as_u64()? + counters["prefetched_bytes"].as_u64().unwrap_or(0))
+        Some(counters["bytes_read"].as_u64()? + counters["warmed_bytes"].as_u64().unwrap_or(0))
     }
 
     /// The FUSE daemon's processes (nvlibfs's supervisor and server, or

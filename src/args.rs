@@ -88,19 +88,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "KIB", default_value_t = 128, value_parser = clap::value_parser!(u32).range(4..=1048576), help_heading = "Serving")]
     pub readahead_kb: u32,
 
-    /// On the cached path, fill the kernel's page cache with all of a file
-    /// at its first open, from several threads, instead of as its pages
-    /// are read: for workloads that read whole files. A CUDA program reads
-    /// an eighth of libcuda, and its dlopen then waits behind the prefetch
-    #[arg(long, help_heading = "Serving")]
-    pub prefetch: bool,
-
     /// On the cached path, the libraries the daemon puts into the kernel's
     /// page cache before the mount is ready (and after each re-pin), so
     /// that the first process to load them finds them there instead of
-    /// waiting for a READ per readahead window: names as `nvlibfs scan`
-    /// shows them, comma-separated, or `none`. Costs their size in page
-    /// cache, which the kernel reclaims like any other
+    /// waiting for a READ per readahead window: names up to `.so`
+    /// (libcuda, libnvidia-ptxjitcompiler), comma-separated, or `none`.
+    /// Costs their size in page cache, which the kernel reclaims like any
+    /// other
     #[arg(long, value_name = "LIBS", value_delimiter = ',', default_value = "libcuda,libnvidia-ml", value_parser = warm_name, help_heading = "Serving")]
     pub warm: Vec<String>,
 
@@ -150,9 +144,6 @@ impl ServeArgs {
         if self.no_passthrough {
             args.push("--no-passthrough".into());
         }
-        if self.prefetch {
-            args.push("--prefetch".into());
-        }
         if self.keep_privileges {
             args.push("--keep-privileges".into());
         }
@@ -160,8 +151,8 @@ impl ServeArgs {
     }
 }
 
-/// A `--warm` name: `none`, or a library nvlibfs serves, by the name
-/// `nvlibfs scan` shows (`libcuda`, not `libcuda.so.1`).
+/// A `--warm` name: `none`, or a library nvlibfs serves, by its name up
+/// to `.so` (`libcuda`, not `libcuda.so.1`).
 fn warm_name(name: &str) -> Result<String, String> {
     let known = crate::catalog::LIBRARIES.iter().map(|l| l.name);
     if name == "none" || known.clone().any(|k| k == name) {

@@ -81,10 +81,10 @@ pub struct Counters {
     /// READ requests: zero while passthrough serves every read in the kernel.
     pub reads: u64,
     pub bytes_read: u64,
-    /// Bytes pushed into the kernel's page cache ahead of READs (the
-    /// cached path fills a file's cache at its first open).
+    /// Bytes the cached path pushed into the kernel's page cache ahead of
+    /// any READ (the `--warm` libraries, at mount and after each re-pin).
     #[serde(default)]
-    pub prefetched_bytes: u64,
+    pub warmed_bytes: u64,
     /// Requests refused because the view is read-only.
     pub write_attempts: u64,
 }

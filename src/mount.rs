@@ -571,10 +571,10 @@ fn prometheus(s: &Status) -> String {
         &[(String::new(), c.bytes_read as f64)],
     );
     metric(
-        "prefetched_bytes_total",
+        "warmed_bytes_total",
         "counter",
-        "Bytes pushed into the kernel's page cache ahead of READs (--prefetch).",
-        &[(String::new(), c.prefetched_bytes as f64)],
+        "Bytes put into the kernel's page cache ahead of READs (--warm).",
+        &[(String::new(), c.warmed_bytes as f64)],
     );
     metric(
         "uptime_seconds",
@@ -651,11 +651,8 @@ fn print_status(s: &Status) {
         human(c.bytes_read),
         c.write_attempts
     );
-    if c.prefetched_bytes > 0 {
-        println!(
-            "Prefetched   {} into the kernel's page cache",
-            human(c.prefetched_bytes)
-        );
+    if c.warmed_bytes > 0 {
+        println!("Warmed       {} into the kernel's page cache", human(c.warmed_bytes));
     }
     if let Some(rss) = s.rss_bytes {
         println!("Daemon RSS   {}", human(rss));

@@ -177,7 +177,7 @@ fn without_passthrough_later_loads_come_from_the_kernel_cache() {
     // Not warmed: this is about what the kernel keeps of the READs' answers.
     let m = Mounted::new(spec, &["--no-passthrough", "--warm", "none"]);
     let status = m.status();
-    assert_eq!(status.counters.prefetched_bytes, 0, "--warm none warmed");
+    assert_eq!(status.counters.warmed_bytes, 0, "--warm none warmed");
     assert_eq!(status.data_path, "cached");
     assert!(status.fallback_reason.unwrap().contains("--no-passthrough"));
 
@@ -215,6 +215,11 @@ fn without_passthrough_later_loads_come_from_the_kernel_cache() {
         reread < 1 << 20,
         "later loads must be served from the kernel's cache, they read {reread} bytes of a 100 MiB library"
     );
+    // Without passthrough nothing needs an OPEN: the daemon spends the
+    // connection's first before the mount is ready, answering it so that
+    // the kernel opens files itself from then on, a round trip less each.
+    assert_eq!(status.counters.opens, 1, "before any load");
+    assert_eq!(later.opens, 1, "three loads sent {} OPENs", later.opens - 1);
 }
 
 #[test]
@@ -613,9 +618,9 @@ fn the_cached_path_warms_libcuda_before_the_mount_is_ready() {
     let first_load_reads = |m: &Mounted, generation: u32| {
         let before = m.status().counters;
         assert!(
-            before.prefetched_bytes >= size * u64::from(generation + 1),
+            before.warmed_bytes >= size * u64::from(generation + 1),
             "generation {generation} was served with {} bytes warmed in all, libcuda has {size}",
-            before.prefetched_bytes
+            before.warmed_bytes
         );
         m.load(&[], std::slice::from_ref(&lib), true);
         let read = m.status().counters.bytes_read - before.bytes_read;
@@ -633,7 +638,7 @@ fn the_cached_path_warms_libcuda_before_the_mount_is_ready() {
     // The new generation is warmed right after it is swapped in.
     wait_for("the new generation and its warm-up", || {
         let status = m.status();
-        status.generation == 1 && status.counters.prefetched_bytes >= 2 * size
+        status.generation == 1 && status.counters.warmed_bytes >= 2 * size
     });
     first_load_reads(&m, 1);
     let after = m.status().counters;
@@ -651,29 +656,18 @@ fn the_cached_path_warms_libcuda_before_the_mount_is_ready() {
     );
 }
 
-/// The cached path's two levers, as a user would check them: the mount's
-/// readahead in sysfs is what `--readahead-kb` says, and with `--prefetch`
-/// a file's first open fills the kernel's page cache with all of it, so a
-/// process that then walks the whole library sends (almost) no READs.
+/// `--readahead-kb`, as a user would check it: the mount's readahead in
+/// sysfs is what the flag says, and a walk of a library nobody warmed
+/// takes fewer, larger READs than the kernel's 128 KiB windows would.
 #[test]
-fn readahead_and_prefetch_on_the_cached_path() {
+fn readahead_on_the_cached_path() {
     common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = FixtureSpec {
         libcuda_bytes: 64 << 20,
         ..FixtureSpec::new(VERSION)
     };
-    let m = Mounted::new(
-        spec,
-        &[
-            "--no-passthrough",
-            "--readahead-kb",
-            "2048",
-            "--prefetch",
-            "--warm",
-            "none",
-        ],
-    );
+    let m = Mounted::new(spec, &["--no-passthrough", "--readahead-kb", "2048", "--warm", "none"]);
     let live = m.mountpoint.join(".live").display().to_string();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let device = mountinfo
@@ -685,17 +679,16 @@ fn readahead_and_prefetch_on_the_cached_path() {
     assert_eq!(readahead.trim(), "2048");
 
     let (_, lib) = m.libcuda();
-    let size = std::fs::metadata(&lib).unwrap().len();
-    drop(std::fs::File::open(&lib).unwrap());
-    wait_for("the prefetch of libcuda", || {
-        m.status().counters.prefetched_bytes >= size
-    });
     let before = m.status().counters;
     m.load(&[], std::slice::from_ref(&lib), true);
     let after = m.status().counters;
+    let reads = after.reads - before.reads;
+    eprintln!(
+        "walking 64 MiB with readahead 2048 KiB: {reads} READs, {} bytes",
+        after.bytes_read - before.bytes_read
+    );
     assert!(
-        after.reads - before.reads <= 4,
-        "walking a prefetched 64 MiB library sent {} READs",
-        after.reads - before.reads
+        reads > 0 && reads < 256,
+        "walking a 64 MiB library sent {reads} READs; 128 KiB windows take 512"
     );
 }

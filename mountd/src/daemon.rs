@@ -8,7 +8,6 @@
 //! ends the daemon too (exit 0).
 
 use crate::fs::NvlibFs;
-use crate::prefetch::Prefetcher;
 use crate::served::Served;
 use crate::takeover::{self, InitRecord};
 use crate::{handover, layout};
@@ -16,6 +15,7 @@ use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 use nvlibfs::args::{DriverArgs, ServeArgs};
 use nvlibfs::control;
+use nvlibfs::view::NodeKind;
 use std::fmt;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -273,13 +273,7 @@ fn mount<'a>(
     let signals = block_signals()?;
 
     let served = Arc::new(Served::new(mountpoint.clone(), !serve.no_passthrough));
-    let prefetch = start_prefetch(&served, serve)?;
-    let session = fuser::Session::new(
-        NvlibFs::new(served.clone(), prefetch.clone()),
-        &live,
-        &fuse_config(serve),
-    )
-    .map_err(|e| {
+    let session = fuser::Session::new(NvlibFs::new(served.clone()), &live, &fuse_config(serve)).map_err(|e| {
         let _ = std::fs::remove_file(&socket);
         DaemonError(match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => {
@@ -316,7 +310,6 @@ fn mount<'a>(
     Ok(Serving {
         driver,
         serve,
-        prefetch,
         served,
         session,
         listener,
@@ -327,15 +320,6 @@ fn mount<'a>(
         resend: None,
         setup,
     })
-}
-
-fn start_prefetch(served: &Arc<Served>, serve: &ServeArgs) -> Result<Option<Arc<Prefetcher>>, DaemonError> {
-    if !serve.prefetch {
-        return Ok(None);
-    }
-    Prefetcher::start(served.clone(), serve.threads().into())
-        .map(|p| Some(Arc::new(p)))
-        .map_err(|e| DaemonError(format!("starting the prefetch threads: {e}")))
 }
 
 /// The kernel's readahead for the mount at `live` lives in its backing
@@ -387,14 +371,8 @@ fn take_over<'a>(
     );
     let mut config = fuse_config(serve);
     config.mount_options.clear();
-    let prefetch = start_prefetch(&served, serve)?;
-    let resumed = takeover::resume(
-        NvlibFs::new(served.clone(), prefetch.clone()),
-        &init,
-        SessionACL::All,
-        config,
-    )
-    .map_err(|e| DaemonError(format!("resuming the FUSE session: {e}")))?;
+    let resumed = takeover::resume(NvlibFs::new(served.clone()), &init, SessionACL::All, config)
+        .map_err(|e| DaemonError(format!("resuming the FUSE session: {e}")))?;
     let signals = block_signals()?;
     tracing::info!(
         generations = ?served.live_generations(),
@@ -415,7 +393,6 @@ fn take_over<'a>(
     Ok(Serving {
         driver,
         serve,
-        prefetch,
         served,
         session,
         listener,
@@ -454,7 +431,6 @@ fn drop_privileges(serve: &ServeArgs) -> Result<(), DaemonError> {
 struct Serving<'a> {
     driver: &'a DriverArgs,
     serve: &'a ServeArgs,
-    prefetch: Option<Arc<Prefetcher>>,
     served: Arc<Served>,
     session: fuser::Session<NvlibFs>,
     listener: UnixListener,
@@ -474,7 +450,6 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     let Serving {
         driver,
         serve,
-        prefetch,
         served,
         session,
         listener,
@@ -491,9 +466,6 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     let link = Arc::new(link);
     let notifier = session.notifier();
     let warm_notifier = session.notifier();
-    if let Some(prefetch) = &prefetch {
-        prefetch.set_notifier(session.notifier());
-    }
     let (events, event) = mpsc::channel();
     let loop_thread = {
         let events = events.clone();
@@ -561,13 +533,16 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     // A server that took the connection over finds the kernel's page
     // cache as its predecessor left it.
     if resend.is_none() {
-        crate::prefetch::warm(
+        crate::warm::warm(
             &served,
             &warm_notifier,
             &live,
             &serve.warm_libraries(),
             serve.threads().into(),
         );
+        if served.no_open() {
+            spend_the_first_open(&served, &live);
+        }
     }
     crate::logging::open_file().map_err(DaemonError)?;
     let status = served.status();
@@ -628,6 +603,23 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => fail(format!("FUSE session ended with an error: {e}")),
         Err(_) => fail("the FUSE session thread panicked"),
+    }
+}
+
+/// Without passthrough the connection's first OPEN is answered ENOSYS,
+/// and the kernel sends none after it (`Opened::ByKernel`). Spent here,
+/// before the mount is ready, it is no user's first open that waits for it.
+fn spend_the_first_open(served: &Served, live: &Path) {
+    let Some(generation) = served.current() else { return };
+    let view = &generation.view;
+    let file = view
+        .walk()
+        .into_iter()
+        .find(|&(_, ino)| matches!(view.node(ino).map(|n| &n.kind), Some(NodeKind::File(_))));
+    if let Some((path, _)) = file {
+        if let Err(e) = std::fs::File::open(live.join(&path)) {
+            tracing::debug!("opening {} before the mount is ready: {e}", path.display());
+        }
     }
 }
 

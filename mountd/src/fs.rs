@@ -3,8 +3,7 @@
 //! Everything that decides what exists, and every reference count, lives
 //! in the core and is tested without FUSE.
 
-use crate::prefetch::Prefetcher;
-use crate::served::{DirEntry, Entry, Errno as CoreErrno, Served};
+use crate::served::{DirEntry, Entry, Errno as CoreErrno, Opened, Served};
 use crate::takeover::InitRecord;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
@@ -41,13 +40,11 @@ thread_local! {
 
 pub struct NvlibFs {
     served: Arc<Served>,
-    /// `Some` with --prefetch.
-    prefetch: Option<Arc<Prefetcher>>,
 }
 
 impl NvlibFs {
-    pub fn new(served: Arc<Served>, prefetch: Option<Arc<Prefetcher>>) -> NvlibFs {
-        NvlibFs { served, prefetch }
+    pub fn new(served: Arc<Served>) -> NvlibFs {
+        NvlibFs { served }
     }
 }
 
@@ -166,24 +163,23 @@ impl fuser::Filesystem for NvlibFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.served.open(ino.0, flags.0) {
-            Ok(opened) => match opened.backing_id {
-                Some(id) => {
-                    // SAFETY: `id` came from this connection's BACKING_OPEN
-                    // and stays registered while its generation lives, which
-                    // this open (counted by the core) keeps alive;
-                    // into_raw() keeps the wrapper from closing it.
-                    let backing = unsafe { reply.wrap_backing(id) };
-                    reply.opened_passthrough(FileHandle(opened.fh), OPEN_FLAGS, &backing);
-                    backing.into_raw();
-                }
-                // A generation never changes, so its page cache stays valid across opens.
-                None => {
-                    reply.opened(FileHandle(opened.fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE);
-                    if let Some(prefetch) = &self.prefetch {
-                        prefetch.opened(&self.served, ino.0);
-                    }
-                }
-            },
+            Ok(Opened::ByKernel) => reply.error(Errno::ENOSYS),
+            Ok(Opened::Handle {
+                fh,
+                backing_id: Some(id),
+            }) => {
+                // SAFETY: `id` came from this connection's BACKING_OPEN and
+                // stays registered while its generation lives, which this
+                // open (counted by the core) keeps alive; into_raw() keeps
+                // the wrapper from closing it.
+                let backing = unsafe { reply.wrap_backing(id) };
+                reply.opened_passthrough(FileHandle(fh), OPEN_FLAGS, &backing);
+                backing.into_raw();
+            }
+            // A generation never changes, so its page cache stays valid across opens.
+            Ok(Opened::Handle { fh, backing_id: None }) => {
+                reply.opened(FileHandle(fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -13,12 +13,12 @@ pub mod fs;
 pub mod handover;
 pub mod layout;
 pub mod logging;
-pub mod prefetch;
 pub mod privileges;
 pub mod repin;
 pub mod served;
 pub mod supervisor;
 pub mod takeover;
+pub mod warm;
 
 /// This binary's version; `NVLIBFS_BUILD_ID` at build time adds to it, so
 /// two builds can be told apart after `nvlibfs restart`.

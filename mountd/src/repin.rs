@@ -120,7 +120,7 @@ pub fn watch(
         }
         checkpointed = served.live_generations();
         tell_kernel(&notifier, &forgetting);
-        crate::prefetch::warm(
+        crate::warm::warm(
             &served,
             &notifier,
             &fuse_mount,

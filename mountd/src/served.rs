@@ -20,7 +20,7 @@ use nvlibfs::control::{Counters, GenerationStatus, Status};
 use nvlibfs::select::FileKind;
 use nvlibfs::view::ViewSnapshot;
 use nvlibfs::view::{Attr, Ino, NodeKind, View, ROOT_INO};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -53,13 +53,21 @@ pub struct Entry {
     pub generation: u64,
 }
 
-/// An open file: the handle, and how the kernel reads it.
+/// How to answer an OPEN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Opened {
-    pub fh: u64,
-    /// The backing id to reply with; `None` means the kernel sends READ
-    /// and may keep the page cache across opens.
-    pub backing_id: Option<u32>,
+pub enum Opened {
+    /// With ENOSYS: from then on the kernel opens this connection's files
+    /// without asking (FUSE's no_open), keeping their page cache, and
+    /// sends no RELEASE. An open file holds its inode, so the lookups the
+    /// kernel counts keep its generation alive.
+    ByKernel,
+    /// With a handle, counted until its RELEASE.
+    Handle {
+        fh: u64,
+        /// The backing id to reply with; `None` means the kernel sends
+        /// READ and may keep the page cache across opens.
+        backing_id: Option<u32>,
+    },
 }
 
 /// One directory entry as listed.
@@ -130,6 +138,10 @@ pub struct Checkpoint {
     /// Which of the files is the memfd of shared reference counters.
     #[serde(default)]
     pub counts: Option<usize>,
+    /// Whether OPENs are answered ENOSYS (see `Opened::ByKernel`); once
+    /// one is, the kernel sends none again on this connection.
+    #[serde(default)]
+    pub no_open: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -169,9 +181,6 @@ pub struct Generation {
     pub view: View,
     data: DataPath,
     stats: FsStats,
-    /// Files whose contents were pushed into the kernel's page cache
-    /// already (see `Served::prefetch`).
-    prefetched: Mutex<HashSet<Ino>>,
 }
 
 impl Drop for Generation {
@@ -277,7 +286,7 @@ pub struct AtomicCounters {
     pub readdirs: AtomicU64,
     pub reads: AtomicU64,
     pub bytes_read: AtomicU64,
-    pub prefetched_bytes: AtomicU64,
+    pub warmed_bytes: AtomicU64,
     pub write_attempts: AtomicU64,
 }
 
@@ -452,6 +461,9 @@ pub struct Served {
     pub counters: AtomicCounters,
     /// Set by FUSE INIT: whether the kernel agreed to passthrough.
     pub passthrough_offered: AtomicBool,
+    /// The connection can never serve by passthrough, so nothing needs an
+    /// OPEN: each costs a round trip to this server on every `open`.
+    no_open: AtomicBool,
     wants_passthrough: bool,
     /// The connection, for registering backing files; `None` when the
     /// cached path serves (the reason beside it).
@@ -473,6 +485,7 @@ impl Served {
             mountpoint,
             counters: AtomicCounters::default(),
             passthrough_offered: AtomicBool::new(false),
+            no_open: AtomicBool::new(false),
             wants_passthrough,
             passthrough_dev: Mutex::new(Err("not started".into())),
             generations: Mutex::new(Generations::new(Counts::new())),
@@ -486,6 +499,11 @@ impl Served {
 
     pub fn wants_passthrough(&self) -> bool {
         self.wants_passthrough
+    }
+
+    /// Whether OPENs are answered ENOSYS (see `Opened::ByKernel`).
+    pub fn no_open(&self) -> bool {
+        self.no_open.load(Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Generations> {
@@ -508,6 +526,9 @@ impl Served {
                 None => Err("no FUSE connection".into()),
             }
         };
+        // Without a connection (tests of the core) opens are counted as
+        // they are with passthrough.
+        self.no_open.store(device.is_err() && dev.is_some(), Relaxed);
         *self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) = device;
         self.install(view, None);
     }
@@ -599,7 +620,6 @@ impl Served {
             view,
             data,
             stats,
-            prefetched: Mutex::default(),
         });
         generations.next_number += 1;
         generations.next_base = base + span;
@@ -693,6 +713,7 @@ impl Served {
             pin_problem: self.pin_problem(),
             init: *self.init_record.lock().unwrap_or_else(|e| e.into_inner()),
             counts,
+            no_open: self.no_open.load(Relaxed),
         };
         Ok((checkpoint, files))
     }
@@ -710,6 +731,7 @@ impl Served {
         let dev = Arc::new(dev.try_clone().map_err(|e| format!("keeping the connection: {e}"))?);
         *served.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) =
             checkpoint.passthrough.clone().map(|()| dev.clone());
+        served.no_open.store(checkpoint.no_open, Relaxed);
         *served.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = checkpoint.pin_problem;
         *served.init_record.lock().unwrap_or_else(|e| e.into_inner()) = checkpoint.init;
         let mut files: Vec<Option<std::fs::File>> = files.into_iter().map(Some).collect();
@@ -751,7 +773,6 @@ impl Served {
                 stats: stats_of(&view),
                 view,
                 data,
-                prefetched: Mutex::default(),
             });
             if checkpoint.current == Some(state.number) {
                 generations.current = Some(state.base);
@@ -884,12 +905,15 @@ impl Served {
             Some(NodeKind::Symlink(_)) => return Err(libc::ELOOP),
             None => return Err(libc::ENOENT),
         }
+        if self.no_open.load(Relaxed) {
+            return Ok(Opened::ByKernel);
+        }
         let backing_id = match &live.generation.data {
             DataPath::Passthrough { ids, .. } => Some(*ids.get(&local).ok_or(libc::EIO)?),
             DataPath::Cached { .. } => None,
         };
         generations_add(cells, live, 1);
-        Ok(Opened { fh: ino, backing_id })
+        Ok(Opened::Handle { fh: ino, backing_id })
     }
 
     /// The kernel closed an open file of `ino`.
@@ -907,32 +931,23 @@ impl Served {
         Ok(done)
     }
 
-    /// The size of file `ino` if its contents should be pushed into the
-    /// kernel's page cache now: on the cached path, once per generation
-    /// (by a warm-up, or at its first open with --prefetch). A process
-    /// that opens a library maps and walks much of it; pushed in ahead, by
-    /// several threads at once, its pages are there when it faults instead
-    /// of each readahead window waiting for a request of its own.
-    pub fn prefetch(&self, ino: u64) -> Option<u64> {
+    /// The size of file `ino` if the warm-up can push its contents into
+    /// the kernel's page cache: a file of a generation on the cached path.
+    pub fn warm_size(&self, ino: u64) -> Option<u64> {
         let (generation, local) = self.resolve(ino).ok()?;
         if !matches!(generation.data, DataPath::Cached { .. }) {
             return None;
         }
-        let NodeKind::File(file) = &generation.view.node(local)?.kind else {
-            return None;
-        };
-        let first = generation
-            .prefetched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(local);
-        first.then_some(file.size)
+        match &generation.view.node(local)?.kind {
+            NodeKind::File(file) => Some(file.size),
+            _ => None,
+        }
     }
 
-    /// `read` for a prefetch: counted apart from the kernel's READs.
-    pub fn prefetch_read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+    /// `read` for the warm-up: counted apart from the kernel's READs.
+    pub fn warm_read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         let done = self.read_file(ino, offset, buf)?;
-        self.counters.prefetched_bytes.fetch_add(done as u64, Relaxed);
+        self.counters.warmed_bytes.fetch_add(done as u64, Relaxed);
         Ok(done)
     }
 
@@ -1082,7 +1097,7 @@ impl Served {
                 readdirs: c.readdirs.load(Relaxed),
                 reads: c.reads.load(Relaxed),
                 bytes_read: c.bytes_read.load(Relaxed),
-                prefetched_bytes: c.prefetched_bytes.load(Relaxed),
+                warmed_bytes: c.warmed_bytes.load(Relaxed),
                 write_attempts: c.write_attempts.load(Relaxed),
             },
         }
