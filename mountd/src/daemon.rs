@@ -533,13 +533,7 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     // A server that took the connection over finds the kernel's page
     // cache as its predecessor left it.
     if resend.is_none() {
-        crate::warm::warm(
-            &served,
-            &warm_notifier,
-            &live,
-            &serve.warm_libraries(),
-            serve.threads().into(),
-        );
+        crate::warm::warm(&served, &warm_notifier, &live, serve);
         if served.no_open() {
             spend_the_first_open(&served, &live);
         }

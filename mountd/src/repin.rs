@@ -120,13 +120,7 @@ pub fn watch(
         }
         checkpointed = served.live_generations();
         tell_kernel(&notifier, &forgetting);
-        crate::warm::warm(
-            &served,
-            &notifier,
-            &fuse_mount,
-            &serve.warm_libraries(),
-            serve.threads().into(),
-        );
+        crate::warm::warm(&served, &notifier, &fuse_mount, &serve);
     }
 }
 

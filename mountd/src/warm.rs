@@ -7,6 +7,7 @@
 
 use crate::served::Served;
 use fuser::{INodeNo, Notifier};
+use nvlibfs::args::ServeArgs;
 use nvlibfs::view::NodeKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -22,13 +23,15 @@ struct Chunk {
     len: usize,
 }
 
-/// Pushes the files of the current generation that belong to `libraries`
-/// into the kernel's page cache, from `threads` threads, and returns once
+/// Pushes the files of the current generation that belong to the
+/// `--warm` libraries into the kernel's page cache, from one thread per
+/// server thread, and returns once
 /// they are there (about 30 ms for a 92 MiB libcuda in the host's page
 /// cache). `live` is the FUSE mount: each file is looked up through it
 /// first, as the kernel keeps pages only for inodes it knows. Nothing on
 /// the passthrough path, where the host's page cache serves.
-pub fn warm(served: &Served, notifier: &Notifier, live: &Path, libraries: &[&str], threads: usize) {
+pub fn warm(served: &Served, notifier: &Notifier, live: &Path, serve: &ServeArgs) {
+    let libraries = serve.warm_libraries();
     let start = Instant::now();
     let Some(generation) = served.current() else { return };
     let mut files = Vec::new();
@@ -57,7 +60,7 @@ pub fn warm(served: &Served, notifier: &Notifier, live: &Path, libraries: &[&str
     if chunks.is_empty() {
         return;
     }
-    let threads = threads.clamp(1, chunks.len());
+    let threads = usize::from(serve.threads()).clamp(1, chunks.len());
     // Mapped for the warm-up alone and unmapped after it, so the daemon's
     // memory is what it was before (from the heap, 4 MiB stayed).
     let mut buffers = match memmap2::MmapMut::map_anon(threads * CHUNK as usize) {
