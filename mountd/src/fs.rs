@@ -110,6 +110,11 @@ impl fuser::Filesystem for NvlibFs {
                 tracing::info!("kernel does not offer {why}");
             }
         }
+        // Only asked, not requested: before Linux 4.19 an OPEN answered
+        // ENOSYS fails the open, so `Opened::ByKernel` needs the kernel to
+        // say it knows zero-message opens.
+        let no_open = config.capabilities().contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.served.no_open_offered.store(no_open, Relaxed);
         if self.served.wants_passthrough() {
             let offered = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(MAX_STACK_DEPTH).is_ok();

@@ -461,8 +461,12 @@ pub struct Served {
     pub counters: AtomicCounters,
     /// Set by FUSE INIT: whether the kernel agreed to passthrough.
     pub passthrough_offered: AtomicBool,
+    /// Set by FUSE INIT: whether the kernel takes ENOSYS for an OPEN as
+    /// "open it yourself" (Linux 4.19+).
+    pub no_open_offered: AtomicBool,
     /// The connection can never serve by passthrough, so nothing needs an
-    /// OPEN: each costs a round trip to this server on every `open`.
+    /// OPEN (each costs a round trip to this server on every `open`), and
+    /// the kernel knows how to do without them.
     no_open: AtomicBool,
     wants_passthrough: bool,
     /// The connection, for registering backing files; `None` when the
@@ -485,6 +489,7 @@ impl Served {
             mountpoint,
             counters: AtomicCounters::default(),
             passthrough_offered: AtomicBool::new(false),
+            no_open_offered: AtomicBool::new(false),
             no_open: AtomicBool::new(false),
             wants_passthrough,
             passthrough_dev: Mutex::new(Err("not started".into())),
@@ -528,7 +533,8 @@ impl Served {
         };
         // Without a connection (tests of the core) opens are counted as
         // they are with passthrough.
-        self.no_open.store(device.is_err() && dev.is_some(), Relaxed);
+        let no_open = device.is_err() && dev.is_some() && self.no_open_offered.load(Relaxed);
+        self.no_open.store(no_open, Relaxed);
         *self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) = device;
         self.install(view, None);
     }

@@ -67,17 +67,27 @@ pub fn warm(served: &Served, notifier: &Notifier, live: &Path, serve: &ServeArgs
         Ok(buffers) => buffers,
         Err(e) => return tracing::warn!("not warming {}: buffers: {e}", libraries.join(", ")),
     };
-    let next = AtomicUsize::new(0);
+    let (next, unread) = (AtomicUsize::new(0), AtomicUsize::new(0));
     std::thread::scope(|scope| {
         for buf in buffers.chunks_mut(CHUNK as usize) {
-            let (chunks, next) = (&chunks, &next);
+            let (chunks, next, unread) = (&chunks, &next, &unread);
             scope.spawn(move || {
                 while let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    push(served, notifier, chunk, buf);
+                    if !push(served, notifier, chunk, buf) {
+                        unread.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
         }
     });
+    let unread = unread.into_inner();
+    if unread > 0 {
+        // A file cut short on disk, say: its READs will fail in turn.
+        tracing::warn!(
+            "warm-up: {unread} of {} chunks (1 MiB) could not be read from the host",
+            chunks.len()
+        );
+    }
     let bytes: u64 = files.iter().map(|&(_, size)| size).sum();
     tracing::info!(
         generation = generation.number,
@@ -89,15 +99,20 @@ pub fn warm(served: &Served, notifier: &Notifier, live: &Path, serve: &ServeArgs
     );
 }
 
-fn push(served: &Served, notifier: &Notifier, chunk: &Chunk, buf: &mut [u8]) {
+/// Pushes one chunk; false if it could not be read from the host.
+fn push(served: &Served, notifier: &Notifier, chunk: &Chunk, buf: &mut [u8]) -> bool {
     let data = &mut buf[..chunk.len];
     let n = match served.warm_read(chunk.ino, chunk.offset, data) {
         Ok(n) => n,
-        Err(e) => return tracing::warn!(ino = chunk.ino, "warm-up read: errno {e}"),
+        Err(e) => {
+            tracing::debug!(ino = chunk.ino, offset = chunk.offset, "warm-up read: errno {e}");
+            return false;
+        }
     };
     // ENOENT: the kernel let the inode go already; its loads read through
     // READs as ever.
     if let Err(e) = notifier.store(INodeNo(chunk.ino), chunk.offset, &data[..n]) {
         tracing::debug!(ino = chunk.ino, "warm-up store: {e}");
     }
+    true
 }
