@@ -602,7 +602,9 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
 
 /// Without passthrough the connection's first OPEN is answered ENOSYS,
 /// and the kernel sends none after it (`Opened::ByKernel`). Spent here,
-/// before the mount is ready, it is no user's first open that waits for it.
+/// before the mount is ready, it is no user's first open that waits for it;
+/// so is the first FLUSH, at the close (a file opened without an OPEN is
+/// not FOPEN_NOFLUSH, and `flush` answers ENOSYS, which ends FLUSHes too).
 fn spend_the_first_open(served: &Served, live: &Path) {
     let Some(generation) = served.current() else { return };
     let view = &generation.view;
