@@ -175,18 +175,25 @@ fn under_systemd_crashes_kills_and_reloads_fail_no_load() {
     step("systemctl kill -s KILL nvlibfs", || {
         machine.sh("systemctl kill -s KILL nvlibfs")
     });
+    // The supervisor tells its server the handovers once the server says
+    // it is ready, so a status in between lists none yet: wait for them.
     let after_kill = step("restarted by systemd, fd store taken over", || {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
         loop {
             if let Ok(s) = machine.status() {
-                if s.supervisor_pid != first.supervisor_pid {
+                if s.supervisor_pid != first.supervisor_pid && !s.handovers.is_empty() {
                     return Ok(s);
                 }
+                last = Some(s);
             }
             if Instant::now() > deadline {
-                return Err(machine
+                let journal = machine
                     .sh("journalctl -u nvlibfs --no-pager | tail -30")
-                    .unwrap_or_default());
+                    .unwrap_or_default();
+                return Err(format!(
+                    "no new supervisor with a handover after 30 s; last status {last:?}\n{journal}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
