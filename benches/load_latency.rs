@@ -15,7 +15,6 @@
 use nvlibfs::discover::KernelInfo;
 use nvlibfs::pin::PinRequest;
 use nvlibfs::select::FileKind;
-use nvlibfs::view::NodeKind;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fmt::Write as _;
@@ -773,11 +772,8 @@ fn files(root: &Path, pin: &PinRequest) -> Files {
     let mut big = None;
     let mut others = Vec::new();
     let mut firmware: Vec<(PathBuf, PathBuf, u64)> = Vec::new();
-    for (path, ino) in plan.view.walk() {
-        let Some(NodeKind::File(f)) = plan.view.node(ino).map(|n| &n.kind) else {
-            continue;
-        };
-        let pair = (path.clone(), f.source.relative().to_owned());
+    for (_, f) in plan.view.files() {
+        let pair = (f.view_path.clone(), f.source.relative().to_owned());
         match f.kind {
             FileKind::Lib64 if f.library.is_some_and(|l| l.name == "libcuda") => big = Some(pair),
             FileKind::Lib64 => others.push(pair),

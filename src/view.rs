@@ -248,6 +248,16 @@ impl View {
         out
     }
 
+    /// The view's files (not its directories or links), in `walk` order.
+    pub fn files(&self) -> impl Iterator<Item = (Ino, &Selected)> {
+        self.walk()
+            .into_iter()
+            .filter_map(|(_, ino)| match &self.node(ino)?.kind {
+                NodeKind::File(f) => Some((ino, f)),
+                _ => None,
+            })
+    }
+
     pub fn manifest(&self) -> Manifest {
         let mut files = Vec::new();
         let mut symlinks = Vec::new();

@@ -15,7 +15,6 @@ use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 use nvlibfs::args::{DriverArgs, ServeArgs};
 use nvlibfs::control;
-use nvlibfs::view::NodeKind;
 use std::fmt;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -607,14 +606,10 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
 /// not FOPEN_NOFLUSH, and `flush` answers ENOSYS, which ends FLUSHes too).
 fn spend_the_first_open(served: &Served, live: &Path) {
     let Some(generation) = served.current() else { return };
-    let view = &generation.view;
-    let file = view
-        .walk()
-        .into_iter()
-        .find(|&(_, ino)| matches!(view.node(ino).map(|n| &n.kind), Some(NodeKind::File(_))));
-    if let Some((path, _)) = file {
-        if let Err(e) = std::fs::File::open(live.join(&path)) {
-            tracing::debug!("opening {} before the mount is ready: {e}", path.display());
+    let first = generation.view.files().next();
+    if let Some((_, file)) = first {
+        if let Err(e) = std::fs::File::open(live.join(&file.view_path)) {
+            tracing::debug!("opening {} before the mount is ready: {e}", file.view_path.display());
         }
     }
 }

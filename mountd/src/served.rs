@@ -252,29 +252,13 @@ fn generations_add(cells: &[AtomicU64], live: &Live, n: u64) {
 }
 
 fn stats_of(view: &View) -> FsStats {
-    let walk = view.walk();
-    let bytes: u64 = walk
-        .iter()
-        .filter_map(|(_, ino)| match &view.node(*ino)?.kind {
-            NodeKind::File(f) => Some(f.size),
-            _ => None,
-        })
-        .sum();
+    let bytes: u64 = view.files().map(|(_, f)| f.size).sum();
     FsStats {
         blocks: bytes.div_ceil(4096),
-        files: walk.len() as u64 + 1,
+        files: view.walk().len() as u64 + 1,
         block_size: 4096,
         name_max: NAME_MAX as u32,
     }
-}
-
-fn files_of(view: &View) -> impl Iterator<Item = (Ino, &std::fs::File)> {
-    view.walk()
-        .into_iter()
-        .filter_map(|(_, ino)| match &view.node(ino)?.kind {
-            NodeKind::File(f) => Some((ino, &f.file)),
-            _ => None,
-        })
 }
 
 #[derive(Default)]
@@ -548,8 +532,8 @@ impl Served {
             Err(reason) => return DataPath::Cached { reason: reason.clone() },
         };
         let mut ids = HashMap::new();
-        for (ino, file) in files_of(view) {
-            match backing::open(dev.as_fd(), file) {
+        for (ino, file) in view.files() {
+            match backing::open(dev.as_fd(), &file.file) {
                 Ok(id) => {
                     ids.insert(ino, id);
                 }
@@ -565,7 +549,7 @@ impl Served {
                     return DataPath::Cached {
                         reason: format!(
                             "registering {} as a passthrough backing file failed: {e}{hint}",
-                            source_of(view, ino)
+                            file.source
                         ),
                     };
                 }
@@ -1121,28 +1105,20 @@ fn root_names(view: &View) -> BTreeSet<OsString> {
 /// package upgrade does while the old module stays loaded.
 fn replaced_on_disk(generation: &Generation, driver_root: &str) -> u64 {
     let root = std::path::Path::new(driver_root);
-    files_of(&generation.view)
-        .filter(|(ino, file)| {
-            let Some(NodeKind::File(f)) = generation.view.node(*ino).map(|n| &n.kind) else {
-                return false;
-            };
+    generation
+        .view
+        .files()
+        .filter(|(_, f)| {
             if f.kind == FileKind::Generated {
                 return false;
             }
-            let held = file.metadata().map(|m| (m.dev(), m.ino())).ok();
+            let held = f.file.metadata().map(|m| (m.dev(), m.ino())).ok();
             let on_disk = std::fs::metadata(root.join(f.source.relative()))
                 .map(|m| (m.dev(), m.ino()))
                 .ok();
             held != on_disk
         })
         .count() as u64
-}
-
-fn source_of(view: &View, ino: Ino) -> String {
-    match view.node(ino).map(|n| &n.kind) {
-        Some(NodeKind::File(f)) => f.source.to_string(),
-        _ => format!("inode {ino}"),
-    }
 }
 
 fn rss_bytes() -> Option<u64> {

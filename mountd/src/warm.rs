@@ -8,7 +8,6 @@
 use crate::served::Served;
 use fuser::{INodeNo, Notifier};
 use nvlibfs::args::ServeArgs;
-use nvlibfs::view::NodeKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,9 +24,8 @@ struct Chunk {
 
 /// Pushes the files of the current generation that belong to the
 /// `--warm` libraries into the kernel's page cache, from one thread per
-/// server thread, and returns once
-/// they are there (about 30 ms for a 92 MiB libcuda in the host's page
-/// cache). `live` is the FUSE mount: each file is looked up through it
+/// server thread, and returns once they are there (about 30 ms for a
+/// 92 MiB libcuda in the host's page cache). `live` is the FUSE mount: each file is looked up through it
 /// first, as the kernel keeps pages only for inodes it knows. Nothing on
 /// the passthrough path, where the host's page cache serves.
 pub fn warm(served: &Served, notifier: &Notifier, live: &Path, serve: &ServeArgs) {
@@ -35,16 +33,13 @@ pub fn warm(served: &Served, notifier: &Notifier, live: &Path, serve: &ServeArgs
     let start = Instant::now();
     let Some(generation) = served.current() else { return };
     let mut files = Vec::new();
-    for (path, ino) in generation.view.walk() {
-        let Some(NodeKind::File(file)) = generation.view.node(ino).map(|n| &n.kind) else {
-            continue;
-        };
+    for (_, file) in generation.view.files() {
         if !file.library.is_some_and(|l| libraries.contains(&l.name)) {
             continue;
         }
-        match std::fs::metadata(live.join(&path)) {
+        match std::fs::metadata(live.join(&file.view_path)) {
             Ok(meta) => files.extend(served.warm_size(meta.ino()).map(|size| (meta.ino(), size))),
-            Err(e) => tracing::warn!("not warming {}: {e}", path.display()),
+            Err(e) => tracing::warn!("not warming {}: {e}", file.view_path.display()),
         }
     }
     let chunks: Vec<Chunk> = files
