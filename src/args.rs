@@ -109,6 +109,11 @@ pub struct ServeArgs {
     /// privilege than it says)
     #[arg(long, help_heading = "Serving")]
     pub keep_privileges: bool,
+
+    /// Act as on a kernel without FUSE_NOTIFY_RESEND (before Linux 6.9):
+    /// for tests of what a handover guarantees there
+    #[arg(long, hide = true)]
+    pub no_resend: bool,
 }
 
 impl ServeArgs {
@@ -146,6 +151,9 @@ impl ServeArgs {
         }
         if self.keep_privileges {
             args.push("--keep-privileges".into());
+        }
+        if self.no_resend {
+            args.push("--no-resend".into());
         }
         args
     }

@@ -137,19 +137,26 @@ pub struct Status {
     pub counters: Counters,
 }
 
-/// One handover of the FUSE connection to a new serving process.
+/// One handover of the FUSE connection to a new serving process, or one
+/// that was refused.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Handover {
-    /// `crash` (the server died) or `restart` (`nvlibfs restart`).
+    /// `crash` (the server died), `restart` (`nvlibfs restart`) or
+    /// `supervisor restart` (systemd started a new supervisor).
     pub reason: String,
     pub old_pid: u32,
     pub new_pid: u32,
     pub new_version: String,
-    /// Seconds since the epoch when the old server stopped answering.
+    /// Seconds since the epoch when it happened.
     pub at: f64,
-    /// From then until the new server answered: the longest any request
-    /// waited (none failed).
+    /// How long requests had nobody to answer them: from a crash until
+    /// the new server answered; 0 for a restart, where the old server
+    /// answers until the new one does.
     pub waited_ms: f64,
+    /// Why the new server did not take over, when it did not: the old
+    /// one went on serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// One generation as served.

@@ -441,6 +441,12 @@ pub fn restart(args: RestartArgs) -> Result<()> {
             before.pid
         )
     })?;
+    // Handovers recorded from now on answer this restart.
+    let asked = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+        - 0.001;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(supervisor as i32),
         nix::sys::signal::Signal::SIGUSR2,
@@ -450,22 +456,41 @@ pub fn restart(args: RestartArgs) -> Result<()> {
     loop {
         std::thread::sleep(Duration::from_millis(20));
         let now = control::query(&args.state_dir, &mountpoint).ok();
-        if let Some(h) = now
+        let answer = now
             .as_ref()
-            .and_then(|s| s.handovers.last())
-            .filter(|h| h.reason == "restart" && h.old_pid == before.pid)
-        {
-            println!(
-                "nvlibfs: {} is now served by pid {} (nvlibfs {}), was pid {} (nvlibfs {}); requests waited at \
-                 most {:.1} ms",
-                mountpoint.display(),
-                h.new_pid,
-                h.new_version,
-                before.pid,
-                before.version,
-                h.waited_ms
-            );
-            return Ok(());
+            .and_then(|s| s.handovers.iter().find(|h| h.old_pid == before.pid && h.at >= asked));
+        match answer {
+            Some(h) if h.reason == "restart" && h.refused.is_none() => {
+                println!(
+                    "nvlibfs: {} is now served by pid {} (nvlibfs {}), was pid {} (nvlibfs {}); no request waited: \
+                     the old server answered until the new one did",
+                    mountpoint.display(),
+                    h.new_pid,
+                    h.new_version,
+                    before.pid,
+                    before.version,
+                );
+                return Ok(());
+            }
+            Some(h) if h.reason == "restart" => {
+                return Err(format!(
+                    "the restart did not happen: {}; pid {} (nvlibfs {}) goes on serving {}",
+                    h.refused.as_deref().unwrap_or_default(),
+                    before.pid,
+                    before.version,
+                    mountpoint.display()
+                )
+                .into())
+            }
+            Some(h) => {
+                return Err(format!(
+                    "the server (pid {}) died during the restart; pid {} (nvlibfs {}) took over from its last \
+                     checkpoint with the binary it ran; run `nvlibfs restart` again",
+                    before.pid, h.new_pid, h.new_version
+                )
+                .into())
+            }
+            None => {}
         }
         if Instant::now() > deadline {
             return Err(format!(
@@ -657,15 +682,23 @@ fn print_status(s: &Status) {
     if let Some(rss) = s.rss_bytes {
         println!("Daemon RSS   {}", human(rss));
     }
-    if !s.handovers.is_empty() {
-        let worst = s.handovers.iter().map(|h| h.waited_ms).fold(0.0, f64::max);
+    let (done, refused): (Vec<_>, Vec<_>) = s.handovers.iter().partition(|h| h.refused.is_none());
+    if let Some(last) = done.last() {
+        let worst = done.iter().map(|h| h.waited_ms).fold(0.0, f64::max);
         println!(
             "Handovers    {} (requests waited at most {worst:.1} ms); last: {} of pid {} to pid {} (nvlibfs {})",
-            s.handovers.len(),
-            s.handovers.last().map_or("", |h| h.reason.as_str()),
-            s.handovers.last().map_or(0, |h| h.old_pid),
-            s.handovers.last().map_or(0, |h| h.new_pid),
-            s.handovers.last().map_or("", |h| h.new_version.as_str()),
+            done.len(),
+            last.reason,
+            last.old_pid,
+            last.new_pid,
+            last.new_version,
+        );
+    }
+    if let Some(last) = refused.last() {
+        println!(
+            "Refused      {} restart(s); last: {}",
+            refused.len(),
+            last.refused.as_deref().unwrap_or_default()
         );
     }
 }

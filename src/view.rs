@@ -412,12 +412,17 @@ pub struct ManifestLink {
     pub target: String,
 }
 
-/// A view described so that another process can build the very same view
-/// (the same nodes, in the same inode numbers) from the same held files,
-/// without looking at the driver root again: what a serving process hands
-/// to the one that replaces it. The files travel separately, as
-/// descriptors, in the order of `files`.
+/// A view exactly as served, node by node, so that another process (a
+/// server that takes the connection over, possibly a newer or older
+/// build) serves the very same nodes at the very same inode numbers
+/// without building anything with its own code: the kernel holds inode
+/// numbers, and an inode number that named `bin/nvidia-smi` must go on
+/// naming it. The held files travel separately, as descriptors, in the
+/// order of the file nodes; each is checked against the identity recorded
+/// here. Unknown fields are refused: a snapshot a build cannot read
+/// exactly is not read at all.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ViewSnapshot {
     pub version: String,
     /// A module version file, or `None` for `--driver-version`.
@@ -425,13 +430,32 @@ pub struct ViewSnapshot {
     pub driver_root: PathBuf,
     /// When the view was first built (seconds, nanoseconds since the epoch).
     pub built: (u64, u32),
-    pub files: Vec<FileSnapshot>,
-    /// Files added after the build, made again in this order.
-    #[serde(default)]
+    /// Every node but the root, in inode order: `nodes[i]` is inode `i + 2`.
+    pub nodes: Vec<NodeSnapshot>,
+    /// Files added after the build (the CDI spec), by path and contents.
     pub added: Vec<AddedFile>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSnapshot {
+    /// The directory this node is named in; always a lower inode number.
+    pub parent: Ino,
+    pub name: String,
+    pub kind: NodeSnapshotKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum NodeSnapshotKind {
+    Dir,
+    Symlink(PathBuf),
+    /// The next of the held files.
+    File(FileSnapshot),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileSnapshot {
     pub view_path: PathBuf,
     /// The host path inside the driver root, as discovery found it.
@@ -440,6 +464,9 @@ pub struct FileSnapshot {
     pub mtime: (u64, u32),
     pub kind: FileKind,
     pub soname: Option<String>,
+    /// `(st_dev, st_ino)` of the held file: the descriptor that arrives
+    /// for this node must be that file.
+    pub identity: (u64, u64),
 }
 
 fn since_epoch(t: SystemTime) -> (u64, u32) {
@@ -447,33 +474,59 @@ fn since_epoch(t: SystemTime) -> (u64, u32) {
     (d.as_secs(), d.subsec_nanos())
 }
 
-fn from_epoch((secs, nanos): (u64, u32)) -> SystemTime {
-    SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos)
+fn from_epoch((secs, nanos): (u64, u32)) -> Result<SystemTime, String> {
+    SystemTime::UNIX_EPOCH
+        .checked_add(std::time::Duration::new(secs, nanos.min(999_999_999)))
+        .ok_or_else(|| format!("a time of {secs} s since the epoch"))
+}
+
+fn identity(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl View {
-    /// The view's description and its host files in the same order.
-    /// Generated files are left out: `restore` makes them again (those
-    /// added after the build from the contents the snapshot carries).
-    pub fn snapshot(&self) -> (ViewSnapshot, Vec<&std::fs::File>) {
-        let mut files = Vec::new();
+    /// The view's nodes as served, and its held files (generated ones
+    /// included: they are sealed memfds) in the order of its file nodes.
+    pub fn snapshot(&self) -> std::io::Result<(ViewSnapshot, Vec<&std::fs::File>)> {
+        let mut nodes = Vec::with_capacity(self.nodes.len().saturating_sub(1));
         let mut held = Vec::new();
-        // Node order is the order `build` inserted the files in, which is
-        // what gives each its inode number.
+        let mut names: BTreeMap<Ino, &OsStr> = BTreeMap::new();
         for node in &self.nodes {
-            if let NodeKind::File(f) = &node.kind {
-                if f.kind != FileKind::Generated {
-                    files.push(FileSnapshot {
+            if let NodeKind::Dir(entries) = &node.kind {
+                for (name, &ino) in entries {
+                    names.insert(ino, name);
+                }
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            let ino = i as Ino + 1;
+            let name = names
+                .get(&ino)
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| std::io::Error::other(format!("inode {ino} has no UTF-8 name in the view")))?;
+            let kind = match &node.kind {
+                NodeKind::Dir(_) => NodeSnapshotKind::Dir,
+                NodeKind::Symlink(target) => NodeSnapshotKind::Symlink(target.clone()),
+                NodeKind::File(f) => {
+                    held.push(&f.file);
+                    NodeSnapshotKind::File(FileSnapshot {
                         view_path: f.view_path.clone(),
                         source: f.source.relative().to_owned(),
                         size: f.size,
                         mtime: since_epoch(f.mtime),
                         kind: f.kind,
                         soname: f.soname.clone(),
-                    });
-                    held.push(&f.file);
+                        identity: identity(&f.file)?,
+                    })
                 }
-            }
+            };
+            nodes.push(NodeSnapshot {
+                parent: node.parent,
+                name: name.to_owned(),
+                kind,
+            });
         }
         let snapshot = ViewSnapshot {
             version: self.pin.version.to_string(),
@@ -483,19 +536,26 @@ impl View {
             },
             driver_root: self.driver_root.clone(),
             built: since_epoch(self.built),
-            files,
+            nodes,
             added: self.added.clone(),
         };
-        (snapshot, held)
+        Ok((snapshot, held))
     }
 
-    /// Builds the view a snapshot describes over `files` (the descriptors
-    /// `snapshot` gave, in order).
+    /// The view a snapshot describes, node for node, over `files` (the
+    /// descriptors `snapshot` gave, in order). Nothing is built by this
+    /// build's rules; anything that does not fit (a parent that is not an
+    /// earlier directory, a name taken twice, a descriptor that is not the
+    /// recorded file) refuses the whole snapshot.
     pub fn restore(snapshot: ViewSnapshot, files: Vec<std::fs::File>) -> Result<View, String> {
-        if snapshot.files.len() != files.len() {
+        let wanted = snapshot
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.kind, NodeSnapshotKind::File(_)))
+            .count();
+        if wanted != files.len() {
             return Err(format!(
-                "the snapshot lists {} files but {} descriptors came with it",
-                snapshot.files.len(),
+                "the snapshot lists {wanted} files but {} descriptors came with it",
                 files.len()
             ));
         }
@@ -508,37 +568,80 @@ impl View {
                 None => crate::pin::VersionSource::Override,
             },
         };
-        let selected = snapshot
-            .files
-            .into_iter()
-            .zip(files)
-            .map(|(f, file)| {
-                let library = match f.kind {
-                    FileKind::Lib64 | FileKind::Lib32 => f
-                        .view_path
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(crate::catalog::parse_library_name)
-                        .map(|l| l.spec),
-                    _ => None,
-                };
-                Selected {
-                    view_path: f.view_path,
-                    source: crate::hostroot::RootPath::from_relative(&f.source),
-                    file,
-                    size: f.size,
-                    mtime: from_epoch(f.mtime),
-                    kind: f.kind,
-                    library,
-                    soname: f.soname,
+        let mut view = View {
+            pin,
+            driver_root: snapshot.driver_root,
+            nodes: vec![Node {
+                parent: ROOT_INO,
+                kind: NodeKind::Dir(BTreeMap::new()),
+            }],
+            built: from_epoch(snapshot.built)?,
+            added: snapshot.added,
+        };
+        let mut files = files.into_iter();
+        for (i, n) in snapshot.nodes.into_iter().enumerate() {
+            let ino = i as Ino + 2;
+            let name = OsString::from(&n.name);
+            if n.name.is_empty() || n.name == "." || n.name == ".." || n.name.contains('/') {
+                return Err(format!("inode {ino} has the name {:?}", n.name));
+            }
+            let kind = match n.kind {
+                NodeSnapshotKind::Dir => NodeKind::Dir(BTreeMap::new()),
+                NodeSnapshotKind::Symlink(target) => {
+                    if target.is_absolute() {
+                        return Err(format!("inode {ino} links to an absolute path"));
+                    }
+                    NodeKind::Symlink(target)
                 }
-            })
-            .collect();
-        let mut view = View::build_at(pin, snapshot.driver_root, selected, from_epoch(snapshot.built));
-        for added in snapshot.added {
-            let path = added.view_path.display().to_string();
-            view.add_generated(added)
-                .map_err(|e| format!("making the view's {path} again: {e}"))?;
+                NodeSnapshotKind::File(f) => {
+                    let file = files.next().ok_or("fewer descriptors than files")?;
+                    let held = identity(&file).map_err(|e| format!("{}: {e}", f.view_path.display()))?;
+                    if held != f.identity {
+                        return Err(format!(
+                            "the descriptor for {} is not the file that was held (device and inode {held:?}, \
+                             recorded {:?})",
+                            f.view_path.display(),
+                            f.identity
+                        ));
+                    }
+                    let library = match f.kind {
+                        FileKind::Lib64 | FileKind::Lib32 => f
+                            .view_path
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .and_then(crate::catalog::parse_library_name)
+                            .map(|l| l.spec),
+                        _ => None,
+                    };
+                    NodeKind::File(Selected {
+                        source: match f.kind {
+                            FileKind::Generated => crate::hostroot::RootPath::root(),
+                            _ => crate::hostroot::RootPath::from_relative(&f.source),
+                        },
+                        view_path: f.view_path,
+                        file,
+                        size: f.size,
+                        mtime: from_epoch(f.mtime)?,
+                        kind: f.kind,
+                        library,
+                        soname: f.soname,
+                    })
+                }
+            };
+            let parent = n.parent;
+            let Some(Node {
+                kind: NodeKind::Dir(entries),
+                ..
+            }) = (parent < ino)
+                .then(|| view.nodes.get_mut((parent - 1) as usize))
+                .flatten()
+            else {
+                return Err(format!("inode {ino}'s parent {parent} is not an earlier directory"));
+            };
+            if entries.insert(name, ino).is_some() {
+                return Err(format!("inode {ino}: the name {:?} is taken twice in {parent}", n.name));
+            }
+            view.nodes.push(Node { parent, kind });
         }
         Ok(view)
     }

@@ -42,8 +42,8 @@ fn a_view_restored_from_its_snapshot_is_the_same_view() {
     // A file added after the build (the CDI spec a mount carries) too.
     let spec = nvlibfs::cdi::view_spec(std::path::Path::new("/run/nvlibs"), std::path::Path::new("/dev")).unwrap();
     view.add_generated(spec.clone()).unwrap();
-    let (snapshot, files) = view.snapshot();
-    assert!(snapshot.files.len() > 30);
+    let (snapshot, files) = view.snapshot().unwrap();
+    assert!(files.len() > 30);
     let copies = files.iter().map(|f| f.try_clone().unwrap()).collect();
     // Through JSON, as it travels between processes.
     let json = serde_json::to_string(&snapshot).unwrap();
@@ -67,6 +67,25 @@ fn a_view_restored_from_its_snapshot_is_the_same_view() {
     let (a, b) = (restored.manifest(), view.manifest());
     assert_eq!(serde_json::to_value(&a).unwrap(), serde_json::to_value(&b).unwrap());
 
-    let err = View::restore(snapshot, Vec::new()).unwrap_err();
+    let err = View::restore(snapshot.clone(), Vec::new()).unwrap_err();
     assert!(err.contains("descriptors"), "{err}");
+
+    // Two descriptors swapped: refused, never served as each other.
+    let mut swapped: Vec<std::fs::File> = files.iter().map(|f| f.try_clone().unwrap()).collect();
+    swapped.swap(0, 1);
+    let err = View::restore(snapshot.clone(), swapped).unwrap_err();
+    assert!(err.contains("is not the file that was held"), "{err}");
+
+    // A node whose parent is not an earlier directory: refused.
+    let copies = || files.iter().map(|f| f.try_clone().unwrap()).collect::<Vec<_>>();
+    let mut bad = snapshot.clone();
+    let last = bad.nodes.len() as u64 + 1;
+    bad.nodes[0].parent = last;
+    let err = View::restore(bad, copies()).unwrap_err();
+    assert!(err.contains("not an earlier directory"), "{err}");
+
+    // A field this build does not know: refused, not ignored.
+    let mut value = serde_json::to_value(&snapshot).unwrap();
+    value["nodes"][0]["layout"] = serde_json::json!("v3");
+    assert!(serde_json::from_value::<nvlibfs::view::ViewSnapshot>(value).is_err());
 }

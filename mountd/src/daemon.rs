@@ -8,9 +8,11 @@
 //! ends the daemon too (exit 0).
 
 use crate::fs::NvlibFs;
+use crate::layout;
+use crate::link::{self, Answer, Link};
+use crate::protocol::{self, Tag};
 use crate::served::Served;
-use crate::takeover::{self, InitRecord};
-use crate::{handover, layout};
+use crate::takeover;
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 use nvlibfs::args::{DriverArgs, ServeArgs};
@@ -87,6 +89,7 @@ enum Event {
 }
 
 /// How this server comes by its connection.
+#[derive(Clone, Copy)]
 pub enum Start {
     /// The first server of a mount: scans, mounts, and gives the
     /// supervisor the connection and everything it holds.
@@ -145,32 +148,6 @@ impl MountLock {
     }
 }
 
-/// The server's end of its supervisor's socket.
-pub struct Link(pub OwnedFd);
-
-impl Link {
-    fn send(&self, tag: u8, body: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), DaemonError> {
-        handover::send(&self.0, tag, body, fds).map_err(|e| DaemonError(format!("telling the supervisor: {e}")))
-    }
-
-    /// Hands the supervisor what a successor needs: every live
-    /// generation's view, range, data path and held files.
-    pub fn checkpoint(&self, served: &Served) -> Result<(), DaemonError> {
-        let (checkpoint, files) = served
-            .checkpoint()
-            .map_err(|e| DaemonError(format!("copying the held files for the supervisor: {e}")))?;
-        let json = serde_json::to_vec(&checkpoint).map_err(|e| DaemonError(format!("encoding a checkpoint: {e}")))?;
-        handover::send_checkpoint(&self.0, &json, &files)
-            .map_err(|e| DaemonError(format!("sending a checkpoint to the supervisor: {e}")))
-    }
-
-    fn recv(&self) -> Result<handover::Message, DaemonError> {
-        handover::recv(&self.0)
-            .map_err(|e| DaemonError(format!("hearing from the supervisor: {e}")))?
-            .ok_or_else(|| DaemonError("the supervisor went away".into()))
-    }
-}
-
 pub fn run(
     driver: &DriverArgs,
     serve: &ServeArgs,
@@ -179,6 +156,9 @@ pub fn run(
     link: Link,
     start: Start,
 ) -> Result<(), DaemonError> {
+    // A successor's failure before it serves goes to the supervisor's log:
+    // it has no log of its own yet.
+    let supervisor = link.socket().try_clone_to_owned().ok();
     let serving = match start {
         Start::Mount => mount(driver, serve, mountpoint, link),
         Start::Takeover => take_over(driver, serve, mountpoint, link),
@@ -186,6 +166,9 @@ pub fn run(
     let result = serving.and_then(|serving| serve_session(serving, ready));
     if let Err(e) = &result {
         ready.send(&format!("error: {e}"));
+        if let (Start::Takeover, Some(sock)) = (start, supervisor) {
+            let _ = protocol::send(&sock, Tag::Refused, e.to_string().as_bytes(), &[]);
+        }
     }
     result
 }
@@ -271,7 +254,10 @@ fn mount<'a>(
     let setup = FreshSetup(fresh.then(|| mountpoint.clone()));
     let signals = block_signals()?;
 
-    let served = Arc::new(Served::new(mountpoint.clone(), !serve.no_passthrough));
+    let served = Arc::new(
+        Served::new(mountpoint.clone(), !serve.no_passthrough)
+            .map_err(|e| DaemonError(format!("shared reference counters: {e}")))?,
+    );
     let session = fuser::Session::new(NvlibFs::new(served.clone()), &live, &fuse_config(serve)).map_err(|e| {
         let _ = std::fs::remove_file(&socket);
         DaemonError(match e.raw_os_error() {
@@ -298,14 +284,20 @@ fn mount<'a>(
     {
         use std::os::fd::AsFd;
         let json = serde_json::to_vec(&init).map_err(|e| DaemonError(e.to_string()))?;
-        link.send(handover::CONNECTION, &json, &[session.as_fd()])?;
+        link.send(Tag::Connection, &json, &[session.as_fd()])
+            .map_err(|e| DaemonError(format!("telling the supervisor: {e}")))?;
     }
-    link.checkpoint(&served)?;
+    // Unacknowledged, nothing may be served: a successor could not know it.
+    link.checkpoint(&served)
+        .map_err(|e| DaemonError(format!("the first checkpoint: {e}")))?;
     if let Err(e) = drop_privileges(serve) {
         let _ = std::fs::remove_file(&socket);
         let _ = nix::mount::umount2(&live, nix::mount::MntFlags::MNT_DETACH);
         return Err(e);
     }
+    let device = std::os::fd::AsFd::as_fd(&session)
+        .try_clone_to_owned()
+        .map_err(|e| DaemonError(format!("keeping the FUSE connection: {e}")))?;
     Ok(Serving {
         driver,
         serve,
@@ -315,8 +307,9 @@ fn mount<'a>(
         socket,
         live,
         signals,
+        device,
         link,
-        resend: None,
+        took_over: None,
         setup,
     })
 }
@@ -348,40 +341,46 @@ fn take_over<'a>(
 ) -> Result<Serving<'a>, DaemonError> {
     raise_file_limit();
     let mountpoint = layout::absolute(mountpoint).map_err(DaemonError)?;
-    let connection = link.recv()?;
-    if connection.tag != handover::CONNECTION {
-        return fail("the supervisor sent no connection first");
-    }
-    let init: InitRecord = serde_json::from_slice(&connection.body)
-        .map_err(|e| DaemonError(format!("the supervisor's connection record: {e}")))?;
-    let fuse = connection
-        .fds
-        .into_iter()
-        .next()
-        .ok_or_else(|| DaemonError("the supervisor sent no FUSE descriptor".into()))?;
-    let first = link.recv()?;
-    let (json, files) =
-        handover::recv_checkpoint(first, &link.0).map_err(|e| DaemonError(format!("receiving the checkpoint: {e}")))?;
-    let checkpoint =
-        serde_json::from_slice(&json).map_err(|e| DaemonError(format!("the supervisor's checkpoint: {e}")))?;
+    // Exactly what the last acknowledged checkpoint says, or nothing: a
+    // server that cannot honour it says why (see `run`), and the old one
+    // goes on.
+    let refuse = |why: String| DaemonError(format!("refusing to take over: {why}"));
+    let received = link::receive(&link).map_err(|e| refuse(e.0))?;
+    let generations = received.checkpoint.generations.iter().map(|g| g.number).collect();
+    let (init, fuse, seq) = (received.init, received.fuse, received.seq);
     let served = Arc::new(
-        Served::restore(mountpoint.clone(), !serve.no_passthrough, checkpoint, files, &fuse)
-            .map_err(|e| DaemonError(format!("restoring the served state: {e}")))?,
+        Served::restore(
+            mountpoint.clone(),
+            !serve.no_passthrough,
+            received.checkpoint,
+            received.files,
+            received.counts,
+            &fuse,
+        )
+        .map_err(refuse)?,
     );
+    link.continue_from(seq, generations);
     let mut config = fuse_config(serve);
     config.mount_options.clear();
     let resumed = takeover::resume(NvlibFs::new(served.clone()), &init, SessionACL::All, config)
-        .map_err(|e| DaemonError(format!("resuming the FUSE session: {e}")))?;
+        .map_err(|e| refuse(format!("resuming the FUSE session: {e}")))?;
     let signals = block_signals()?;
     tracing::info!(
         generations = ?served.live_generations(),
-        "restored the served state; waiting for the connection"
+        checkpoint = seq,
+        "restored the served state exactly; waiting for the connection"
     );
-    link.send(handover::PREPARED, &[], &[])?;
-    let go = link.recv()?;
-    if go.tag != handover::GO {
-        return fail("the supervisor did not hand the connection over");
+    link.send(Tag::Prepared, &[], &[])
+        .map_err(|e| DaemonError(format!("telling the supervisor: {e}")))?;
+    let go = link
+        .recv()
+        .map_err(|e| DaemonError(format!("waiting for the connection: {e}")))?;
+    if go.tag != Tag::Go {
+        return fail(format!("the supervisor sent {:?} instead of the connection", go.tag));
     }
+    // The supervisor has asked the kernel to resend what a dead server
+    // held before this; nobody reads the connection until now.
+    let alone = go.body.first() == Some(&protocol::GO_ALONE);
     let session = resumed
         .attach(&fuse)
         .map_err(|e| DaemonError(format!("taking the FUSE connection: {e}")))?;
@@ -399,7 +398,8 @@ fn take_over<'a>(
         live,
         signals,
         link,
-        resend: Some((fuse, init)),
+        device: fuse,
+        took_over: Some(alone),
         setup: FreshSetup(None),
     })
 }
@@ -437,14 +437,18 @@ struct Serving<'a> {
     live: std::path::PathBuf,
     signals: SigSet,
     link: Link,
-    /// After a takeover: the connection, to ask the kernel to resend the
-    /// requests the previous server had read but not answered.
-    resend: Option<(OwnedFd, InitRecord)>,
+    /// The connection itself (fuser's threads read it through a
+    /// descriptor number that draining replaces).
+    device: OwnedFd,
+    /// After a takeover: whether this server serves alone from the start
+    /// (after a crash) or beside the old one until `Sole` (a restart).
+    took_over: Option<bool>,
     /// A mount point this server set up, taken down if it never serves.
     setup: FreshSetup,
 }
 
-/// Serves until stopped: the session, status, the module watcher, signals.
+/// Serves until stopped: the session, status, the module watcher, signals,
+/// and the supervisor's word.
 fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonError> {
     let Serving {
         driver,
@@ -456,15 +460,29 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         live,
         signals,
         link,
-        resend,
+        device,
+        took_over,
         mut setup,
     } = s;
     let mountpoint = served.mountpoint.clone();
     *served.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(nix::unistd::getppid().as_raw() as u32).filter(|&p| p != 1);
     let link = Arc::new(link);
+    // A successor during a restart must not change what the old server
+    // also serves: no re-pin, no backing id closed, until it is told that
+    // it serves alone.
+    match took_over {
+        Some(true) => served.own_backing(false),
+        Some(false) => drop(link.freeze()),
+        None => {}
+    }
     let notifier = session.notifier();
     let warm_notifier = session.notifier();
+    let drain = crate::drain::Drain::prepare(
+        std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&session)),
+        device,
+    )
+    .map_err(|e| DaemonError(format!("preparing to hand over later: {e}")))?;
     let (events, event) = mpsc::channel();
     let loop_thread = {
         let events = events.clone();
@@ -477,15 +495,6 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
             })
             .map_err(|e| DaemonError(format!("starting the session thread: {e}")))?
     };
-    if let Some((fuse, init)) = &resend {
-        match takeover::resend(fuse, init) {
-            Ok(true) => tracing::info!("asked the kernel to resend what the previous server had not answered"),
-            Ok(false) => tracing::info!(
-                "this kernel cannot resend requests a dead server had read (FUSE_NOTIFY_RESEND is Linux 6.9+)"
-            ),
-            Err(e) => tracing::warn!("FUSE_NOTIFY_RESEND: {e}"),
-        }
-    }
     let status_served = served.clone();
     std::thread::Builder::new()
         .name("status".into())
@@ -520,18 +529,17 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         })
         .map_err(|e| DaemonError(format!("starting the signal thread: {e}")))?;
     {
-        let served = served.clone();
-        let link = link.clone();
+        let (served, link) = (served.clone(), link.clone());
         std::thread::Builder::new()
             .name("supervisor".into())
-            .spawn(move || hear_supervisor(&link, &served))
+            .spawn(move || hear_supervisor(link, served, drain))
             .map_err(|e| DaemonError(format!("starting the supervisor thread: {e}")))?;
     }
 
     wait_until_answering(&live)?;
     // A server that took the connection over finds the kernel's page
     // cache as its predecessor left it.
-    if resend.is_none() {
+    if took_over.is_none() {
         crate::warm::warm(&served, &warm_notifier, &live, serve);
         if served.no_open() {
             spend_the_first_open(&served, &live);
@@ -548,7 +556,7 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         status.files,
         status.bytes
     );
-    let said = handover::Ready {
+    let said = protocol::Ready {
         version: crate::version(),
         status: format!(
             "serving NVIDIA driver {} at {} (nvlibfs {})",
@@ -558,7 +566,8 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         ),
     };
     let json = serde_json::to_vec(&said).map_err(|e| DaemonError(e.to_string()))?;
-    link.send(handover::READY, &json, &[])?;
+    link.send(Tag::Ready, &json, &[])
+        .map_err(|e| DaemonError(format!("telling the supervisor: {e}")))?;
     setup.keep();
     ready.send("ready");
 
@@ -614,24 +623,110 @@ fn spend_the_first_open(served: &Served, live: &Path) {
     }
 }
 
-/// What the supervisor tells a running server: the handovers so far. When
-/// it goes away, the server goes on alone (a crash from then on ends the
-/// mount, as before there was a supervisor).
-fn hear_supervisor(link: &Link, served: &Served) {
+/// Everything the supervisor tells a running server: answers to its
+/// checkpoints, the handovers so far, and a restart's steps. When it goes
+/// away, the server goes on alone (a crash from then on ends the mount,
+/// as before there was a supervisor).
+fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Drain) {
+    let answers = link.answers();
+    let mut drain = Some(drain);
     loop {
-        match handover::recv(&link.0) {
-            Ok(Some(m)) if m.tag == handover::HISTORY => match serde_json::from_slice(&m.body) {
+        let m = match protocol::recv(&link.socket()) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tracing::warn!("the supervisor is gone; serving on without one");
+                *served.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let _ = answers.send(Answer::Gone);
+                return;
+            }
+            Err(e) => {
+                tracing::error!("a message from the supervisor: {e}");
+                continue;
+            }
+        };
+        match m.tag {
+            Tag::Ack | Tag::Nak => match m.number() {
+                Ok((seq, _)) if m.tag == Tag::Ack => {
+                    let _ = answers.send(Answer::Ack(seq));
+                }
+                Ok((seq, why)) => {
+                    let _ = answers.send(Answer::Nak(seq, String::from_utf8_lossy(why).into_owned()));
+                }
+                Err(e) => tracing::error!("{e}"),
+            },
+            Tag::History => match serde_json::from_slice(&m.body) {
                 Ok(history) => *served.handovers.lock().unwrap_or_else(|e| e.into_inner()) = history,
                 Err(e) => tracing::warn!("the supervisor's handover history: {e}"),
             },
-            Ok(Some(m)) => tracing::warn!("unexpected message {:?} from the supervisor", m.tag as char),
-            Ok(None) | Err(_) => {
-                tracing::warn!("the supervisor is gone; serving on without one");
-                *served.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                return;
+            Tag::Freeze => {
+                // The checkpoint waits for its answer, which this thread
+                // reads: take it on a thread of its own.
+                let (served, link) = (served.clone(), link.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("freeze".into())
+                    .spawn(move || freeze(&served, &link));
+                if let Err(e) = spawned {
+                    tracing::error!("starting the freeze thread: {e}");
+                }
             }
+            Tag::Thaw => {
+                tracing::info!("the restart did not happen; re-pinning and freeing as before");
+                served.own_backing(true);
+                link.thaw();
+            }
+            Tag::Sole => {
+                tracing::info!("the previous server has stopped; this one serves alone");
+                served.own_backing(true);
+                link.thaw();
+            }
+            Tag::Drain => {
+                let Some(drain) = drain.take() else { continue };
+                let (served, link) = (served.clone(), link.clone());
+                let spawned = std::thread::Builder::new().name("drain".into()).spawn(move || {
+                    match drain.run(&served) {
+                        Ok(()) => {
+                            tracing::info!("every request this server held is answered; handing over");
+                            let _ = link.send(Tag::Drained, &[], &[]);
+                            std::process::exit(0);
+                        }
+                        // The supervisor stops this server all the same
+                        // when its wait runs out.
+                        Err(e) => tracing::error!("draining: {e}"),
+                    }
+                });
+                if let Err(e) = spawned {
+                    tracing::error!("starting the drain thread: {e}");
+                }
+            }
+            other => tracing::warn!("unexpected message {other:?} from the supervisor"),
         }
     }
+}
+
+/// A restart's first step: no re-pin from now on (one under way ends
+/// first), no backing id closed, and a final checkpoint, so that the new
+/// server starts from exactly what this one serves. If that checkpoint
+/// fails, the restart cannot happen: say why and go on as before.
+fn freeze(served: &Served, link: &Link) {
+    let frozen = link.freeze();
+    served.disown_backing();
+    match link.checkpoint(served) {
+        Ok(()) => {
+            let seq = link.seq();
+            tracing::info!(checkpoint = seq, "frozen for a restart");
+            if let Err(e) = link.send(Tag::Frozen, &protocol::number_body(seq, ""), &[]) {
+                tracing::error!("telling the supervisor: {e}");
+            }
+        }
+        Err(e) => {
+            link.thaw();
+            served.own_backing(true);
+            let why = format!("the running server's final checkpoint failed: {e}");
+            tracing::error!("{why}");
+            let _ = link.send(Tag::Refused, why.as_bytes(), &[]);
+        }
+    }
+    drop(frozen);
 }
 
 /// Removes a mount point's fresh tmpfs when dropped before `keep`.
@@ -686,7 +781,7 @@ fn answer_status(listener: UnixListener, served: &Served) {
 
 /// Every served file is held open (two generations' worth during a
 /// re-pin): take the hard limit rather than the usual 1024 soft one.
-fn raise_file_limit() {
+pub fn raise_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {
@@ -695,35 +790,6 @@ fn raise_file_limit() {
             }
         }
     }
-}
-
-/// Tells systemd (a `Type=notify` unit) how we are doing, if it asked.
-pub fn notify_systemd(state: &str) {
-    if let Err(e) = notify_systemd_with_fds(state, &[]) {
-        tracing::warn!("telling systemd {state:?} failed: {e}");
-    }
-}
-
-/// `notify_systemd` with descriptors alongside (FDSTORE=1). Ok(false)
-/// when no systemd asked.
-pub fn notify_systemd_with_fds(state: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> std::io::Result<bool> {
-    use nix::sys::socket::{sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
-    use std::os::fd::AsRawFd;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(false);
-    };
-    let bytes = path.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => UnixAddr::new_abstract(name)?,
-        None => UnixAddr::new(Path::new(&path))?,
-    };
-    let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
-    let iov = [std::io::IoSlice::new(state.as_bytes())];
-    sendmsg(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), Some(&addr))?;
-    Ok(true)
 }
 
 /// Polls the mount point from this process until the kernel shows our FUSE

@@ -1,95 +1,57 @@
-//! systemd's file-descriptor store: everything the supervisor holds (the
-//! FUSE connection, the newest checkpoint and its files) is kept by systemd
-//! too, so that when the whole daemon dies (`systemctl kill`, a crash of
-//! the supervisor itself) the supervisor that systemd starts next takes the
-//! connection over like any new server does, instead of mounting afresh.
+//! systemd's file-descriptor store: everything the supervisor keeps (the
+//! FUSE connection, each generation's held files, the last acknowledged
+//! checkpoint) is kept by systemd too, so that when the whole daemon dies
+//! (`systemctl kill`, a crash of the supervisor itself) the supervisor
+//! that systemd starts next takes the connection over like any new server
+//! does, instead of mounting afresh.
 //!
-//! Names: `nvlibfs-fuse` for the connection; for checkpoint number SEQ,
-//! `nvlibfs-SEQ-state` (a sealed memfd: the INIT record and the checkpoint
-//! as they came from the server, each length-prefixed, then the file count)
-//! and `nvlibfs-SEQ-file-I` for its files. A new set is stored whole before
-//! the previous one is removed, so a crash in between leaves a whole set.
+//! Names: `nvlibfs-fuse` and `nvlibfs-init` (a sealed memfd of the
+//! connection's INIT record) once; `nvlibfs-g<N>-<I>` for generation N's
+//! files, stored once each; for checkpoint SEQ, `nvlibfs-k<SEQ>-manifest`
+//! (a sealed memfd of its manifest), `-state` and `-counts`. A new
+//! checkpoint is stored whole before the previous one and the generations
+//! it no longer names are removed, so a crash in between leaves a whole
+//! set, and a set is checked like any checkpoint before it is used.
 
-use crate::daemon::notify_systemd_with_fds;
-use crate::handover::{self, Message};
+use crate::kept::Kept;
+use crate::protocol::{Manifest, Message, Tag};
+use crate::systemd::notify_with_fds;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 const FUSE: &str = "nvlibfs-fuse";
+const INIT: &str = "nvlibfs-init";
 /// Descriptors systemd passes start here (SD_LISTEN_FDS_START).
 const LISTEN_FDS_START: i32 = 3;
-/// Files per checkpoint message the supervisor replays to a server.
-const FDS_PER_MESSAGE: usize = 200;
+/// The largest memfd read back (an INIT record, a manifest).
+const MAX_SMALL: u64 = 1 << 20;
 
 /// What the supervisor has stored, so the next set can replace it.
 #[derive(Default)]
 pub struct Store {
-    seq: u64,
-    stored: Vec<String>,
-    has_fuse: bool,
+    has_connection: bool,
+    /// Generations stored, with how many files each.
+    generations: BTreeMap<u32, usize>,
+    checkpoint: Option<u64>,
 }
 
 fn store(name: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<bool> {
-    notify_systemd_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), fds)
+    notify_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), fds)
 }
 
 fn remove(name: &str) -> std::io::Result<bool> {
-    notify_systemd_with_fds(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])
+    notify_with_fds(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])
 }
 
-impl Store {
-    /// Keeps `connection` and the checkpoint (FILES messages, then one
-    /// CHECKPOINT) with systemd; nothing happens without systemd.
-    pub fn save(&mut self, connection: &Message, checkpoint: &[Message]) -> std::io::Result<()> {
-        if std::env::var_os("NOTIFY_SOCKET").is_none() {
-            return Ok(());
-        }
-        if !self.has_fuse {
-            let Some(fuse) = connection.fds.first() else {
-                return Ok(());
-            };
-            store(FUSE, &[fuse.as_fd()])?;
-            self.has_fuse = true;
-        }
-        let Some(last) = checkpoint.last().filter(|m| m.tag == handover::CHECKPOINT) else {
-            return Ok(());
-        };
-        let files: Vec<&OwnedFd> = checkpoint
-            .iter()
-            .filter(|m| m.tag == handover::FILES)
-            .flat_map(|m| &m.fds)
-            .collect();
-        self.seq += 1;
-        let seq = self.seq;
-        let mut names = Vec::new();
-        for (i, fd) in files.iter().enumerate() {
-            let name = format!("nvlibfs-{seq}-file-{i}");
-            store(&name, &[fd.as_fd()])?;
-            names.push(name);
-        }
-        let state = state_memfd(&connection.body, &last.body, files.len())?;
-        let name = format!("nvlibfs-{seq}-state");
-        store(&name, &[state.as_fd()])?;
-        names.push(name);
-        for old in std::mem::replace(&mut self.stored, names) {
-            remove(&old)?;
-        }
-        Ok(())
-    }
-}
-
-fn state_memfd(init: &[u8], checkpoint: &[u8], files: usize) -> std::io::Result<OwnedFd> {
+fn sealed(bytes: &[u8]) -> std::io::Result<OwnedFd> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MFdFlags};
     let mut file = std::fs::File::from(memfd_create(
-        c"nvlibfs-state",
+        c"nvlibfs-fdstore",
         MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
     )?);
-    for part in [init, checkpoint] {
-        file.write_all(&(part.len() as u64).to_le_bytes())?;
-        file.write_all(part)?;
-    }
-    file.write_all(&(files as u64).to_le_bytes())?;
+    file.write_all(bytes)?;
     fcntl(
         &file,
         FcntlArg::F_ADD_SEALS(
@@ -99,12 +61,69 @@ fn state_memfd(init: &[u8], checkpoint: &[u8], files: usize) -> std::io::Result<
     Ok(OwnedFd::from(file))
 }
 
-/// What systemd handed back at start: the connection and the newest whole
-/// checkpoint, as messages to replay to a server, and the store as it is.
-pub struct Restored {
-    pub connection: Message,
-    pub checkpoint: Vec<Message>,
-    pub store: Store,
+fn read_small(fd: OwnedFd, what: &str) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::File::from(fd);
+    let len = file.metadata()?.len();
+    if len > MAX_SMALL {
+        return Err(std::io::Error::other(format!("systemd kept a {what} of {len} bytes")));
+    }
+    file.rewind()?;
+    let mut out = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+impl Store {
+    /// Keeps what `kept` holds with systemd; nothing happens without
+    /// systemd.
+    pub fn save(&mut self, kept: &Kept) -> std::io::Result<()> {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return Ok(());
+        }
+        let (Some(connection), Some((manifest, checkpoint))) = (&kept.connection, kept.checkpoint()) else {
+            return Ok(());
+        };
+        if !self.has_connection {
+            let init = sealed(&connection.body)?;
+            store(FUSE, &[connection.fds[0].as_fd()])?;
+            store(INIT, &[init.as_fd()])?;
+            self.has_connection = true;
+        }
+        let mut now = BTreeSet::new();
+        for (number, files) in kept.generations() {
+            now.insert(number);
+            if self.generations.contains_key(&number) {
+                continue;
+            }
+            for (i, f) in files.iter().enumerate() {
+                store(&format!("nvlibfs-g{number}-{i}"), &[f.as_fd()])?;
+            }
+            self.generations.insert(number, files.len());
+        }
+        let seq = manifest.seq;
+        store(
+            &format!("nvlibfs-k{seq}-manifest"),
+            &[sealed(&checkpoint.body)?.as_fd()],
+        )?;
+        store(&format!("nvlibfs-k{seq}-state"), &[checkpoint.fds[0].as_fd()])?;
+        store(&format!("nvlibfs-k{seq}-counts"), &[checkpoint.fds[1].as_fd()])?;
+        if let Some(old) = self.checkpoint.replace(seq) {
+            for part in ["manifest", "state", "counts"] {
+                remove(&format!("nvlibfs-k{old}-{part}"))?;
+            }
+        }
+        let gone: Vec<(u32, usize)> = (self.generations.iter())
+            .filter(|(n, _)| !now.contains(n))
+            .map(|(&n, &c)| (n, c))
+            .collect();
+        for (number, count) in gone {
+            for i in 0..count {
+                remove(&format!("nvlibfs-g{number}-{i}"))?;
+            }
+            self.generations.remove(&number);
+        }
+        Ok(())
+    }
 }
 
 /// The descriptors systemd passed (`LISTEN_FDS`, for this process), by name.
@@ -130,89 +149,59 @@ fn passed() -> Vec<(String, OwnedFd)> {
         .collect()
 }
 
-/// The connection and checkpoint systemd kept, if it kept a whole set.
-pub fn restore() -> std::io::Result<Option<Restored>> {
-    let mut fds = passed();
+/// What systemd kept, checked like any checkpoint, and the store as it
+/// is; `None` if it kept no whole set.
+pub fn restore() -> std::io::Result<Option<(Kept, Store)>> {
+    let fds = passed();
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
-    let Some(fuse_at) = fds.iter().position(|(n, _)| n == FUSE) else {
+    let mut by_name: BTreeMap<String, OwnedFd> = fds.into_iter().collect();
+    let (Some(fuse), Some(init)) = (by_name.remove(FUSE), by_name.remove(INIT)) else {
         return Ok(None);
     };
-    let (_, fuse) = fds.remove(fuse_at);
     let seq_of = |name: &str| {
-        name.strip_prefix("nvlibfs-")?
-            .strip_suffix("-state")?
+        name.strip_prefix("nvlibfs-k")?
+            .strip_suffix("-manifest")?
             .parse::<u64>()
             .ok()
     };
-    let Some(seq) = fds.iter().filter_map(|(n, _)| seq_of(n)).max() else {
+    let Some(seq) = by_name.keys().filter_map(|n| seq_of(n)).max() else {
         return Ok(None);
     };
-    let state_at = fds
-        .iter()
-        .position(|(n, _)| *n == format!("nvlibfs-{seq}-state"))
-        .expect("found above");
-    let (_, state) = fds.remove(state_at);
-    let mut state = std::fs::File::from(state);
-    state.rewind()?;
-    let mut read_part = || -> std::io::Result<Vec<u8>> {
-        let mut len = [0u8; 8];
-        state.read_exact(&mut len)?;
-        let mut part = vec![0u8; u64::from_le_bytes(len) as usize];
-        state.read_exact(&mut part)?;
-        Ok(part)
+    let part = |by_name: &mut BTreeMap<String, OwnedFd>, what: &str| {
+        by_name
+            .remove(&format!("nvlibfs-k{seq}-{what}"))
+            .ok_or_else(|| std::io::Error::other(format!("systemd kept checkpoint {seq} without its {what}")))
     };
-    let init = read_part()?;
-    let checkpoint_json = read_part()?;
-    let mut count = [0u8; 8];
-    state.read_exact(&mut count)?;
-    let count = u64::from_le_bytes(count) as usize;
-    let prefix = format!("nvlibfs-{seq}-file-");
-    let mut files: Vec<Option<OwnedFd>> = (0..count).map(|_| None).collect();
-    let mut stored = vec![format!("nvlibfs-{seq}-state")];
-    for (name, fd) in fds {
-        if let Some(i) = name.strip_prefix(&prefix).and_then(|i| i.parse::<usize>().ok()) {
-            if let Some(slot) = files.get_mut(i) {
-                *slot = Some(fd);
-                stored.push(name);
-                continue;
-            }
+    let manifest_body = read_small(part(&mut by_name, "manifest")?, "manifest")?;
+    let state = part(&mut by_name, "state")?;
+    let counts = part(&mut by_name, "counts")?;
+    let manifest = Manifest::decode(&manifest_body).map_err(|e| std::io::Error::other(e.0))?;
+    let mut generations: BTreeMap<u32, Vec<OwnedFd>> = BTreeMap::new();
+    let mut store = Store {
+        has_connection: true,
+        generations: BTreeMap::new(),
+        checkpoint: Some(seq),
+    };
+    for &(number, count) in &manifest.generations {
+        let mut files = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let name = format!("nvlibfs-g{number}-{i}");
+            let fd = by_name
+                .remove(&name)
+                .ok_or_else(|| std::io::Error::other(format!("systemd kept checkpoint {seq} without {name}")))?;
+            files.push(fd);
         }
-        // An older, superseded set: systemd may keep it; ask it not to.
-        let _ = remove(&name);
+        generations.insert(number, files);
+        store.generations.insert(number, count as usize);
     }
-    let files: Option<Vec<OwnedFd>> = files.into_iter().collect();
-    let Some(files) = files else {
-        return Err(std::io::Error::other(format!(
-            "systemd kept checkpoint {seq} without all of its {count} files"
-        )));
-    };
-    let mut checkpoint = Vec::new();
-    let mut files = files.into_iter().peekable();
-    while files.peek().is_some() {
-        checkpoint.push(Message {
-            tag: handover::FILES,
-            body: Vec::new(),
-            fds: files.by_ref().take(FDS_PER_MESSAGE).collect(),
-        });
+    // Older, superseded descriptors: systemd may keep them; ask it not to.
+    for name in by_name.keys() {
+        let _ = remove(name);
     }
-    checkpoint.push(Message {
-        tag: handover::CHECKPOINT,
-        body: checkpoint_json,
-        fds: Vec::new(),
-    });
-    Ok(Some(Restored {
-        connection: Message {
-            tag: handover::CONNECTION,
-            body: init,
-            fds: vec![fuse],
-        },
-        checkpoint,
-        store: Store {
-            seq,
-            stored,
-            has_fuse: true,
-        },
-    }))
+    let connection = Message::new(Tag::Connection, read_small(init, "INIT record")?, vec![fuse]);
+    let checkpoint = Message::new(Tag::Checkpoint, manifest_body, vec![state, counts]);
+    let kept = Kept::from_parts(connection, generations, checkpoint).map_err(|e| std::io::Error::other(e.0))?;
+    Ok(Some((kept, store)))
 }

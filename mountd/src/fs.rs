@@ -138,6 +138,19 @@ impl fuser::Filesystem for NvlibFs {
         Ok(())
     }
 
+    /// fuser calls this once its threads have ended, then unmounts. When
+    /// they ended because this server drains for a restart (drain.rs),
+    /// the mount is the new server's: say so and never return.
+    fn destroy(&mut self) {
+        let drained = self.served.drained.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(done) = drained {
+            let _ = done.send(());
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.served.lookup(parent.0, name) {
             Ok(Some(entry)) => reply_entry(reply, &entry),

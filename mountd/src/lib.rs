@@ -8,15 +8,19 @@
 
 pub mod backing;
 pub mod daemon;
+pub mod drain;
 pub mod fdstore;
 pub mod fs;
-pub mod handover;
+pub mod kept;
 pub mod layout;
+pub mod link;
 pub mod logging;
 pub mod privileges;
+pub mod protocol;
 pub mod repin;
 pub mod served;
 pub mod supervisor;
+pub mod systemd;
 pub mod takeover;
 pub mod warm;
 

@@ -54,8 +54,8 @@ struct Args {
     mountpoint: PathBuf,
 }
 
-/// This binary as it is on disk, run again as the server with the same
-/// flags: found by path at every start, so after an upgrade the new one.
+/// This binary, run again as the server with the same flags: held open
+/// for crashes; `nvlibfs restart` starts the one the path names then.
 fn supervise(args: &Args, ready: Readiness) -> Result<(), daemon::DaemonError> {
     let exe = std::env::current_exe().map_err(|e| daemon::DaemonError::new(format!("finding this binary: {e}")))?;
     let mut server_args = args.driver.to_args();
@@ -70,6 +70,7 @@ fn supervise(args: &Args, ready: Readiness) -> Result<(), daemon::DaemonError> {
         exe,
         args: server_args,
         mountpoint: args.mountpoint.clone(),
+        no_resend: args.serve.no_resend,
     };
     supervisor::run(command, ready)
 }
@@ -82,10 +83,11 @@ fn main() -> ExitCode {
     let result = match args.supervisor_socket {
         Some(fd) => {
             // SAFETY: the supervisor passed this socket for this purpose.
-            let link = daemon::Link(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
             // The supervisor learns that this server is gone when the
             // socket closes: no process this one starts may keep it open.
-            let _ = nix::fcntl::fcntl(&link.0, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            let _ = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            let link = nvlibfs_mountd::link::Link::new(sock);
             let start = if args.takeover {
                 daemon::Start::Takeover
             } else {

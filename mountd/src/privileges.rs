@@ -61,6 +61,12 @@ pub fn drop_to_kept() -> std::io::Result<()> {
         .unwrap_or(40);
     let keep = |cap: u32| KEPT.iter().any(|(c, _)| *c == cap);
     for cap in (0..=last).filter(|c| !keep(*c)) {
+        // Already out of the bounding set (a server the supervisor started
+        // after it dropped them; dropping again needs CAP_SETPCAP, gone).
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) } == 0 {
+            continue;
+        }
         // SAFETY: prctl with integer arguments.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } < 0 {
             let e = std::io::Error::last_os_error();
@@ -96,4 +102,16 @@ pub fn drop_to_kept() -> std::io::Result<()> {
     }
     nix::sys::prctl::set_no_new_privs()?;
     Ok(())
+}
+
+/// The supervisor, once the first server has mounted: it starts only
+/// servers that take over, which need what a server keeps (capabilities
+/// pass to them through exec, bounded by what it has) and nothing of what
+/// mounting needs. It serves nothing itself; if it cannot drop them, it
+/// says so and goes on.
+pub fn drop_for_supervisor() {
+    match drop_to_kept() {
+        Ok(()) => tracing::info!("supervisor: dropped every capability its servers do not need"),
+        Err(e) => tracing::warn!("supervisor: could not drop capabilities ({e}); keeping them"),
+    }
 }

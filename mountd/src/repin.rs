@@ -5,7 +5,7 @@
 //! generation is freed as soon as its last user lets go. Open files keep
 //! the old generation until then.
 
-use crate::daemon::Link;
+use crate::link::Link;
 use crate::served::{Deletion, Forgetting, Served, FUSE_ROOT};
 use fuser::{INodeNo, Notifier};
 use nvlibfs::args::{DriverArgs, ServeArgs};
@@ -59,10 +59,17 @@ pub fn watch(
         if !retired.is_empty() {
             delete_names(&notifier, &retired);
         }
+        // A restart under way: the old and the new server must serve the
+        // same generations until one of them serves alone.
+        let Some(_repinning) = link.repin() else {
+            continue;
+        };
         let live = served.live_generations();
         if live != checkpointed {
-            checkpoint(link, &served);
-            checkpointed = live;
+            match link.checkpoint(&served) {
+                Ok(()) => checkpointed = live,
+                Err(e) => tracing::error!("{e}; a server that takes over would start from the previous checkpoint"),
+            }
         }
         let pinned = match request.resolve() {
             Ok(p) => {
@@ -112,7 +119,18 @@ pub fn watch(
         };
         let view = with_cdi_spec(view, spec);
         let from = current.view.pin().version.clone();
-        let forgetting = served.swap_in(view, problem, |served| checkpoint(link, served));
+        let forgetting = match served.swap_in(view, problem, |served| link.checkpoint(served)) {
+            Ok(forgetting) => forgetting,
+            Err(e) => {
+                // What the supervisor does not hold, no successor could
+                // serve: the new generation is not made current.
+                tracing::error!(
+                    "not re-pinning to {to} yet: {e}; trying again in {} ms",
+                    POLL.as_millis()
+                );
+                continue;
+            }
+        };
         if from == to {
             tracing::info!(version = %to, "the NVIDIA device nodes changed; serving a CDI spec that lists them");
         } else {
@@ -136,12 +154,6 @@ pub fn with_cdi_spec(mut view: View, spec: Result<AddedFile, String>) -> View {
         tracing::warn!("{e}; the view carries no CDI spec");
     }
     view
-}
-
-fn checkpoint(link: &Link, served: &Served) {
-    if let Err(e) = link.checkpoint(served) {
-        tracing::warn!("{e}; a server that takes over would start from the previous checkpoint");
-    }
 }
 
 /// Makes the kernel drop the old generation's names and the root's cached

@@ -107,11 +107,39 @@ pub struct Deletion {
     pub name: OsString,
 }
 
+/// The connection's passthrough backing ids, and who may close them. Ids
+/// belong to the connection, which outlives servers: while two servers
+/// hold the same generations (a restart), only one may close an id, or
+/// the second close could hit an id the kernel has given to another file
+/// since. A server that does not own them keeps the ids its freed
+/// generations had, to close once it owns them (`Served::own_backing`).
+pub struct Backing {
+    dev: Arc<OwnedFd>,
+    owner: AtomicBool,
+    deferred: Mutex<Vec<u32>>,
+}
+
+impl Backing {
+    fn close(&self, ids: impl IntoIterator<Item = u32>) {
+        let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if self.owner.load(Relaxed) {
+            for id in ids {
+                backing::close(self.dev.as_fd(), id);
+            }
+        } else {
+            deferred.extend(ids);
+        }
+    }
+}
+
 /// How a generation's file contents reach readers.
 enum DataPath {
     /// The kernel reads the held host files directly: one backing id per
-    /// file, registered with the connection `dev`, used for every open.
-    Passthrough { ids: HashMap<Ino, u32>, dev: Arc<OwnedFd> },
+    /// file, registered with the connection, used for every open.
+    Passthrough {
+        ids: HashMap<Ino, u32>,
+        backing: Arc<Backing>,
+    },
     /// READ requests answered from the held files; opens keep the page
     /// cache, so each page is read through the daemon once.
     Cached { reason: String },
@@ -124,41 +152,41 @@ pub struct Staged {
     pin_problem: Option<String>,
 }
 
-/// What `Served::checkpoint` hands to the server that takes over.
+/// Everything a server that takes over needs to answer exactly as this one
+/// does, for every inode number the kernel may hold. Travels as JSON in a
+/// sealed memfd (see protocol.rs, whose version covers this form);
+/// fields a build does not know are refused, never ignored.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Checkpoint {
     pub generations: Vec<GenerationState>,
-    pub current: Option<u32>,
+    pub current: u32,
     pub next_number: u32,
     pub next_base: u64,
     /// Whether the mount serves by passthrough, or why not.
     pub passthrough: Result<(), String>,
     pub pin_problem: Option<String>,
-    pub init: Option<InitRecord>,
-    /// Which of the files is the memfd of shared reference counters.
-    #[serde(default)]
-    pub counts: Option<usize>,
+    pub init: InitRecord,
     /// Whether OPENs are answered ENOSYS (see `Opened::ByKernel`); once
     /// one is, the kernel sends none again on this connection.
-    #[serde(default)]
     pub no_open: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GenerationState {
     pub number: u32,
+    /// Its kernel inode numbers: `base .. base + span`.
     pub base: u64,
+    pub span: u64,
     pub view: ViewSnapshot,
-    /// Where this generation's files start among the descriptors sent.
-    pub first_fd: usize,
     pub data: DataState,
-    pub refs: u64,
-    /// Its counter among the shared ones, when they are shared.
-    #[serde(default)]
-    pub slot: Option<usize>,
+    /// Its counter among the shared ones.
+    pub slot: usize,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum DataState {
     /// Backing ids by view inode: registered with the connection, which
     /// keeps them across servers.
@@ -168,6 +196,17 @@ pub enum DataState {
     Cached {
         reason: String,
     },
+}
+
+/// A checkpoint with what travels beside it.
+pub struct Snapshot {
+    pub state: Checkpoint,
+    /// Each live generation's number and how many files it holds.
+    pub generations: Vec<(u32, u32)>,
+    /// The held files of the generations the caller has not sent yet.
+    pub new_files: Vec<(u32, Vec<std::fs::File>)>,
+    /// The shared reference counters.
+    pub counts: OwnedFd,
 }
 
 /// One immutable view as served.
@@ -185,10 +224,8 @@ pub struct Generation {
 
 impl Drop for Generation {
     fn drop(&mut self) {
-        if let DataPath::Passthrough { ids, dev } = &self.data {
-            for &id in ids.values() {
-                backing::close(dev.as_fd(), id);
-            }
+        if let DataPath::Passthrough { ids, backing } = &self.data {
+            backing.close(ids.values().copied());
         }
         tracing::info!(generation = self.number, version = %self.view.pin().version, "released a generation's files");
     }
@@ -248,7 +285,7 @@ impl Generation {
 
 /// Counts `n` more kernel references to `live` (under the lock).
 fn generations_add(cells: &[AtomicU64], live: &Live, n: u64) {
-    cells[live.slot].fetch_add(n, Relaxed);
+    cells[2 * live.slot + 1].fetch_add(n, Relaxed);
 }
 
 fn stats_of(view: &View) -> FsStats {
@@ -281,44 +318,51 @@ const COUNT_SLOTS: usize = 1024;
 /// that is handed to the server that takes over: it maps the same
 /// counters, so counts survive a server's death exactly, or one too high
 /// (a reference is counted before the answer that gives it leaves), never
-/// too low. Mapped once per process and never unmapped.
+/// too low. Each slot is two words: its owner (generation number + 1, 0
+/// for free) and the count, so a checkpoint that names a slot a later
+/// generation has taken since is seen as stale, not trusted. Sealed
+/// against resizing; mapped once per process and never unmapped.
 struct Counts {
-    fd: Option<OwnedFd>,
+    fd: OwnedFd,
     cells: &'static [AtomicU64],
 }
 
+const COUNTS_BYTES: usize = COUNT_SLOTS * 16;
+
 impl Counts {
-    /// Fresh counters; kept in this process alone if no memfd can be had.
-    fn new() -> Counts {
-        let shared = nix::sys::memfd::memfd_create(c"nvlibfs-counts", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .and_then(|fd| {
-                nix::unistd::ftruncate(&fd, (COUNT_SLOTS * 8) as i64)?;
-                Ok(fd)
-            })
-            .map_err(std::io::Error::from)
-            .and_then(Counts::map);
-        shared.unwrap_or_else(|e| {
-            tracing::warn!(
-                "reference counts kept in this process only ({e}): a server that takes over will keep \
-                            earlier generations until unmount"
-            );
-            Counts {
-                fd: None,
-                cells: Box::leak((0..COUNT_SLOTS).map(|_| AtomicU64::new(0)).collect()),
-            }
-        })
+    fn new() -> std::io::Result<Counts> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd = memfd_create(c"nvlibfs-counts", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+        nix::unistd::ftruncate(&fd, COUNTS_BYTES as i64)?;
+        fcntl(
+            &fd,
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL),
+        )?;
+        Counts::map(fd)
     }
 
-    /// The counters a previous server kept in `fd`.
+    /// The counters a previous server kept in `fd`: exactly the size, and
+    /// sealed so that nobody can shrink them under the mapping.
     fn map(fd: OwnedFd) -> std::io::Result<Counts> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
         use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let len = std::num::NonZeroUsize::new(COUNT_SLOTS * 8).expect("non-zero");
-        if (nix::sys::stat::fstat(&fd)?.st_size as usize) < len.get() {
-            return Err(std::io::Error::other("the counters' memfd is too small"));
+        let seals = SealFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GET_SEALS)?);
+        if !seals.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW) {
+            return Err(std::io::Error::other(
+                "the counters' memfd is not sealed against resizing",
+            ));
         }
-        // SAFETY: a shared mapping of a memfd at least `len` bytes long,
-        // never unmapped, so the 'static slice stays valid; the counters
-        // are only ever accessed atomically.
+        let size = nix::sys::stat::fstat(&fd)?.st_size;
+        if size != COUNTS_BYTES as i64 {
+            return Err(std::io::Error::other(format!(
+                "the counters' memfd has {size} bytes, not {COUNTS_BYTES}"
+            )));
+        }
+        let len = std::num::NonZeroUsize::new(COUNTS_BYTES).expect("non-zero");
+        // SAFETY: a shared mapping of a memfd of exactly `len` bytes that
+        // cannot shrink, never unmapped, so the 'static slice stays valid;
+        // the counters are only ever accessed atomically.
         let cells = unsafe {
             let ptr = mmap(
                 None,
@@ -328,9 +372,17 @@ impl Counts {
                 &fd,
                 0,
             )?;
-            std::slice::from_raw_parts(ptr.as_ptr() as *const AtomicU64, COUNT_SLOTS)
+            std::slice::from_raw_parts(ptr.as_ptr() as *const AtomicU64, COUNT_SLOTS * 2)
         };
-        Ok(Counts { fd: Some(fd), cells })
+        Ok(Counts { fd, cells })
+    }
+
+    fn owner(&self, slot: usize) -> &AtomicU64 {
+        &self.cells[2 * slot]
+    }
+
+    fn count(&self, slot: usize) -> &AtomicU64 {
+        &self.cells[2 * slot + 1]
     }
 }
 
@@ -339,11 +391,6 @@ struct Live {
     generation: Arc<Generation>,
     /// Its counter in `Counts`.
     slot: usize,
-    /// Taken over from a previous server whose counts could not be
-    /// shared: references it counted after its last checkpoint are
-    /// unknown, so this generation is never freed by its count (only with
-    /// the mount), rather than freed too early.
-    inherited: bool,
 }
 
 struct Generations {
@@ -368,14 +415,16 @@ impl Generations {
     }
 
     fn refs(&self, live: &Live) -> u64 {
-        self.counts.cells[live.slot].load(Relaxed)
+        self.counts.count(live.slot).load(Relaxed)
     }
 
-    /// A counter no live generation uses, set to zero.
-    fn free_slot(&self) -> Option<usize> {
+    /// A counter no live generation uses, made generation `number`'s and
+    /// set to zero.
+    fn free_slot(&self, number: u32) -> Option<usize> {
         let used: BTreeSet<usize> = self.live.values().map(|l| l.slot).collect();
         let slot = (0..COUNT_SLOTS).find(|s| !used.contains(s))?;
-        self.counts.cells[slot].store(0, Relaxed);
+        self.counts.count(slot).store(0, Relaxed);
+        self.counts.owner(slot).store(u64::from(number) + 1, Relaxed);
         Some(slot)
     }
 
@@ -417,24 +466,25 @@ impl Generations {
             return;
         }
         let current = self.current;
-        let cells = self.counts.cells;
         let Some((live, _)) = self.resolve(ino) else {
             tracing::warn!("the kernel released inode {ino}, which no generation holds");
             return;
         };
-        let refs = cells[live.slot].load(Relaxed);
-        // A generation taken over without shared counts may see releases
-        // of references its previous server counted after its checkpoint.
-        if refs < n && !live.inherited {
+        let (slot, number, base) = (live.slot, live.generation.number, live.generation.base);
+        // One atomic step: during a restart another server counts in the
+        // same cell.
+        let refs = self
+            .counts
+            .count(slot)
+            .fetch_update(Relaxed, Relaxed, |r| Some(r.saturating_sub(n)))
+            .unwrap_or_else(|r| r);
+        if refs < n {
             tracing::error!(
-                generation = live.generation.number,
+                generation = number,
                 "the kernel released {n} references to inode {ino} but only {refs} were counted"
             );
         }
-        let left = refs.saturating_sub(n);
-        cells[live.slot].store(left, Relaxed);
-        let base = live.generation.base;
-        if left == 0 && !live.inherited && Some(base) != current {
+        if refs <= n && Some(base) != current {
             self.live.remove(&base);
         }
     }
@@ -453,9 +503,9 @@ pub struct Served {
     /// the kernel knows how to do without them.
     no_open: AtomicBool,
     wants_passthrough: bool,
-    /// The connection, for registering backing files; `None` when the
-    /// cached path serves (the reason beside it).
-    passthrough_dev: Mutex<Result<Arc<OwnedFd>, String>>,
+    /// The connection's backing ids, for registering files; the reason
+    /// instead when the cached path serves.
+    passthrough_dev: Mutex<Result<Arc<Backing>, String>>,
     generations: Mutex<Generations>,
     /// Why the current generation is not the loaded module's full driver.
     pin_problem: Mutex<Option<String>>,
@@ -464,11 +514,20 @@ pub struct Served {
     /// Shown by `status`: who supervises this server, and the handovers.
     pub supervisor_pid: Mutex<Option<u32>>,
     pub handovers: Mutex<Vec<nvlibfs::control::Handover>>,
+    /// Set while draining (see drain.rs): told when fuser's threads have
+    /// all ended.
+    pub drained: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     started: Instant,
 }
 
 impl Served {
-    pub fn new(mountpoint: PathBuf, wants_passthrough: bool) -> Served {
+    /// A core with no generation yet; fails only if no memfd can be made
+    /// for the reference counters a successor must share.
+    pub fn new(mountpoint: PathBuf, wants_passthrough: bool) -> std::io::Result<Served> {
+        Ok(Served::with_counts(mountpoint, wants_passthrough, Counts::new()?))
+    }
+
+    fn with_counts(mountpoint: PathBuf, wants_passthrough: bool, counts: Counts) -> Served {
         Served {
             mountpoint,
             counters: AtomicCounters::default(),
@@ -477,11 +536,12 @@ impl Served {
             no_open: AtomicBool::new(false),
             wants_passthrough,
             passthrough_dev: Mutex::new(Err("not started".into())),
-            generations: Mutex::new(Generations::new(Counts::new())),
+            generations: Mutex::new(Generations::new(counts)),
             pin_problem: Mutex::new(None),
             init_record: Mutex::new(None),
             supervisor_pid: Mutex::new(None),
             handovers: Mutex::new(Vec::new()),
+            drained: Mutex::new(None),
             started: Instant::now(),
         }
     }
@@ -510,7 +570,11 @@ impl Served {
             Err("the kernel did not offer FUSE passthrough (needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)".into())
         } else {
             match dev.map(|d| d.as_fd().try_clone_to_owned()) {
-                Some(Ok(dev)) => Ok(Arc::new(dev)),
+                Some(Ok(dev)) => Ok(Arc::new(Backing {
+                    dev: Arc::new(dev),
+                    owner: AtomicBool::new(true),
+                    deferred: Mutex::new(Vec::new()),
+                })),
                 Some(Err(e)) => Err(format!("cannot keep the FUSE connection for passthrough: {e}")),
                 None => Err("no FUSE connection".into()),
             }
@@ -527,19 +591,19 @@ impl Served {
     /// this generation is served through the cache. All or nothing within a
     /// generation: each inode has one mode for every open.
     fn data_path(&self, view: &View) -> DataPath {
-        let dev = match &*self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) {
-            Ok(dev) => dev.clone(),
+        let backing_ids = match &*self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) {
+            Ok(backing) => backing.clone(),
             Err(reason) => return DataPath::Cached { reason: reason.clone() },
         };
         let mut ids = HashMap::new();
         for (ino, file) in view.files() {
-            match backing::open(dev.as_fd(), &file.file) {
+            match backing::open(backing_ids.dev.as_fd(), &file.file) {
                 Ok(id) => {
                     ids.insert(ino, id);
                 }
                 Err(e) => {
                     for id in ids.into_values() {
-                        backing::close(dev.as_fd(), id);
+                        backing::close(backing_ids.dev.as_fd(), id);
                     }
                     let hint = if e.raw_os_error() == Some(libc::EPERM) {
                         " (passthrough needs CAP_SYS_ADMIN in the initial user namespace)"
@@ -555,27 +619,53 @@ impl Served {
                 }
             }
         }
-        DataPath::Passthrough { ids, dev }
+        DataPath::Passthrough {
+            ids,
+            backing: backing_ids,
+        }
     }
 
     /// Swaps in a new view as the next generation. Returns what the kernel
     /// must be told to forget the one it replaced (nothing for the first).
     pub fn install(&self, view: View, pin_problem: Option<String>) -> Forgetting {
-        self.swap_in(view, pin_problem, |_| {})
+        match self.swap_in(view, pin_problem, |_| Ok::<(), std::convert::Infallible>(())) {
+            Ok(forgetting) => forgetting,
+            Err(never) => match never {},
+        }
     }
 
     /// `install`, telling the supervisor at each step: `checkpoint` runs
     /// once the new generation is live but nothing can reach it (so a
     /// server that takes over after the commit knows every inode the
-    /// kernel may have been given), and again once it is current.
-    pub fn swap_in(&self, view: View, pin_problem: Option<String>, mut checkpoint: impl FnMut(&Served)) -> Forgetting {
+    /// kernel may have been given), and again once it is current. If the
+    /// first checkpoint fails, nothing is committed: the new generation is
+    /// dropped and the error returned, and the caller tries again later.
+    pub fn swap_in<E>(
+        &self,
+        view: View,
+        pin_problem: Option<String>,
+        mut checkpoint: impl FnMut(&Served) -> Result<(), E>,
+    ) -> Result<Forgetting, E> {
         let Some(staged) = self.stage(view, pin_problem) else {
-            return Forgetting::default();
+            return Ok(Forgetting::default());
         };
-        checkpoint(self);
+        if let Err(e) = checkpoint(self) {
+            self.unstage(staged);
+            return Err(e);
+        }
         let forgetting = self.commit(staged);
-        checkpoint(self);
-        forgetting
+        // The staged checkpoint already names every inode the kernel can
+        // now be given; this one only moves `current` on, so a failure
+        // here costs a successor nothing but a re-pin of its own.
+        let _ = checkpoint(self);
+        Ok(forgetting)
+    }
+
+    /// Drops a staged generation that was never committed: nothing can
+    /// have reached it.
+    pub fn unstage(&self, staged: Staged) {
+        let removed = self.lock().live.remove(&staged.base);
+        drop(removed);
     }
 
     /// Makes a new view a live generation that nothing can reach yet:
@@ -592,7 +682,8 @@ impl Served {
         let stats = stats_of(&view);
         let span = view.walk().len() as u64;
         let mut generations = self.lock();
-        let Some(slot) = generations.free_slot() else {
+        let number = generations.next_number;
+        let Some(slot) = generations.free_slot(number) else {
             tracing::error!("{COUNT_SLOTS} generations live at once; keeping the current one");
             return None;
         };
@@ -602,7 +693,6 @@ impl Served {
             tracing::error!("no free range of {span} inode numbers; keeping the current generation");
             return None;
         };
-        let number = generations.next_number;
         let new = Arc::new(Generation {
             number,
             base,
@@ -613,14 +703,7 @@ impl Served {
         });
         generations.next_number += 1;
         generations.next_base = base + span;
-        generations.live.insert(
-            base,
-            Live {
-                generation: new,
-                slot,
-                inherited: false,
-            },
-        );
+        generations.live.insert(base, Live { generation: new, slot });
         Some(Staged { base, pin_problem })
     }
 
@@ -635,7 +718,7 @@ impl Served {
         let mut forgetting = Forgetting::default();
         if let Some(old) = old.and_then(|b| generations.live.get(&b)) {
             let old_gen = old.generation.clone();
-            if generations.refs(old) == 0 && !old.inherited {
+            if generations.refs(old) == 0 {
                 generations.live.remove(&old_gen.base);
             } else {
                 old_gen.deletions_below(ROOT_INO, &mut forgetting.deletions);
@@ -648,49 +731,51 @@ impl Served {
         forgetting
     }
 
-    /// Everything a server that takes over needs to answer for what the
-    /// kernel holds: each live generation's view (as a snapshot), inode
-    /// range, data path (passthrough ids stay registered with the
-    /// connection) and count, with the held files to send alongside, in
-    /// order.
-    pub fn checkpoint(&self) -> std::io::Result<(Checkpoint, Vec<std::fs::File>)> {
+    /// Everything a server that takes over needs to answer exactly as this
+    /// one does: each live generation's nodes, inode range, data path
+    /// (passthrough ids stay registered with the connection) and counter
+    /// slot, with the held files of those generations `sent` says the
+    /// supervisor does not have yet.
+    pub fn checkpoint(&self, sent: &dyn Fn(u32) -> bool) -> std::io::Result<Snapshot> {
         let generations = self.lock();
-        let mut files = Vec::new();
+        let current = generations
+            .current()
+            .map(|l| l.generation.number)
+            .ok_or_else(|| std::io::Error::other("nothing is served yet"))?;
+        let init = (*self.init_record.lock().unwrap_or_else(|e| e.into_inner()))
+            .ok_or_else(|| std::io::Error::other("the connection's FUSE INIT was not recorded"))?;
         let mut states = Vec::new();
+        let mut numbers = Vec::new();
+        let mut new_files = Vec::new();
         for live in generations.live.values() {
             let g = &live.generation;
-            let (view, held) = g.view.snapshot();
-            let first_fd = files.len();
-            // Copies: a generation may be freed while they travel.
-            for f in held {
-                files.push(f.try_clone()?);
+            let (view, held) = g.view.snapshot()?;
+            numbers.push((g.number, held.len() as u32));
+            if !sent(g.number) {
+                // Copies: a generation may be freed while they travel.
+                let copies = held
+                    .iter()
+                    .map(|f| f.try_clone())
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                new_files.push((g.number, copies));
             }
             states.push(GenerationState {
                 number: g.number,
                 base: g.base,
+                span: g.span,
                 view,
-                first_fd,
                 data: match &g.data {
                     DataPath::Passthrough { ids, .. } => DataState::Passthrough {
                         ids: ids.iter().map(|(&ino, &id)| (ino, id)).collect(),
                     },
                     DataPath::Cached { reason } => DataState::Cached { reason: reason.clone() },
                 },
-                refs: generations.refs(live),
-                slot: generations.counts.fd.as_ref().map(|_| live.slot),
+                slot: live.slot,
             });
         }
-        // The counters travel as the last file.
-        let counts = match &generations.counts.fd {
-            Some(fd) => {
-                files.push(std::fs::File::from(fd.try_clone()?));
-                Some(files.len() - 1)
-            }
-            None => None,
-        };
-        let checkpoint = Checkpoint {
+        let state = Checkpoint {
             generations: states,
-            current: generations.current().map(|l| l.generation.number),
+            current,
             next_number: generations.next_number,
             next_base: generations.next_base,
             passthrough: self
@@ -701,106 +786,176 @@ impl Served {
                 .map(|_| ())
                 .map_err(Clone::clone),
             pin_problem: self.pin_problem(),
-            init: *self.init_record.lock().unwrap_or_else(|e| e.into_inner()),
-            counts,
+            init,
             no_open: self.no_open.load(Relaxed),
         };
-        Ok((checkpoint, files))
+        Ok(Snapshot {
+            state,
+            generations: numbers,
+            new_files,
+            counts: generations.counts.fd.try_clone()?,
+        })
     }
 
-    /// A server continuing from `checkpoint` on the connection `dev`, with
-    /// the files that came with it in order.
+    /// A server continuing exactly from `checkpoint` on the connection
+    /// `dev`: `files` holds each generation's files (by number, in the
+    /// order its snapshot lists them) and `counts` the shared counters.
+    /// Nothing is rebuilt by this build's rules; a checkpoint this build
+    /// cannot honour exactly is refused with the reason.
+    ///
+    /// The new server does not own the connection's backing ids until it
+    /// is told that it alone serves (`own_backing`); a generation whose
+    /// counter slot a later generation has taken since the checkpoint was
+    /// freed by the previous server and is not restored.
     pub fn restore(
         mountpoint: PathBuf,
         wants_passthrough: bool,
         checkpoint: Checkpoint,
-        files: Vec<std::fs::File>,
+        mut files: HashMap<u32, Vec<std::fs::File>>,
+        counts: OwnedFd,
         dev: &OwnedFd,
     ) -> Result<Served, String> {
-        let served = Served::new(mountpoint, wants_passthrough);
-        let dev = Arc::new(dev.try_clone().map_err(|e| format!("keeping the connection: {e}"))?);
+        let counts = Counts::map(counts).map_err(|e| format!("the shared reference counters: {e}"))?;
+        let served = Served::with_counts(mountpoint, wants_passthrough, counts);
+        let backing_ids = Arc::new(Backing {
+            dev: Arc::new(dev.try_clone().map_err(|e| format!("keeping the connection: {e}"))?),
+            owner: AtomicBool::new(false),
+            deferred: Mutex::new(Vec::new()),
+        });
         *served.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) =
-            checkpoint.passthrough.clone().map(|()| dev.clone());
+            checkpoint.passthrough.clone().map(|()| backing_ids.clone());
         served.no_open.store(checkpoint.no_open, Relaxed);
         *served.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = checkpoint.pin_problem;
-        *served.init_record.lock().unwrap_or_else(|e| e.into_inner()) = checkpoint.init;
-        let mut files: Vec<Option<std::fs::File>> = files.into_iter().map(Some).collect();
-        let shared = checkpoint
-            .counts
-            .and_then(|i| files.get_mut(i)?.take())
-            .map(|f| Counts::map(OwnedFd::from(f)));
-        let (counts, counted) = match shared {
-            Some(Ok(counts)) => (counts, true),
-            Some(Err(e)) => {
-                tracing::warn!("the previous server's counters cannot be mapped ({e}); keeping its generations");
-                (Counts::new(), false)
-            }
-            None => (Counts::new(), false),
-        };
-        let mut generations = Generations::new(counts);
+        *served.init_record.lock().unwrap_or_else(|e| e.into_inner()) = Some(checkpoint.init);
+        let mut generations = served.lock();
         generations.next_number = checkpoint.next_number;
         generations.next_base = checkpoint.next_base;
+        let mut slots = BTreeSet::new();
         for state in checkpoint.generations {
-            let count = state.view.files.len();
-            let held: Option<Vec<std::fs::File>> = files
-                .get_mut(state.first_fd..state.first_fd + count)
-                .map(|slots| slots.iter_mut().filter_map(Option::take).collect());
-            let held = held
-                .filter(|h| h.len() == count)
-                .ok_or_else(|| format!("generation {}'s files did not all arrive", state.number))?;
-            let view = View::restore(state.view, held)?;
+            let number = state.number;
+            let held = files
+                .remove(&number)
+                .ok_or_else(|| format!("generation {number}'s files did not arrive"))?;
+            let view = View::restore(state.view, held).map_err(|e| format!("generation {number}: {e}"))?;
+            let span = view.walk().len() as u64;
+            let end = state.base.saturating_add(span);
+            if span != state.span || state.base < FIRST_INO || end > INO_LIMIT || end > checkpoint.next_base {
+                return Err(format!(
+                    "generation {number}'s {} nodes do not fit its inode range {}..{}+{}",
+                    span, state.base, state.base, state.span
+                ));
+            }
+            if number >= checkpoint.next_number {
+                return Err(format!(
+                    "generation {number} is not below the next number {}",
+                    checkpoint.next_number
+                ));
+            }
+            if generations
+                .live
+                .range(..end)
+                .next_back()
+                .is_some_and(|(_, l)| l.generation.base + l.generation.span > state.base)
+                || generations
+                    .live
+                    .range(state.base..)
+                    .next()
+                    .is_some_and(|(&b, _)| b < end)
+            {
+                return Err(format!("generation {number}'s inode range overlaps another's"));
+            }
+            if state.slot >= COUNT_SLOTS || !slots.insert(state.slot) {
+                return Err(format!("generation {number} has counter slot {}", state.slot));
+            }
+            if generations.counts.owner(state.slot).load(Relaxed) != u64::from(number) + 1 {
+                // Freed by the previous server after this checkpoint, its
+                // slot taken since: the kernel holds none of it.
+                if checkpoint.current == number {
+                    return Err(format!(
+                        "the current generation {number}'s counter slot belongs to another"
+                    ));
+                }
+                tracing::info!(generation = number, "freed after the checkpoint; not restored");
+                continue;
+            }
             let data = match state.data {
-                DataState::Passthrough { ids } => DataPath::Passthrough {
-                    ids: ids.into_iter().collect(),
-                    dev: dev.clone(),
-                },
+                DataState::Passthrough { ids } => {
+                    let ids: HashMap<Ino, u32> = ids.into_iter().collect();
+                    if let Some((ino, _)) = view.files().find(|(ino, _)| !ids.contains_key(ino)) {
+                        return Err(format!("generation {number}'s inode {ino} has no backing id"));
+                    }
+                    DataPath::Passthrough {
+                        ids,
+                        backing: backing_ids.clone(),
+                    }
+                }
                 DataState::Cached { reason } => DataPath::Cached { reason },
             };
+            if checkpoint.current == number {
+                generations.current = Some(state.base);
+            }
             let generation = Arc::new(Generation {
-                number: state.number,
+                number,
                 base: state.base,
-                span: view.walk().len() as u64,
+                span,
                 stats: stats_of(&view),
                 view,
                 data,
             });
-            if checkpoint.current == Some(state.number) {
-                generations.current = Some(state.base);
-            }
-            let slot = match state.slot.filter(|_| counted) {
-                Some(slot) if slot < COUNT_SLOTS => slot,
-                _ => {
-                    let slot = generations
-                        .free_slot()
-                        .ok_or_else(|| "no free count slot for a restored generation".to_owned())?;
-                    generations.counts.cells[slot].store(state.refs, Relaxed);
-                    slot
-                }
-            };
             generations.live.insert(
                 state.base,
                 Live {
                     generation,
-                    slot,
-                    inherited: !counted,
+                    slot: state.slot,
                 },
             );
         }
         if generations.current.is_none() {
-            return Err("the checkpoint names no current generation".into());
+            return Err(format!(
+                "the checkpoint's current generation {} is not among its generations",
+                checkpoint.current
+            ));
         }
-        // A generation staged but never made current (its server died in
-        // between), or one freed after the checkpoint: nothing refers to it.
-        let current = generations.current;
-        let unused: Vec<u64> = (generations.live.iter())
-            .filter(|(&base, live)| Some(base) != current && !live.inherited && generations.refs(live) == 0)
-            .map(|(&base, _)| base)
-            .collect();
-        for base in unused {
-            generations.live.remove(&base);
-        }
-        *served.generations.lock().unwrap_or_else(|e| e.into_inner()) = generations;
+        drop(generations);
         Ok(served)
+    }
+
+    /// This server alone serves the connection from now on: it frees
+    /// retired generations nothing refers to, and closes the backing ids
+    /// of those it freed meanwhile if `close_deferred` (a restart: they
+    /// were never closed), or forgets them (a crash: the server that died
+    /// may have closed them, and the kernel may have given the numbers to
+    /// other files since).
+    pub fn own_backing(&self, close_deferred: bool) {
+        let unused: Vec<Live> = {
+            let mut generations = self.lock();
+            let current = generations.current;
+            let bases: Vec<u64> = (generations.live.iter())
+                .filter(|(&base, live)| Some(base) != current && generations.refs(live) == 0)
+                .map(|(&base, _)| base)
+                .collect();
+            bases.iter().filter_map(|b| generations.live.remove(b)).collect()
+        };
+        drop(unused);
+        if let Ok(backing_ids) = &*self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) {
+            let mut deferred = backing_ids.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            let ids = std::mem::take(&mut *deferred);
+            if close_deferred {
+                for id in ids {
+                    backing::close(backing_ids.dev.as_fd(), id);
+                }
+            }
+            backing_ids.owner.store(true, Relaxed);
+        }
+    }
+
+    /// Another server may serve the same generations from now on (a
+    /// restart): close no backing id until `own_backing`.
+    pub fn disown_backing(&self) {
+        if let Ok(backing_ids) = &*self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _deferred = backing_ids.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            backing_ids.owner.store(false, Relaxed);
+        }
     }
 
     /// The names of every retired generation the kernel still refers to,
@@ -1152,7 +1307,7 @@ mod tests {
                 .unwrap()
                 .view
         };
-        let served = Served::new("/t".into(), false);
+        let served = Served::new("/t".into(), false).unwrap();
         served.start(view(), None::<&OwnedFd>);
         let held = served.lookup(FUSE_ROOT, OsStr::new("lib64")).unwrap().unwrap();
         let span = served.current().unwrap().span;

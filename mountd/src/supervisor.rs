@@ -1,34 +1,50 @@
 //! The supervisor: the process that holds what must outlive any one
-//! server, and starts the next server the moment one ends.
+//! server, and hands the connection from one server to the next.
 //!
 //! It takes the mount point's lock, starts the first server (which scans,
-//! mounts and hands back the FUSE connection and a checkpoint of what it
-//! serves, held files included), and from then on keeps the newest of each
-//! as it came, parsing nothing but a one-byte tag: no host input, no FUSE
-//! request, nothing to crash on. While it holds the connection the kernel
-//! keeps the mount alive, and requests wait in the kernel instead of
-//! failing. When the server dies it starts another at once from the
-//! binary on disk, which restores the checkpoint and takes the connection
-//! over (see takeover.rs); SIGUSR2 (`nvlibfs restart`) does the same with
-//! the old server still running until the new one is ready, so an upgrade
-//! of nvlibfs is a handover too.
+//! mounts and hands back the FUSE connection and a checkpoint), and from
+//! then on keeps what the last acknowledged checkpoint needs (kept.rs).
+//! While it holds the connection the kernel keeps the mount alive, and
+//! requests wait in the kernel instead of failing.
+//!
+//! Its life is one state machine, `Phase`:
+//!
+//! | phase | what happens | next |
+//! |---|---|---|
+//! | `Mounting` | the first server scans and mounts | `Serving` when it is ready; exit if it fails |
+//! | `Serving` | one server serves | `Restarting` on SIGUSR2, `Recovering` when the server dies, `Stopping` on SIGTERM |
+//! | `Restarting(Freezing)` | the old server stops re-pinning and sends its final checkpoint | `Preparing` when frozen; `Serving` (old) if it cannot; `Recovering` if it dies |
+//! | `Restarting(Preparing)` | the new binary restores that checkpoint exactly, or refuses | `Overlap` when prepared; `Serving` (old, thawed) if refused |
+//! | `Restarting(Overlap)` | both serve the same frozen state | `Draining` once the new one answers |
+//! | `Restarting(Draining)` | the old server answers what it holds and stops reading | `Serving` (new) when drained |
+//! | `Recovering` | the server died: a new one from the binary that wrote the checkpoint restores it; the kernel resends what the dead one held, then the new one serves | `Serving` when it answers |
+//! | `Stopping` | the server unmounts | exit |
+//!
+//! A crash restarts the binary that wrote the checkpoint, held open since
+//! it was started, whatever the path names since (a package upgrade puts
+//! a new binary there); only `nvlibfs restart` moves to the binary on
+//! disk, and only if it takes the checkpoint exactly.
 //!
 //! Signals: SIGTERM and SIGINT stop the server (which unmounts) and then
 //! the supervisor; SIGHUP is passed to the server (re-check the module);
-//! SIGUSR2 hands over to a new server; SIGUSR1 and SIGPIPE are ignored.
+//! SIGUSR2 restarts; SIGUSR1 and SIGPIPE are ignored.
 
-use crate::daemon::{notify_systemd, DaemonError, MountLock, Readiness};
+use crate::daemon::{DaemonError, MountLock, Readiness};
 use crate::fdstore;
-use crate::handover::{self, Message};
+use crate::kept::{Kept, Taken};
+use crate::protocol::{self, Message, Tag};
+use crate::systemd;
+use crate::takeover::{self, InitRecord};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use nvlibfs::control::Handover;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,53 +59,125 @@ const EARLY_DEATH: Duration = Duration::from_millis(500);
 
 /// How long a dead server's socket may stay open (held by a process it
 /// left behind) before its death is acted on anyway.
-const DRAIN_LIMIT: Duration = Duration::from_secs(1);
-
-/// Starts a server: taking over or not, with `nvlibfs mount`'s ready pipe.
-type StartServer<'a> = dyn Fn(bool, Option<BorrowedFd<'_>>) -> Result<Server, DaemonError> + 'a;
+const CLOSE_LIMIT: Duration = Duration::from_secs(1);
+/// How long each step of a restart may take before it is given up: a
+/// server that neither freezes, prepares nor drains by then is stuck.
+const STEP_LIMIT: Duration = Duration::from_secs(20);
 
 enum Event {
     Signal(Signal),
     Message(Pid, Message),
+    /// A server sent something that breaks the protocol.
+    Broken(Pid, String),
     /// The server's socket reached end of file: every message it sent
     /// has come before this.
     Closed(Pid),
+}
+
+/// A binary servers are started from, held open.
+struct Binary {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Binary {
+    fn open(path: &Path) -> std::io::Result<Binary> {
+        Ok(Binary {
+            file: std::fs::File::open(path)?,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The supervisor's own binary, as it runs (not as the path names it now).
+    fn running(path: &Path) -> std::io::Result<Binary> {
+        Ok(Binary {
+            file: std::fs::File::open("/proc/self/exe")?,
+            path: path.to_owned(),
+        })
+    }
 }
 
 /// A server process and the supervisor's end of its socket.
 struct Server {
     pid: Pid,
     sock: OwnedFd,
+    binary: Rc<Binary>,
     /// When it started answering.
     serving_since: Option<Instant>,
+    /// Its version, as it said when ready.
+    version: Option<String>,
 }
 
-/// A handover under way: the new server, why, and since when requests
-/// have had nobody to answer them (set once the old server is gone).
-struct Incoming {
-    server: Server,
-    reason: &'static str,
-    old_pid: u32,
-    since: Option<(Instant, SystemTime)>,
+impl Server {
+    fn send(&self, tag: Tag, body: &[u8]) {
+        if let Err(e) = protocol::send(&self.sock, tag, body, &[]) {
+            tracing::error!("telling pid {}: {e}", self.pid);
+        }
+    }
+
+    fn kill(&self, signal: Signal) {
+        let _ = kill(self.pid, signal);
+    }
 }
 
-/// How to start a server: this binary as it is on disk now (after an
-/// upgrade, the new one), with the flags the supervisor was given.
+enum Step {
+    Freezing,
+    Preparing(Server),
+    Overlap(Server),
+    Draining(Server),
+}
+
+enum Phase {
+    Mounting(Server),
+    Serving(Server),
+    Restarting {
+        old: Server,
+        step: Step,
+        binary: Rc<Binary>,
+        since: Instant,
+    },
+    Recovering {
+        new: Server,
+        reason: &'static str,
+        old_pid: u32,
+        since: (Instant, SystemTime),
+    },
+    Stopping(Option<Server>),
+    /// Transient, while a transition moves servers out of the phase.
+    Moving,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Mounting(_) => "mounting",
+            Phase::Serving(_) => "serving",
+            Phase::Restarting { step, .. } => match step {
+                Step::Freezing => "restarting (freezing)",
+                Step::Preparing(_) => "restarting (preparing)",
+                Step::Overlap(_) => "restarting (overlap)",
+                Step::Draining(_) => "restarting (draining)",
+            },
+            Phase::Recovering { .. } => "recovering",
+            Phase::Stopping(_) => "stopping",
+            Phase::Moving => "moving",
+        }
+    }
+}
+
+/// How to start a server: the flags the supervisor was given.
 pub struct ServerCommand {
     pub exe: PathBuf,
     pub args: Vec<OsString>,
     pub mountpoint: PathBuf,
+    /// Act as on a kernel without FUSE_NOTIFY_RESEND.
+    pub no_resend: bool,
 }
 
 pub fn run(command: ServerCommand, mut ready: Readiness) -> Result<(), DaemonError> {
-    match supervise(command, &mut ready) {
-        Ok(code) => {
-            if code == 0 {
-                Ok(())
-            } else {
-                Err(DaemonError::new(format!("the server exited with status {code}")))
-            }
-        }
+    match Supervisor::start(command, &mut ready).and_then(|s| s.run()) {
+        Ok(0) => Ok(()),
+        Ok(code) => Err(DaemonError::new(format!("the server exited with status {code}"))),
         Err(e) => {
             ready.send(&format!("error: {e}"));
             Err(e)
@@ -97,10 +185,835 @@ pub fn run(command: ServerCommand, mut ready: Readiness) -> Result<(), DaemonErr
     }
 }
 
-fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, DaemonError> {
-    crate::privileges::check_can_mount()?;
-    let mountpoint = crate::layout::absolute(&command.mountpoint).map_err(DaemonError::new)?;
-    let lock = MountLock::take(&mountpoint)?;
+struct Supervisor {
+    command: ServerCommand,
+    mountpoint: PathBuf,
+    lock: MountLock,
+    events: mpsc::Sender<Event>,
+    event: mpsc::Receiver<Event>,
+    kept: Kept,
+    store: fdstore::Store,
+    /// The binary that wrote the checkpoint: what a crash restarts.
+    binary: Rc<Binary>,
+    phase: Phase,
+    history: Vec<Handover>,
+    crashes: VecDeque<Instant>,
+    /// Whether any server has served yet (systemd's READY=1 once).
+    served: bool,
+    exited: Vec<(Pid, WaitStatus, Instant)>,
+    closed: HashSet<Pid>,
+}
+
+impl Supervisor {
+    fn start(command: ServerCommand, ready: &mut Readiness) -> Result<Supervisor, DaemonError> {
+        crate::privileges::check_can_mount()?;
+        let mountpoint = crate::layout::absolute(&command.mountpoint).map_err(DaemonError::new)?;
+        let lock = MountLock::take(&mountpoint)?;
+        // Every generation's files are held here too.
+        crate::daemon::raise_file_limit();
+        let events = signal_thread()?;
+        let (events, event) = events;
+        let binary = Rc::new(
+            Binary::running(&command.exe)
+                .map_err(|e| DaemonError::new(format!("holding this binary ({}): {e}", command.exe.display())))?,
+        );
+        let mut supervisor = Supervisor {
+            command,
+            mountpoint,
+            lock,
+            events,
+            event,
+            kept: Kept::default(),
+            store: fdstore::Store::default(),
+            binary,
+            phase: Phase::Moving,
+            history: Vec::new(),
+            crashes: VecDeque::new(),
+            served: false,
+            exited: Vec::new(),
+            closed: HashSet::new(),
+        };
+        supervisor.phase = match fdstore::restore() {
+            // The whole daemon died; systemd kept the connection: take it over.
+            Ok(Some((kept, store))) => {
+                tracing::warn!("systemd kept the FUSE connection of a supervisor that is gone; taking it over");
+                supervisor.kept = kept;
+                supervisor.store = store;
+                let new = supervisor.start_successor(&supervisor.binary.clone())?;
+                Phase::Recovering {
+                    new,
+                    reason: "supervisor restart",
+                    old_pid: 0,
+                    since: (Instant::now(), SystemTime::now()),
+                }
+            }
+            Ok(None) => Phase::Mounting(supervisor.spawn(&supervisor.binary.clone(), false, ready.fd())?),
+            Err(e) => {
+                tracing::error!("what systemd kept cannot be used ({e}); mounting afresh");
+                Phase::Mounting(supervisor.spawn(&supervisor.binary.clone(), false, ready.fd())?)
+            }
+        };
+        // The first server answers `nvlibfs mount` itself.
+        ready.close();
+        Ok(supervisor)
+    }
+
+    fn run(mut self) -> Result<i32, DaemonError> {
+        loop {
+            let timeout = if self.exited.is_empty() {
+                Duration::from_millis(500)
+            } else {
+                CLOSE_LIMIT / 10
+            };
+            let event = match self.event.recv_timeout(timeout) {
+                Ok(event) => Some(event),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(DaemonError::new("the supervisor's event channel closed"));
+                }
+            };
+            match event {
+                Some(Event::Signal(Signal::SIGCHLD)) => self.reap(),
+                Some(Event::Closed(pid)) => {
+                    self.closed.insert(pid);
+                }
+                Some(Event::Broken(pid, why)) => {
+                    tracing::error!("pid {pid}: {why}");
+                    self.kept.broken(why);
+                }
+                Some(Event::Message(pid, m)) => self.message(pid, m)?,
+                Some(Event::Signal(signal)) => {
+                    if let Some(code) = self.signal(signal)? {
+                        return Ok(code);
+                    }
+                }
+                None => self.check_step_limit()?,
+            }
+            // A server's death is acted on only once every message it sent
+            // has been read (its socket reached end of file): a checkpoint it
+            // sent just before it died must not be lost to the race between
+            // SIGCHLD and the reader thread.
+            while let Some(i) =
+                (self.exited.iter()).position(|(pid, _, at)| self.closed.contains(pid) || at.elapsed() >= CLOSE_LIMIT)
+            {
+                let (pid, status, _) = self.exited.swap_remove(i);
+                if !self.closed.remove(&pid) {
+                    tracing::warn!(
+                        "pid {pid}'s socket is still open after it died; going on without its last messages"
+                    );
+                }
+                if let Some(code) = self.exit(pid, status)? {
+                    return Ok(code);
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => {
+                    if let Some(pid) = status.pid() {
+                        self.exited.push((pid, status, Instant::now()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The server whose checkpoints are kept: the one serving, or the
+    /// new one after a crash.
+    fn message(&mut self, pid: Pid, m: Message) -> Result<(), DaemonError> {
+        match m.tag {
+            Tag::Connection | Tag::Generation | Tag::Checkpoint => {
+                if self.server(pid).is_none() {
+                    tracing::warn!("a checkpoint from pid {pid}, which this supervisor does not run");
+                    return Ok(());
+                }
+                let answer = match self.kept.take(m) {
+                    Ok(Taken::Nothing) => return Ok(()),
+                    Ok(Taken::Answer(answer)) => answer,
+                    Err(e) => {
+                        tracing::error!("pid {pid}: {e}");
+                        return Ok(());
+                    }
+                };
+                let server = self.server(pid).expect("checked above");
+                if let Err(e) = protocol::send_message(&server.sock, &answer) {
+                    tracing::error!("answering pid {pid}'s checkpoint: {e}");
+                }
+                if answer.tag == Tag::Ack {
+                    if let Err(e) = self.store.save(&self.kept) {
+                        tracing::error!("keeping the state in systemd's fd store: {e}");
+                    }
+                    tracing::debug!(descriptors = self.kept.descriptors(), "checkpoint kept");
+                }
+                Ok(())
+            }
+            Tag::Ready => self.ready(pid, m),
+            Tag::Frozen => self.frozen(pid),
+            Tag::Prepared => self.prepared(pid),
+            Tag::Refused => {
+                self.refused(pid, m.text());
+                Ok(())
+            }
+            Tag::Drained => {
+                self.drained(pid);
+                Ok(())
+            }
+            other => {
+                tracing::warn!("unexpected message {other:?} from pid {pid}");
+                Ok(())
+            }
+        }
+    }
+
+    fn server(&self, pid: Pid) -> Option<&Server> {
+        let candidates: [Option<&Server>; 2] = match &self.phase {
+            Phase::Mounting(s) | Phase::Serving(s) => [Some(s), None],
+            Phase::Restarting { old, step, .. } => [
+                Some(old),
+                match step {
+                    Step::Freezing => None,
+                    Step::Preparing(s) | Step::Overlap(s) | Step::Draining(s) => Some(s),
+                },
+            ],
+            Phase::Recovering { new, .. } => [Some(new), None],
+            Phase::Stopping(s) => [s.as_ref(), None],
+            Phase::Moving => [None, None],
+        };
+        candidates.into_iter().flatten().find(|s| s.pid == pid)
+    }
+
+    fn ready(&mut self, pid: Pid, m: Message) -> Result<(), DaemonError> {
+        let said: protocol::Ready = serde_json::from_slice(&m.body).unwrap_or(protocol::Ready {
+            version: "unknown".into(),
+            status: format!("serving at {}", self.mountpoint.display()),
+        });
+        if !self.served {
+            if let Err(e) = crate::logging::open_file() {
+                tracing::warn!("{e}");
+            }
+            systemd::notify(&format!("READY=1\nSTATUS={}", said.status));
+            self.served = true;
+        } else {
+            systemd::notify(&format!("STATUS={}", said.status));
+        }
+        self.phase = match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Mounting(mut server) if server.pid == pid => {
+                server.ready(said.version);
+                // Only takeovers are started from here on: what a mount
+                // needs beyond them is dropped.
+                crate::privileges::drop_for_supervisor();
+                Phase::Serving(server)
+            }
+            Phase::Recovering {
+                mut new,
+                reason,
+                old_pid,
+                since,
+            } if new.pid == pid => {
+                new.ready(said.version);
+                self.record(reason, old_pid, &new, since.1, since.0.elapsed(), None);
+                self.binary = new.binary.clone();
+                Phase::Serving(new)
+            }
+            Phase::Restarting {
+                old,
+                step: Step::Overlap(mut new),
+                binary,
+                ..
+            } if new.pid == pid => {
+                // Both serve the same state now: the old one stops reading
+                // and answers what it holds.
+                new.ready(said.version);
+                tracing::info!(
+                    old = old.pid.as_raw(),
+                    new = pid.as_raw(),
+                    "restart: the new server answers; draining the old one"
+                );
+                old.send(Tag::Drain, &[]);
+                Phase::Restarting {
+                    old,
+                    step: Step::Draining(new),
+                    binary,
+                    since: Instant::now(),
+                }
+            }
+            other => other,
+        };
+        self.send_history();
+        Ok(())
+    }
+
+    /// The old server's final checkpoint is kept: start the new binary on it.
+    fn frozen(&mut self, pid: Pid) -> Result<(), DaemonError> {
+        self.phase = match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Restarting {
+                old,
+                step: Step::Freezing,
+                binary,
+                ..
+            } if old.pid == pid => match self.start_successor(&binary) {
+                Ok(new) => {
+                    tracing::info!(
+                        pid = new.pid.as_raw(),
+                        checkpoint = self.kept.checkpoint().map_or(0, |(m, _)| m.seq),
+                        "restart: starting {} on the old server's final checkpoint",
+                        binary.path.display()
+                    );
+                    Phase::Restarting {
+                        old,
+                        step: Step::Preparing(new),
+                        binary,
+                        since: Instant::now(),
+                    }
+                }
+                Err(e) => {
+                    old.send(Tag::Thaw, &[]);
+                    let old_pid = old.pid;
+                    self.phase = Phase::Serving(old);
+                    self.refusal(old_pid, 0, e.to_string());
+                    return Ok(());
+                }
+            },
+            other => other,
+        };
+        Ok(())
+    }
+
+    /// A new server restored the state exactly: let it read the connection.
+    fn prepared(&mut self, pid: Pid) -> Result<(), DaemonError> {
+        self.phase = match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Restarting {
+                old,
+                step: Step::Preparing(new),
+                binary,
+                ..
+            } if new.pid == pid => {
+                // The old server answers until the new one does: no request
+                // waits, none is resent.
+                new.send(Tag::Go, &[protocol::GO_BESIDE]);
+                Phase::Restarting {
+                    old,
+                    step: Step::Overlap(new),
+                    binary,
+                    since: Instant::now(),
+                }
+            }
+            Phase::Recovering {
+                new,
+                reason,
+                old_pid,
+                since,
+            } if new.pid == pid => {
+                // The dead server's unanswered requests go back in the
+                // queue before anybody reads it again.
+                self.resend();
+                new.send(Tag::Go, &[protocol::GO_ALONE]);
+                Phase::Recovering {
+                    new,
+                    reason,
+                    old_pid,
+                    since,
+                }
+            }
+            other => other,
+        };
+        Ok(())
+    }
+
+    /// A server cannot do what a restart asked of it.
+    fn refused(&mut self, pid: Pid, why: String) {
+        tracing::error!("pid {pid} refused: {why}");
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            // The old server could not take its final checkpoint; it has
+            // thawed itself.
+            Phase::Restarting {
+                old,
+                step: Step::Freezing,
+                ..
+            } if old.pid == pid => {
+                self.phase = Phase::Serving(old);
+                self.refusal(pid, 0, why);
+            }
+            Phase::Restarting {
+                old,
+                step: Step::Preparing(new),
+                ..
+            } if new.pid == pid => {
+                new.kill(Signal::SIGKILL);
+                old.send(Tag::Thaw, &[]);
+                let old_pid = old.pid;
+                self.phase = Phase::Serving(old);
+                self.refusal(old_pid, pid.as_raw() as u32, why);
+            }
+            // After a crash there is nobody to go back to: the server that
+            // refused dies, and `exit` starts another or gives up.
+            Phase::Recovering {
+                new,
+                reason,
+                old_pid,
+                since,
+            } if new.pid == pid => {
+                new.kill(Signal::SIGKILL);
+                self.phase = Phase::Recovering {
+                    new,
+                    reason,
+                    old_pid,
+                    since,
+                };
+            }
+            other => self.phase = other,
+        }
+    }
+
+    /// The old server answered everything it held and reads no more: the
+    /// new one serves alone.
+    fn drained(&mut self, pid: Pid) {
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Restarting {
+                old,
+                step: Step::Draining(new),
+                binary,
+                ..
+            } if old.pid == pid => self.restarted(old, new, binary),
+            other => self.phase = other,
+        }
+    }
+
+    /// A restart is done: `new` serves alone, from `binary`.
+    fn restarted(&mut self, old: Server, new: Server, binary: Rc<Binary>) {
+        new.send(Tag::Sole, &[]);
+        self.record(
+            "restart",
+            old.pid.as_raw() as u32,
+            &new,
+            SystemTime::now(),
+            Duration::ZERO,
+            None,
+        );
+        self.binary = binary;
+        self.phase = Phase::Serving(new);
+        self.send_history();
+    }
+
+    fn signal(&mut self, signal: Signal) -> Result<Option<i32>, DaemonError> {
+        match signal {
+            Signal::SIGTERM | Signal::SIGINT => {
+                systemd::notify("STOPPING=1");
+                let (serving, extra) = match std::mem::replace(&mut self.phase, Phase::Moving) {
+                    Phase::Mounting(s) | Phase::Serving(s) => (Some(s), None),
+                    Phase::Restarting { old, step, .. } => (
+                        Some(old),
+                        match step {
+                            Step::Freezing => None,
+                            Step::Preparing(s) | Step::Overlap(s) | Step::Draining(s) => Some(s),
+                        },
+                    ),
+                    Phase::Recovering { new, .. } => (None, Some(new)),
+                    Phase::Stopping(s) => (s, None),
+                    Phase::Moving => (None, None),
+                };
+                // Stopping means unmounting: a server that was not yet
+                // the one serving goes at once.
+                if let Some(extra) = extra {
+                    extra.kill(Signal::SIGKILL);
+                    let _ = waitpid(extra.pid, None);
+                }
+                let Some(server) = serving else { return Ok(Some(0)) };
+                server.kill(Signal::SIGTERM);
+                self.phase = Phase::Stopping(Some(server));
+            }
+            Signal::SIGHUP => {
+                if let Phase::Serving(s) = &self.phase {
+                    s.kill(Signal::SIGHUP);
+                }
+            }
+            Signal::SIGUSR2 => self.restart(),
+            other => tracing::debug!("ignored {other}"),
+        }
+        Ok(None)
+    }
+
+    /// `nvlibfs restart`: the binary on disk now, on the running server's
+    /// final checkpoint.
+    fn restart(&mut self) {
+        let server = match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Serving(server) if self.kept.complete() => server,
+            other => {
+                tracing::warn!("SIGUSR2 while {}: a restart needs one server serving", other.name());
+                self.phase = other;
+                return;
+            }
+        };
+        match Binary::open(&self.command.exe) {
+            Ok(binary) => {
+                tracing::info!(
+                    pid = server.pid.as_raw(),
+                    "restart: freezing the running server for {}",
+                    self.command.exe.display()
+                );
+                server.send(Tag::Freeze, &[]);
+                self.phase = Phase::Restarting {
+                    old: server,
+                    step: Step::Freezing,
+                    binary: Rc::new(binary),
+                    since: Instant::now(),
+                };
+            }
+            Err(e) => {
+                let pid = server.pid;
+                self.phase = Phase::Serving(server);
+                self.refusal(pid, 0, format!("opening {}: {e}", self.command.exe.display()));
+            }
+        }
+    }
+
+    /// A step of a restart that takes too long is given up.
+    fn check_step_limit(&mut self) -> Result<(), DaemonError> {
+        let Phase::Restarting { since, .. } = &self.phase else {
+            return Ok(());
+        };
+        if since.elapsed() < STEP_LIMIT {
+            return Ok(());
+        }
+        let Phase::Restarting { old, step, binary, .. } = std::mem::replace(&mut self.phase, Phase::Moving) else {
+            unreachable!("matched above")
+        };
+        let why = format!(
+            "the restart's {} step took over {} s",
+            step_name(&step),
+            STEP_LIMIT.as_secs()
+        );
+        tracing::error!("{why}");
+        match step {
+            Step::Freezing => {
+                self.phase = Phase::Serving(old);
+            }
+            Step::Preparing(new) => {
+                new.kill(Signal::SIGKILL);
+                old.send(Tag::Thaw, &[]);
+                let old_pid = old.pid;
+                self.phase = Phase::Serving(old);
+                self.refusal(old_pid, new.pid.as_raw() as u32, why);
+            }
+            Step::Overlap(new) => {
+                // It may hold requests it read: they go back in the queue
+                // (for the old server, which still reads).
+                new.kill(Signal::SIGKILL);
+                self.resend();
+                old.send(Tag::Thaw, &[]);
+                let old_pid = old.pid;
+                self.phase = Phase::Serving(old);
+                self.refusal(old_pid, new.pid.as_raw() as u32, why);
+            }
+            Step::Draining(new) => {
+                // A thread of the old server stuck in a request: it goes,
+                // and what it held goes back in the queue for the new one.
+                old.kill(Signal::SIGKILL);
+                self.resend();
+                self.restarted(old, new, binary);
+            }
+        }
+        Ok(())
+    }
+
+    /// A server process ended.
+    fn exit(&mut self, pid: Pid, status: WaitStatus) -> Result<Option<i32>, DaemonError> {
+        let code = match status {
+            WaitStatus::Exited(_, code) => code,
+            _ => 128 + 9,
+        };
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            // Never got going (it told `nvlibfs mount` why), or stopped.
+            Phase::Mounting(s) if s.pid == pid => return Ok(Some(code)),
+            Phase::Stopping(Some(s)) if s.pid == pid => return Ok(Some(code)),
+            Phase::Serving(s) if s.pid == pid => {
+                if code == 0 && matches!(status, WaitStatus::Exited(..)) {
+                    // Unmounted from outside.
+                    return Ok(Some(0));
+                }
+                tracing::error!("the server (pid {pid}) died: {status:?}; starting another to take over");
+                if s.serving_since.is_none_or(|t| t.elapsed() < EARLY_DEATH) {
+                    self.crashes.push_back(Instant::now());
+                }
+                self.recover("crash", pid)?;
+            }
+            Phase::Restarting { old, step, binary, .. } if old.pid == pid => match step {
+                // It died before its final checkpoint was kept: the last
+                // acknowledged one is what there is, for the binary that
+                // wrote it.
+                Step::Freezing => {
+                    tracing::error!("the server (pid {pid}) died during a restart, before it froze: {status:?}");
+                    self.crashes.push_back(Instant::now());
+                    self.recover("crash", pid)?;
+                }
+                // The new server has the final checkpoint: it goes on as a
+                // crash's successor (resent requests, alone).
+                Step::Preparing(new) => {
+                    tracing::error!("the old server (pid {pid}) died while the new one prepared: {status:?}");
+                    self.phase = Phase::Recovering {
+                        new,
+                        reason: "crash",
+                        old_pid: pid.as_raw() as u32,
+                        since: (Instant::now(), SystemTime::now()),
+                    };
+                }
+                Step::Overlap(new) | Step::Draining(new) => {
+                    if !(code == 0 && matches!(status, WaitStatus::Exited(..))) {
+                        tracing::error!("the old server (pid {pid}) died while the new one served: {status:?}");
+                        self.resend();
+                    }
+                    self.restarted(old, new, binary);
+                }
+            },
+            Phase::Restarting {
+                old,
+                step: Step::Preparing(new) | Step::Overlap(new) | Step::Draining(new),
+                ..
+            } if new.pid == pid => {
+                tracing::error!("the new server (pid {pid}) ended during the restart: {status:?}");
+                // Whatever it read goes back in the queue, for the old
+                // server, which still reads; it goes on as before.
+                self.resend();
+                old.send(Tag::Thaw, &[]);
+                let old_pid = old.pid;
+                self.phase = Phase::Serving(old);
+                self.refusal(
+                    old_pid,
+                    pid.as_raw() as u32,
+                    format!("it ended before it served: {status:?}"),
+                );
+            }
+            Phase::Recovering {
+                new,
+                reason,
+                old_pid,
+                since,
+            } if new.pid == pid => {
+                tracing::error!("the new server (pid {pid}) ended before it was ready: {status:?}");
+                self.crashes.push_back(Instant::now());
+                self.recover(reason, Pid::from_raw(old_pid as i32))?;
+                if let Phase::Recovering { since: s, .. } = &mut self.phase {
+                    *s = since;
+                }
+            }
+            other => {
+                tracing::debug!("pid {pid} ended: {status:?}");
+                self.phase = other;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The server died: a successor from the binary that wrote the
+    /// checkpoint, unless servers keep dying at once.
+    fn recover(&mut self, reason: &'static str, old: Pid) -> Result<(), DaemonError> {
+        while self.crashes.front().is_some_and(|t| t.elapsed() > CRASH_WINDOW) {
+            self.crashes.pop_front();
+        }
+        if self.crashes.len() > MAX_CRASHES {
+            return Err(DaemonError::new(format!(
+                "the server died {} times within {} s; giving up (the mount ends with this process)",
+                self.crashes.len(),
+                CRASH_WINDOW.as_secs()
+            )));
+        }
+        let new = self.start_successor(&self.binary.clone())?;
+        self.phase = Phase::Recovering {
+            new,
+            reason,
+            old_pid: old.as_raw() as u32,
+            since: (Instant::now(), SystemTime::now()),
+        };
+        Ok(())
+    }
+
+    /// FUSE_NOTIFY_RESEND: every request a server read and did not answer
+    /// goes back in the queue.
+    fn resend(&self) {
+        let Some(connection) = &self.kept.connection else {
+            return;
+        };
+        let init: Option<InitRecord> = serde_json::from_slice(&connection.body).ok();
+        let Some(init) = init.filter(|_| !self.command.no_resend) else {
+            return tracing::warn!(
+                "requests the server had read and not answered cannot be resent (--no-resend): they wait until \
+                 their callers are killed"
+            );
+        };
+        match takeover::resend(&connection.fds[0], &init) {
+            Ok(true) => tracing::info!("asked the kernel to resend what the server had not answered"),
+            Ok(false) => tracing::warn!(
+                "this kernel cannot resend requests a dead server had read (FUSE_NOTIFY_RESEND is Linux 6.9+): \
+                 they wait until their callers are killed"
+            ),
+            Err(e) => tracing::error!("FUSE_NOTIFY_RESEND: {e}"),
+        }
+    }
+
+    fn record(
+        &mut self,
+        reason: &str,
+        old_pid: u32,
+        new: &Server,
+        at: SystemTime,
+        waited: Duration,
+        refused: Option<String>,
+    ) {
+        let record = Handover {
+            reason: reason.into(),
+            old_pid,
+            new_pid: new.pid.as_raw() as u32,
+            new_version: new.version.clone().unwrap_or_default(),
+            at: at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            waited_ms: waited.as_secs_f64() * 1e3,
+            refused,
+        };
+        tracing::info!(
+            reason = %record.reason,
+            old = record.old_pid,
+            new = record.new_pid,
+            version = %record.new_version,
+            "handed the connection over; requests waited at most {:.1} ms",
+            record.waited_ms
+        );
+        self.history.push(record);
+        if self.history.len() > protocol::MAX_HISTORY {
+            self.history.remove(0);
+        }
+    }
+
+    /// A restart that did not happen: the old server goes on.
+    fn refusal(&mut self, old: Pid, new_pid: u32, why: String) {
+        tracing::error!("restart refused: {why}; pid {old} goes on serving");
+        self.history.push(Handover {
+            reason: "restart".into(),
+            old_pid: old.as_raw() as u32,
+            new_pid,
+            new_version: String::new(),
+            at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            waited_ms: 0.0,
+            refused: Some(why),
+        });
+        if self.history.len() > protocol::MAX_HISTORY {
+            self.history.remove(0);
+        }
+        self.send_history();
+    }
+
+    fn send_history(&self) {
+        let Phase::Serving(server) = &self.phase else { return };
+        match serde_json::to_vec(&self.history) {
+            Ok(json) => server.send(Tag::History, &json),
+            Err(e) => tracing::error!("encoding the handovers: {e}"),
+        }
+    }
+
+    /// A server that takes over, from `binary`, given everything kept.
+    fn start_successor(&self, binary: &Rc<Binary>) -> Result<Server, DaemonError> {
+        let server = self.spawn(binary, true, None)?;
+        self.kept
+            .replay(&server.sock)
+            .map_err(|e| DaemonError::new(format!("handing the state to pid {}: {e}", server.pid)))?;
+        Ok(server)
+    }
+
+    fn spawn(&self, binary: &Rc<Binary>, takeover: bool, ready: Option<BorrowedFd<'_>>) -> Result<Server, DaemonError> {
+        let (ours, theirs) = protocol::pair().map_err(|e| DaemonError::new(format!("a socket for the server: {e}")))?;
+        // The binary as held, not as the path names it now.
+        let mut cmd = std::process::Command::new(format!("/proc/self/fd/{}", binary.file.as_raw_fd()));
+        cmd.arg0(&binary.path)
+            .args(&self.command.args)
+            .arg("--supervisor-socket")
+            .arg(theirs.as_raw_fd().to_string());
+        if takeover {
+            cmd.arg("--takeover");
+        }
+        if let Some(fd) = ready {
+            cmd.arg("--ready-fd").arg(fd.as_raw_fd().to_string());
+        }
+        cmd.arg(&self.mountpoint);
+        // The supervisor tells systemd; a server's word would be refused.
+        cmd.env_remove("NOTIFY_SOCKET");
+        let inherit: Vec<i32> = [
+            Some(theirs.as_raw_fd()),
+            Some(self.lock.as_fd().as_raw_fd()),
+            ready.map(|f| f.as_raw_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        // SAFETY: only async-signal-safe calls between fork and exec. The
+        // signal mask is inherited: the server sets its own.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &inherit {
+                    let fd = BorrowedFd::borrow_raw(fd);
+                    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+                }
+                nix::sys::signal::SigSet::all().thread_unblock()?;
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| DaemonError::new(format!("starting {}: {e}", binary.path.display())))?;
+        drop(theirs);
+        let pid = Pid::from_raw(child.id() as i32);
+        let reader = ours
+            .try_clone()
+            .map_err(|e| DaemonError::new(format!("a socket for the server: {e}")))?;
+        let events = self.events.clone();
+        std::thread::Builder::new()
+            .name(format!("server-{pid}"))
+            .spawn(move || read_server(pid, &reader, &events))
+            .map_err(|e| DaemonError::new(format!("starting a reader thread: {e}")))?;
+        Ok(Server {
+            pid,
+            sock: ours,
+            binary: binary.clone(),
+            serving_since: None,
+            version: None,
+        })
+    }
+}
+
+fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::Freezing => "freeze",
+        Step::Preparing(_) => "prepare",
+        Step::Overlap(_) => "first answer",
+        Step::Draining(_) => "drain",
+    }
+}
+
+/// Passes a server's messages on as events; names every error, and goes
+/// on reading after one that leaves the socket usable.
+fn read_server(pid: Pid, sock: &OwnedFd, events: &mpsc::Sender<Event>) {
+    loop {
+        let event = match protocol::recv(sock) {
+            Ok(Some(m)) => Event::Message(pid, m),
+            Ok(None) => break,
+            Err(e) => Event::Broken(pid, e.0),
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+    }
+    let _ = events.send(Event::Closed(pid));
+}
+
+/// Signals become events; the ones nothing acts on are ignored.
+fn signal_thread() -> Result<(mpsc::Sender<Event>, mpsc::Receiver<Event>), DaemonError> {
     let mut signals = SigSet::empty();
     for s in [
         Signal::SIGTERM,
@@ -120,367 +1033,26 @@ fn supervise(command: ServerCommand, ready: &mut Readiness) -> Result<i32, Daemo
             .map_err(|e| DaemonError::new(format!("ignoring {s}: {e}")))?;
     }
     let (events, event) = mpsc::channel();
-    {
-        let events = events.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || loop {
-                match signals.wait() {
-                    Ok(signal) => {
-                        if events.send(Event::Signal(signal)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => tracing::error!("waiting for signals: {e}"),
-                }
-            })
-            .map_err(|e| DaemonError::new(format!("starting the signal thread: {e}")))?;
-    }
-    let start = |takeover: bool, ready: Option<BorrowedFd<'_>>| {
-        spawn(&command, &mountpoint, lock.as_fd(), takeover, ready, events.clone())
-    };
-
-    let mut connection: Option<Message> = None;
-    let mut checkpoint: Vec<Message> = Vec::new();
-    let mut store = fdstore::Store::default();
-    let mut current = None;
-    let mut incoming: Option<Incoming> = None;
-    match fdstore::restore() {
-        // The whole daemon died; systemd kept the connection: take it over.
-        Ok(Some(kept)) => {
-            tracing::warn!("systemd kept the FUSE connection of a supervisor that is gone; taking it over");
-            connection = Some(kept.connection);
-            checkpoint = kept.checkpoint;
-            store = kept.store;
-            incoming = Some(Incoming {
-                server: start_takeover(&start, &connection, &checkpoint)?,
-                reason: "supervisor restart",
-                old_pid: 0,
-                since: Some((Instant::now(), SystemTime::now())),
-            });
-        }
-        Ok(None) => current = Some(start(false, ready.fd())?),
-        Err(e) => {
-            tracing::error!("what systemd kept cannot be used ({e}); mounting afresh");
-            current = Some(start(false, ready.fd())?);
-        }
-    }
-    // The first server answers `nvlibfs mount` itself.
-    ready.close();
-    let mut partial: HashMap<Pid, Vec<Message>> = HashMap::new();
-    let mut history: Vec<Handover> = Vec::new();
-    let mut crashes: VecDeque<Instant> = VecDeque::new();
-    let mut serving = false;
-    let mut stopping = false;
-    let mut exited: Vec<(Pid, WaitStatus, Instant)> = Vec::new();
-    let mut closed: HashSet<Pid> = HashSet::new();
-
-    loop {
-        let event = if exited.is_empty() {
-            event.recv().map_err(|_| RecvTimeoutError::Disconnected)
-        } else {
-            event.recv_timeout(DRAIN_LIMIT / 10)
-        };
-        let event = match event {
-            Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) => Event::Signal(Signal::SIGCHLD),
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(DaemonError::new("the supervisor's event channel closed"));
-            }
-        };
-        match event {
-            Event::Message(pid, m) => match m.tag {
-                handover::CONNECTION => connection = Some(m),
-                handover::FILES => partial.entry(pid).or_default().push(m),
-                handover::CHECKPOINT => {
-                    let mut parts = partial.remove(&pid).unwrap_or_default();
-                    parts.push(m);
-                    checkpoint = parts;
-                    if let Some(connection) = &connection {
-                        if let Err(e) = store.save(connection, &checkpoint) {
-                            tracing::warn!("keeping the connection in systemd's fd store: {e}");
-                        }
-                    }
-                }
-                handover::PREPARED => {
-                    let Some(inc) = incoming.as_mut().filter(|i| i.server.pid == pid) else {
-                        continue;
-                    };
-                    // The old server, if any, goes now: from here until the
-                    // new one answers, requests wait in the kernel.
-                    if let Some(old) = current.take() {
-                        let _ = kill(old.pid, Signal::SIGKILL);
-                        let _ = waitpid(old.pid, None);
-                    }
-                    inc.since.get_or_insert((Instant::now(), SystemTime::now()));
-                    if let Err(e) = handover::send(&inc.server.sock, handover::GO, &[], &[]) {
-                        tracing::error!("handing the connection to pid {pid}: {e}");
-                    }
-                }
-                handover::READY => {
-                    let said: handover::Ready = serde_json::from_slice(&m.body).unwrap_or(handover::Ready {
-                        version: "unknown".into(),
-                        status: format!("serving at {}", mountpoint.display()),
-                    });
-                    let version = said.version;
-                    if let Some(inc) = incoming.take_if(|i| i.server.pid == pid) {
-                        let (since, at) = inc.since.unwrap_or((Instant::now(), SystemTime::now()));
-                        let record = Handover {
-                            reason: inc.reason.into(),
-                            old_pid: inc.old_pid,
-                            new_pid: pid.as_raw() as u32,
-                            new_version: version.clone(),
-                            at: at
-                                .duration_since(SystemTime::UNIX_EPOCH)
-                                .unwrap_or_default()
-                                .as_secs_f64(),
-                            waited_ms: since.elapsed().as_secs_f64() * 1e3,
-                        };
-                        tracing::info!(
-                            reason = %record.reason,
-                            old = record.old_pid,
-                            new = record.new_pid,
-                            %version,
-                            "handed the connection over; requests waited at most {:.1} ms",
-                            record.waited_ms
-                        );
-                        history.push(record);
-                        current = Some(Server {
-                            serving_since: Some(Instant::now()),
-                            ..inc.server
-                        });
-                    }
-                    if !serving {
-                        if let Err(e) = crate::logging::open_file() {
-                            tracing::warn!("{e}");
-                        }
-                        notify_systemd(&format!("READY=1\nSTATUS={}", said.status));
-                    } else {
-                        notify_systemd(&format!("STATUS={}", said.status));
-                    }
-                    serving = true;
-                    if let Some(server) = current.as_mut().filter(|s| s.pid == pid) {
-                        server.serving_since.get_or_insert_with(Instant::now);
-                        let json = serde_json::to_vec(&history).unwrap_or_default();
-                        if let Err(e) = handover::send(&server.sock, handover::HISTORY, &json, &[]) {
-                            tracing::warn!("telling pid {pid} the handovers: {e}");
-                        }
-                    }
-                }
-                other => tracing::warn!("unexpected message {:?} from pid {pid}", other as char),
-            },
-            Event::Signal(Signal::SIGTERM) | Event::Signal(Signal::SIGINT) => {
-                stopping = true;
-                notify_systemd("STOPPING=1");
-                if let Some(inc) = incoming.take() {
-                    let _ = kill(inc.server.pid, Signal::SIGKILL);
-                    let _ = waitpid(inc.server.pid, None);
-                }
-                match &current {
-                    Some(s) => {
-                        let _ = kill(s.pid, Signal::SIGTERM);
-                    }
-                    None => return Ok(0),
-                }
-            }
-            Event::Signal(Signal::SIGHUP) => {
-                if let Some(s) = &current {
-                    let _ = kill(s.pid, Signal::SIGHUP);
-                }
-            }
-            Event::Signal(Signal::SIGUSR2) => {
-                if incoming.is_some() || current.is_none() || !serving {
-                    tracing::warn!("SIGUSR2: a handover is already under way, or nothing serves yet");
-                    continue;
-                }
-                match start_takeover(&start, &connection, &checkpoint) {
-                    Ok(server) => {
-                        tracing::info!(
-                            pid = server.pid.as_raw(),
-                            "restart: starting a new server from {}",
-                            command.exe.display()
-                        );
-                        incoming = Some(Incoming {
-                            server,
-                            reason: "restart",
-                            old_pid: current.as_ref().map_or(0, |s| s.pid.as_raw() as u32),
-                            since: None,
-                        });
-                    }
-                    Err(e) => tracing::error!("restart: {e}; the running server goes on"),
-                }
-            }
-            Event::Signal(Signal::SIGCHLD) => loop {
-                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) | Err(_) => break,
-                    Ok(status) => {
-                        if let Some(pid) = status.pid() {
-                            exited.push((pid, status, Instant::now()));
-                        }
-                    }
-                }
-            },
-            Event::Closed(pid) => {
-                closed.insert(pid);
-            }
-            Event::Signal(other) => tracing::debug!("ignored {other}"),
-        }
-        // A server's death is acted on only once every message it sent
-        // has been read (its socket reached end of file): a checkpoint it
-        // sent just before it died must not be lost to the race between
-        // SIGCHLD and the reader thread.
-        while let Some(i) = exited
-            .iter()
-            .position(|(pid, _, at)| closed.contains(pid) || at.elapsed() >= DRAIN_LIMIT)
-        {
-            let (pid, status, _) = exited.swap_remove(i);
-            if !closed.remove(&pid) {
-                tracing::warn!("pid {pid}'s socket is still open after it died; going on without its last messages");
-            }
-            let code = match status {
-                WaitStatus::Exited(_, code) => code,
-                _ => 128 + 9,
-            };
-            if let Some(inc) = incoming.take_if(|i| i.server.pid == pid) {
-                tracing::error!("the new server (pid {pid}) ended before it was ready: {status:?}");
-                if current.is_some() {
-                    tracing::error!("restart failed; the running server goes on");
-                    continue;
-                }
-                // A crash handover whose new server failed too: try
-                // again; requests have been waiting since the crash.
-                crashes.push_back(Instant::now());
-                let mut again = respawn(&start, &connection, &checkpoint, &mut crashes, inc.old_pid)?;
-                again.since = inc.since;
-                incoming = Some(again);
-                continue;
-            }
-            if let Some(dead) = current.take_if(|s| s.pid == pid) {
-                if stopping || !serving || matches!(status, WaitStatus::Exited(_, 0)) {
-                    // Stopped, unmounted from outside, or never got going
-                    // (it told `nvlibfs mount` why).
-                    return Ok(code);
-                }
-                tracing::error!("the server (pid {pid}) died: {status:?}; starting another to take over");
-                if dead.serving_since.is_none_or(|t| t.elapsed() < EARLY_DEATH) {
-                    crashes.push_back(Instant::now());
-                }
-                let mut inc = respawn(&start, &connection, &checkpoint, &mut crashes, pid.as_raw() as u32)?;
-                inc.since = Some((Instant::now(), SystemTime::now()));
-                incoming = Some(inc);
-            }
-        }
-    }
-}
-
-fn respawn(
-    start: &StartServer<'_>,
-    connection: &Option<Message>,
-    checkpoint: &[Message],
-    crashes: &mut VecDeque<Instant>,
-    old_pid: u32,
-) -> Result<Incoming, DaemonError> {
-    while crashes.front().is_some_and(|t| t.elapsed() > CRASH_WINDOW) {
-        crashes.pop_front();
-    }
-    if crashes.len() > MAX_CRASHES {
-        return Err(DaemonError::new(format!(
-            "the server died {} times within {} s; giving up (the mount ends with this process)",
-            crashes.len(),
-            CRASH_WINDOW.as_secs()
-        )));
-    }
-    Ok(Incoming {
-        server: start_takeover(start, connection, checkpoint)?,
-        reason: "crash",
-        old_pid,
-        since: None,
-    })
-}
-
-/// Starts a server that takes over: it gets the connection and the newest
-/// checkpoint as they came.
-fn start_takeover(
-    start: &StartServer<'_>,
-    connection: &Option<Message>,
-    checkpoint: &[Message],
-) -> Result<Server, DaemonError> {
-    let (Some(connection), false) = (connection, checkpoint.is_empty()) else {
-        return Err(DaemonError::new("no connection and checkpoint to hand over yet"));
-    };
-    let server = start(true, None)?;
-    for m in std::iter::once(connection).chain(checkpoint) {
-        let fds: Vec<BorrowedFd<'_>> = m.fds.iter().map(|f| f.as_fd()).collect();
-        handover::send(&server.sock, m.tag, &m.body, &fds)
-            .map_err(|e| DaemonError::new(format!("handing the state to pid {}: {e}", server.pid)))?;
-    }
-    Ok(server)
-}
-
-fn spawn(
-    command: &ServerCommand,
-    mountpoint: &Path,
-    lock: BorrowedFd<'_>,
-    takeover: bool,
-    ready: Option<BorrowedFd<'_>>,
-    events: mpsc::Sender<Event>,
-) -> Result<Server, DaemonError> {
-    let (ours, theirs) = handover::pair().map_err(|e| DaemonError::new(format!("a socket for the server: {e}")))?;
-    let mut cmd = std::process::Command::new(&command.exe);
-    cmd.args(&command.args)
-        .arg("--supervisor-socket")
-        .arg(theirs.as_raw_fd().to_string());
-    if takeover {
-        cmd.arg("--takeover");
-    }
-    if let Some(fd) = ready {
-        cmd.arg("--ready-fd").arg(fd.as_raw_fd().to_string());
-    }
-    cmd.arg(mountpoint);
-    // The supervisor tells systemd; a server's word would be refused.
-    cmd.env_remove("NOTIFY_SOCKET");
-    let inherit: Vec<i32> = [
-        Some(theirs.as_raw_fd()),
-        Some(lock.as_raw_fd()),
-        ready.map(|f| f.as_raw_fd()),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    // SAFETY: only async-signal-safe calls between fork and exec. The
-    // signal mask is inherited: the server sets its own.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &inherit {
-                let fd = BorrowedFd::borrow_raw(fd);
-                nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
-            }
-            nix::sys::signal::SigSet::all().thread_unblock()?;
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| DaemonError::new(format!("starting {}: {e}", command.exe.display())))?;
-    drop(theirs);
-    let pid = Pid::from_raw(child.id() as i32);
-    let reader = ours
-        .try_clone()
-        .map_err(|e| DaemonError::new(format!("a socket for the server: {e}")))?;
+    let sender = events.clone();
     std::thread::Builder::new()
-        .name(format!("server-{pid}"))
-        .spawn(move || {
-            while let Ok(Some(m)) = handover::recv(&reader) {
-                if events.send(Event::Message(pid, m)).is_err() {
-                    return;
+        .name("signals".into())
+        .spawn(move || loop {
+            match signals.wait() {
+                Ok(signal) => {
+                    if sender.send(Event::Signal(signal)).is_err() {
+                        return;
+                    }
                 }
+                Err(e) => tracing::error!("waiting for signals: {e}"),
             }
-            let _ = events.send(Event::Closed(pid));
         })
-        .map_err(|e| DaemonError::new(format!("starting a reader thread: {e}")))?;
-    Ok(Server {
-        pid,
-        sock: ours,
-        serving_since: None,
-    })
+        .map_err(|e| DaemonError::new(format!("starting the signal thread: {e}")))?;
+    Ok((events, event))
+}
+
+impl Server {
+    fn ready(&mut self, version: String) {
+        self.serving_since = Some(Instant::now());
+        self.version = Some(version);
+    }
 }

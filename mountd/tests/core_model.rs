@@ -18,9 +18,13 @@ use nvlibfs::discover::KernelInfo;
 use nvlibfs::pin::PinRequest;
 use nvlibfs::view::{NodeType, View};
 use nvlibfs_fixture::{build, FixtureSpec, Rng};
-use nvlibfs_mountd::served::{Checkpoint, Opened, Served, FUSE_ROOT};
+use nvlibfs_mountd::kept::{Kept, Taken};
+use nvlibfs_mountd::link::Link;
+use nvlibfs_mountd::protocol::{self, Tag};
+use nvlibfs_mountd::served::{Opened, Served, FUSE_ROOT};
+use nvlibfs_mountd::takeover::InitRecord;
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -42,39 +46,95 @@ struct Held {
 
 type Holdings = HashMap<u64, Held>;
 
-/// The newest checkpoint the supervisor has, as the bytes and files that
-/// crossed its socket. Its lock also stands for the daemon's one re-pin
-/// thread: one install at a time.
-#[derive(Default)]
-struct Supervisor(Mutex<Option<(Vec<u8>, Vec<std::fs::File>)>>);
+/// What a kernel's FUSE_INIT would have said.
+const INIT: InitRecord = InitRecord {
+    major: 7,
+    minor: 41,
+    max_readahead: 131072,
+    flags: 0,
+};
+
+/// The supervisor, played through the real protocol: the server's
+/// checkpoints cross a real socket pair to the supervisor's `Kept`, which
+/// answers them; a takeover replays what it kept over another socket pair
+/// to a new server, which restores from what it receives. Its lock also
+/// stands for the daemon's one re-pin thread: one install at a time.
+struct Supervisor {
+    link: Mutex<Link>,
+    kept: Arc<Mutex<Kept>>,
+}
+
+/// The supervisor's reader: answers each checkpoint as it arrives.
+fn answer(sock: OwnedFd, kept: Arc<Mutex<Kept>>) {
+    std::thread::spawn(move || {
+        while let Ok(Some(m)) = protocol::recv(&sock) {
+            if let Taken::Answer(a) = kept.lock().unwrap().take(m).expect("a protocol message") {
+                protocol::send_message(&sock, &a).unwrap();
+            }
+        }
+    });
+}
 
 impl Supervisor {
-    fn keep(&self, slot: &mut Option<(Vec<u8>, Vec<std::fs::File>)>, served: &Served) {
-        let (checkpoint, files) = served.checkpoint().expect("checkpoint");
-        *slot = Some((serde_json::to_vec(&checkpoint).unwrap(), files));
+    /// The first server's connection and first checkpoint.
+    fn new(served: &Served) -> Supervisor {
+        let (server, ours) = protocol::pair().unwrap();
+        let kept = Arc::new(Mutex::new(Kept::default()));
+        answer(ours, kept.clone());
+        let link = Link::new(server);
+        let init = serde_json::to_vec(&INIT).unwrap();
+        let dev = std::fs::File::open("/dev/null").unwrap();
+        link.send(Tag::Connection, &init, &[dev.as_fd()]).unwrap();
+        link.checkpoint(served).expect("the first checkpoint");
+        Supervisor {
+            link: Mutex::new(link),
+            kept,
+        }
+    }
+
+    fn keep(&self, link: &Link, served: &Served) {
+        link.checkpoint(served).expect("checkpoint");
     }
 
     /// As repin.rs does it; `dies` after the commit, before its second
     /// checkpoint.
     fn install(&self, served: &Served, view: View, dies: bool) {
-        let mut slot = self.0.lock().unwrap();
+        let link = self.link.lock().unwrap();
         let mut sent = 0;
-        served.swap_in(view, None, |served| {
-            sent += 1;
-            if sent == 1 || !dies {
-                self.keep(&mut slot, served);
-            }
-        });
+        served
+            .swap_in(view, None, |served| {
+                sent += 1;
+                if sent == 1 || !dies {
+                    link.checkpoint(served)
+                } else {
+                    Ok(())
+                }
+            })
+            .expect("checkpoint");
     }
 
-    /// A new server from the newest checkpoint, with the shared counters.
+    /// A new server from the newest checkpoint the supervisor kept, as it
+    /// crosses the socket.
     fn take_over(&self) -> Served {
-        let slot = self.0.lock().unwrap();
-        let (json, files) = slot.as_ref().expect("a checkpoint was sent");
-        let checkpoint: Checkpoint = serde_json::from_slice(json).unwrap();
-        let files = files.iter().map(|f| f.try_clone().unwrap()).collect();
-        let connection = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        Served::restore("/model".into(), false, checkpoint, files, &connection).expect("restore")
+        let (theirs, ours) = protocol::pair().unwrap();
+        self.kept.lock().unwrap().replay(&ours).expect("replay");
+        let link = Link::new(theirs);
+        let received = nvlibfs_mountd::link::receive(&link).expect("receive");
+        let generations = received.checkpoint.generations.iter().map(|g| g.number).collect();
+        let served = Served::restore(
+            "/model".into(),
+            false,
+            received.checkpoint,
+            received.files,
+            received.counts,
+            &received.fuse,
+        )
+        .expect("restore");
+        served.own_backing(false);
+        link.continue_from(received.seq, generations);
+        answer(ours, self.kept.clone());
+        *self.link.lock().unwrap() = link;
+        served
     }
 }
 
@@ -235,10 +295,10 @@ fn raise_file_limit() {
 
 fn run(seed: u64, root: &Path, version: &str) {
     raise_file_limit();
-    let mut served = Arc::new(Served::new("/model".into(), false));
+    let mut served = Arc::new(Served::new("/model".into(), false).unwrap());
     served.start(view_of(root, version), None::<&OwnedFd>);
-    let supervisor = Arc::new(Supervisor::default());
-    supervisor.keep(&mut supervisor.0.lock().unwrap(), &served);
+    *served.init_record.lock().unwrap() = Some(INIT);
+    let supervisor = Arc::new(Supervisor::new(&served));
     let mut holdings: Vec<Holdings> = vec![Holdings::new(); THREADS];
     let mut rngs: Vec<Rng> = (0..THREADS as u64)
         .map(|t| Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(t + 1) | 1))
@@ -276,9 +336,9 @@ fn run(seed: u64, root: &Path, version: &str) {
             1 => {
                 // Died between stage and commit: the checkpoint has a
                 // generation nothing reached.
-                let mut slot = supervisor.0.lock().unwrap();
+                let link = supervisor.link.lock().unwrap();
                 let _staged = served.stage(view_of(root, version), None).expect("stage");
-                supervisor.keep(&mut slot, &served);
+                supervisor.keep(&link, &served);
                 Some("a takeover from a staged generation")
             }
             2 => {
@@ -359,7 +419,7 @@ fn inode_numbers_fit_32_bits_and_are_never_reused_while_held() {
     let root = dir.path().join("host");
     let spec = fixture(&root);
     raise_file_limit();
-    let served = Served::new("/model".into(), false);
+    let served = Served::new("/model".into(), false).unwrap();
     served.start(view_of(&root, &spec.version), None::<&OwnedFd>);
     let mut held: Vec<(u64, u64)> = Vec::new();
     for n in 0..1000 {

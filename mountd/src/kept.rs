@@ -1,0 +1,180 @@
+//! What the supervisor keeps for the next server: the connection, each
+//! live generation's held files, and the last acknowledged checkpoint.
+//! It reads only the protocol's small binary bodies; the state itself it
+//! holds and passes on as the sealed memfd it came in.
+//!
+//! One rule keeps both sides in step: the supervisor holds exactly the
+//! generations of the last checkpoint it acknowledged (and those arriving
+//! for the next one). A checkpoint is acknowledged only when every file
+//! of every generation it names is here, its number is above the last
+//! one's, and nothing went wrong since; otherwise it is refused with the
+//! reason, and what arrived for it is dropped.
+
+use crate::protocol::{self, GenerationBatch, Manifest, Message, ProtocolError, Tag};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+#[derive(Default)]
+pub struct Kept {
+    /// The FUSE connection and its INIT record, as the first server sent it.
+    pub connection: Option<Message>,
+    /// Held files by generation, and how many each should have.
+    generations: BTreeMap<u32, (u32, Vec<OwnedFd>)>,
+    /// The last acknowledged checkpoint and its message (state memfd and
+    /// counters memfd).
+    checkpoint: Option<(Manifest, Message)>,
+    /// Why the checkpoint being sent cannot be acknowledged.
+    problem: Option<String>,
+}
+
+/// What taking a message from a server gives: nothing, or the answer to a
+/// checkpoint.
+pub enum Taken {
+    Nothing,
+    Answer(Message),
+}
+
+impl Kept {
+    /// Whether a successor can be started from what is here.
+    pub fn complete(&self) -> bool {
+        self.connection.is_some() && self.checkpoint.is_some()
+    }
+
+    pub fn checkpoint(&self) -> Option<&(Manifest, Message)> {
+        self.checkpoint.as_ref()
+    }
+
+    /// How many descriptors are held, for the log.
+    pub fn descriptors(&self) -> usize {
+        self.generations.values().map(|(_, f)| f.len()).sum::<usize>()
+            + self.checkpoint.as_ref().map_or(0, |(_, m)| m.fds.len())
+            + self.connection.as_ref().map_or(0, |m| m.fds.len())
+    }
+
+    pub fn generations(&self) -> impl Iterator<Item = (u32, &[OwnedFd])> {
+        self.generations.iter().map(|(&n, (_, files))| (n, files.as_slice()))
+    }
+
+    /// Something the server sent broke the protocol (the reader says
+    /// what): the checkpoint being sent cannot be trusted.
+    pub fn broken(&mut self, why: String) {
+        self.problem.get_or_insert(why);
+    }
+
+    /// Takes one message from the serving process.
+    pub fn take(&mut self, m: Message) -> Result<Taken, ProtocolError> {
+        match m.tag {
+            Tag::Connection => {
+                if m.fds.len() != 1 {
+                    return Err(ProtocolError(format!("a connection with {} descriptors", m.fds.len())));
+                }
+                self.connection = Some(m);
+                Ok(Taken::Nothing)
+            }
+            Tag::Generation => {
+                let batch = GenerationBatch::decode(&m.body)?;
+                let (total, files) = self
+                    .generations
+                    .entry(batch.number)
+                    .or_insert((batch.total, Vec::new()));
+                if batch.first as usize != files.len() || *total != batch.total {
+                    self.broken(format!("generation {}'s files came out of order", batch.number));
+                } else {
+                    files.extend(m.fds);
+                }
+                Ok(Taken::Nothing)
+            }
+            Tag::Checkpoint => {
+                let manifest = Manifest::decode(&m.body)?;
+                let seq = manifest.seq;
+                let answer = match self.check(&manifest, &m) {
+                    Ok(()) => {
+                        self.generations
+                            .retain(|n, _| manifest.generations.iter().any(|(g, _)| g == n));
+                        self.checkpoint = Some((manifest, m));
+                        Message::new(Tag::Ack, protocol::number_body(seq, ""), Vec::new())
+                    }
+                    Err(why) => {
+                        tracing::error!("refused checkpoint {seq}: {why}");
+                        self.drop_unacknowledged();
+                        Message::new(Tag::Nak, protocol::number_body(seq, &why), Vec::new())
+                    }
+                };
+                self.problem = None;
+                Ok(Taken::Answer(answer))
+            }
+            other => Err(ProtocolError(format!("{other:?} is not part of a checkpoint"))),
+        }
+    }
+
+    fn check(&self, manifest: &Manifest, m: &Message) -> Result<(), String> {
+        if let Some(problem) = &self.problem {
+            return Err(problem.clone());
+        }
+        if let Some((last, _)) = &self.checkpoint {
+            if manifest.seq <= last.seq {
+                return Err(format!("it is stale: number {} after {}", manifest.seq, last.seq));
+            }
+        }
+        if m.fds.len() != 2 {
+            return Err(format!("it came with {} descriptors, not 2", m.fds.len()));
+        }
+        for &(number, count) in &manifest.generations {
+            match self.generations.get(&number) {
+                Some((total, files)) if *total == count && files.len() == count as usize => {}
+                Some((total, files)) => {
+                    return Err(format!(
+                        "generation {number} has {} of {total} files here, the checkpoint says {count}",
+                        files.len()
+                    ))
+                }
+                None => return Err(format!("generation {number}'s files never came")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Back to the last acknowledged checkpoint's generations.
+    fn drop_unacknowledged(&mut self) {
+        let acked: Vec<u32> = self
+            .checkpoint
+            .as_ref()
+            .map(|(m, _)| m.generations.iter().map(|&(n, _)| n).collect())
+            .unwrap_or_default();
+        self.generations.retain(|n, _| acked.contains(n));
+    }
+
+    /// Sends a new server everything, as the protocol orders it.
+    pub fn replay(&self, sock: &impl AsFd) -> Result<(), ProtocolError> {
+        let (Some(connection), Some((manifest, checkpoint))) = (&self.connection, &self.checkpoint) else {
+            return Err(ProtocolError("no connection and checkpoint to hand over yet".into()));
+        };
+        protocol::send_message(sock, connection)?;
+        for &(number, _) in &manifest.generations {
+            let (_, files) = &self.generations[&number];
+            let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+            protocol::send_generation(sock, number, &fds)?;
+        }
+        protocol::send_message(sock, checkpoint)
+    }
+
+    /// Puts together what systemd kept: the connection, the generations'
+    /// files and the checkpoint, checked as a server's would be.
+    pub fn from_parts(
+        connection: Message,
+        generations: BTreeMap<u32, Vec<OwnedFd>>,
+        checkpoint: Message,
+    ) -> Result<Kept, ProtocolError> {
+        let mut kept = Kept {
+            connection: Some(connection),
+            ..Kept::default()
+        };
+        for (number, files) in generations {
+            kept.generations.insert(number, (files.len() as u32, files));
+        }
+        let manifest = Manifest::decode(&checkpoint.body)?;
+        kept.check(&manifest, &checkpoint).map_err(ProtocolError)?;
+        kept.checkpoint = Some((manifest, checkpoint));
+        Ok(kept)
+    }
+}
