@@ -89,6 +89,12 @@ impl View {
             built,
             added: Vec::new(),
         };
+        // A build for tests only (tests/handover_exact.rs): one directory
+        // more, numbered first, as a release that changes the layout does,
+        // so that every other node gets another inode number.
+        if option_env!("NVLIBFS_TEST_VIEW_LAYOUT").is_some() {
+            view.make_dirs(Path::new("layout-variant"));
+        }
         // Present even when empty, so `PATH`/`LD_LIBRARY_PATH` entries never dangle.
         view.make_dirs(Path::new("bin"));
         view.make_dirs(Path::new("lib64"));

@@ -11,43 +11,17 @@
 mod common;
 
 use common::loaders::{self, Bind, Outcome};
-use common::{drop_caches, ok, wait_for, Holder, Mounted, SERIAL, VERSION};
+use common::{builds, drop_caches, ok, wait_for, Holder, Mounted, SERIAL, VERSION};
 use nvlibfs_fixture::FixtureSpec;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
 const BUILD_ID: &str = "rebuilt-for-the-handover-test";
 
-/// nvlibfs-mountd built again with another version string (once per run;
-/// its own target directory, so the binaries other tests use stay).
+/// nvlibfs-mountd built again with another version string.
 fn rebuilt_daemon() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rebuilt");
-            let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "--quiet", "-p", "nvlibfs-mountd", "--bin", "nvlibfs-mountd"])
-                .env("CARGO_TARGET_DIR", &target)
-                .env("NVLIBFS_BUILD_ID", BUILD_ID)
-                .output()
-                .unwrap();
-            ok(out, "building nvlibfs-mountd with another version");
-            target.join("debug/nvlibfs-mountd")
-        })
-        .clone()
-}
-
-/// The binaries cargo built, copied where the test may replace them.
-fn binaries(dir: &Path) -> PathBuf {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    common::nvlibfs(); // builds nvlibfs-mountd beside nvlibfs
-    let built = Path::new(env!("CARGO_BIN_EXE_nvlibfs"));
-    for name in ["nvlibfs", "nvlibfs-mountd"] {
-        std::fs::copy(built.with_file_name(name), bin.join(name)).unwrap();
-    }
-    bin
+    builds::variant("rebuilt", &[("NVLIBFS_BUILD_ID", BUILD_ID)])
 }
 
 /// A pause of 200 to 1000 ms, from the clock: a random moment.
@@ -61,7 +35,7 @@ fn random_pause() -> Duration {
 
 fn events_that_nobody_notices(extra: &[&str]) {
     let bins = tempfile::tempdir().unwrap();
-    let bin = binaries(bins.path());
+    let bin = builds::binaries(bins.path());
     let rebuilt = rebuilt_daemon();
     let mut spec = FixtureSpec::new(VERSION);
     spec.libcuda_bytes = 100 << 20;
@@ -100,9 +74,7 @@ fn events_that_nobody_notices(extra: &[&str]) {
 
     // An upgrade: the binary on disk is replaced, then `nvlibfs restart`.
     std::thread::sleep(random_pause());
-    let staged = bin.join("nvlibfs-mountd.new");
-    std::fs::copy(&rebuilt, &staged).unwrap();
-    std::fs::rename(&staged, bin.join("nvlibfs-mountd")).unwrap();
+    builds::install(&rebuilt, &bin);
     let said = ok(nvlibfs(&["restart"]), "nvlibfs restart");
     assert!(said.contains(BUILD_ID), "{said}");
     drop_caches();

@@ -178,3 +178,102 @@ impl Kept {
         Ok(kept)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect()
+    }
+
+    fn generation(number: u32, first: u32, total: u32, n: usize) -> Message {
+        let batch = GenerationBatch { number, first, total };
+        Message::new(Tag::Generation, batch.encode(), files(n))
+    }
+
+    fn checkpoint(seq: u64, generations: &[(u32, u32)]) -> Message {
+        let manifest = Manifest {
+            seq,
+            generations: generations.to_vec(),
+        };
+        Message::new(Tag::Checkpoint, manifest.encode(), files(2))
+    }
+
+    /// The answer's tag and, for a refusal, its reason.
+    fn answer(kept: &mut Kept, m: Message) -> (Tag, String) {
+        match kept.take(m).unwrap() {
+            Taken::Answer(a) => (a.tag, String::from_utf8_lossy(a.number().unwrap().1).into_owned()),
+            Taken::Nothing => panic!("no answer"),
+        }
+    }
+
+    #[test]
+    fn only_whole_newer_checkpoints_are_acknowledged() {
+        let mut kept = Kept::default();
+        kept.take(Message::new(Tag::Connection, b"{}".to_vec(), files(1))).unwrap();
+        kept.take(generation(0, 0, 3, 3)).unwrap();
+        assert_eq!(answer(&mut kept, checkpoint(1, &[(0, 3)])).0, Tag::Ack);
+        assert!(kept.complete());
+
+        // Stale: a number not above the last.
+        let (tag, why) = answer(&mut kept, checkpoint(1, &[(0, 3)]));
+        assert_eq!(tag, Tag::Nak);
+        assert!(why.contains("stale"), "{why}");
+
+        // A generation whose files did not all come; what came is dropped.
+        kept.take(generation(1, 0, 3, 2)).unwrap();
+        let (tag, why) = answer(&mut kept, checkpoint(2, &[(0, 3), (1, 3)]));
+        assert_eq!(tag, Tag::Nak);
+        assert!(why.contains("generation 1 has 2 of 3"), "{why}");
+        assert_eq!(kept.generations().map(|(n, _)| n).collect::<Vec<_>>(), vec![0]);
+
+        // Batches out of order, or one the reader found broken: refused.
+        kept.take(generation(1, 2, 3, 1)).unwrap();
+        let (tag, why) = answer(&mut kept, checkpoint(3, &[(0, 3), (1, 3)]));
+        assert_eq!(tag, Tag::Nak);
+        assert!(why.contains("out of order"), "{why}");
+        kept.broken("descriptors dropped (MSG_CTRUNC)".into());
+        let (tag, why) = answer(&mut kept, checkpoint(4, &[(0, 3)]));
+        assert_eq!((tag, why.contains("MSG_CTRUNC")), (Tag::Nak, true), "{why}");
+
+        // Whole again, then a checkpoint that drops generation 0: its
+        // files are let go.
+        kept.take(generation(1, 0, 3, 3)).unwrap();
+        assert_eq!(answer(&mut kept, checkpoint(5, &[(0, 3), (1, 3)])).0, Tag::Ack);
+        assert_eq!(kept.descriptors(), 1 + 6 + 2);
+        assert_eq!(answer(&mut kept, checkpoint(6, &[(1, 3)])).0, Tag::Ack);
+        assert_eq!(kept.descriptors(), 1 + 3 + 2);
+    }
+
+    #[test]
+    fn a_replay_is_what_a_successor_can_check() {
+        let mut kept = Kept::default();
+        assert!(kept.replay(&protocol::pair().unwrap().0).is_err(), "nothing to replay yet");
+        kept.take(Message::new(Tag::Connection, b"{}".to_vec(), files(1))).unwrap();
+        kept.take(generation(4, 0, 250, 200)).unwrap();
+        kept.take(generation(4, 200, 250, 50)).unwrap();
+        assert_eq!(answer(&mut kept, checkpoint(9, &[(4, 250)])).0, Tag::Ack);
+        let (ours, theirs) = protocol::pair().unwrap();
+        kept.replay(&ours).unwrap();
+        let mut got = Vec::new();
+        while let Some(m) = protocol::recv(&theirs).unwrap() {
+            let last = m.tag == Tag::Checkpoint;
+            got.push((m.tag, m.fds.len()));
+            if last {
+                break;
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (Tag::Connection, 1),
+                (Tag::Generation, 200),
+                (Tag::Generation, 50),
+                (Tag::Checkpoint, 2)
+            ]
+        );
+    }
+}

@@ -2,6 +2,7 @@
 // Each test file uses its own subset of these.
 #![allow(dead_code)]
 
+pub mod builds;
 pub mod images;
 pub mod loaders;
 

@@ -132,8 +132,10 @@ say "outer dockerd $(od version -f '{{.Server.Version}}') up, image imported"
 # 5. The inner containers.
 status_before=$("$bin/nvlibfs" status --state-dir "$work/state" "$mp")
 # CUDA_CACHE_DISABLE: every run compiles the PTX, so every run loads the
-# driver's JIT compiler from the view.
-script='id -u; nvidia-smi -L; echo "nvidia-smi exit $?"
+# driver's JIT compiler from the view. One stream inside the container:
+# docker copies stdout and stderr apart, so their lines could come in
+# another order than they were written (the uid check reads line one).
+script='exec 2>&1; id -u; nvidia-smi -L; echo "nvidia-smi exit $?"
 nvidia-smi --query-gpu=driver_version --format=csv,noheader
 CUDA_CACHE_DISABLE=1 nvlibfs-cuda-check; echo "cuda-check exit $?"'
 results=$work/results.md

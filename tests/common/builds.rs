@@ -1,0 +1,51 @@
+//! nvlibfs-mountd built again with other compile-time settings, as another
+//! release would be, for tests that restart to it; and copies of the
+//! binaries cargo built, placed where a test may replace them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// nvlibfs-mountd built with `envs` set (each a setting the code reads
+/// with `option_env!`), once per run and name. All variants share one
+/// target directory of their own, so the binaries other tests use stay
+/// as they are; each is copied out before the next is built.
+pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_build_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("variants");
+    let out = target.join(format!("nvlibfs-mountd-{name}"));
+    if out.exists() && std::env::var_os("NVLIBFS_TEST_REBUILD").is_none() {
+        return out;
+    }
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo
+        .args(["build", "--quiet", "-p", "nvlibfs-mountd", "--bin", "nvlibfs-mountd"])
+        .env("CARGO_TARGET_DIR", &target);
+    for var in ["NVLIBFS_BUILD_ID", "NVLIBFS_TEST_VIEW_LAYOUT", "NVLIBFS_TEST_PROTOCOL"] {
+        cargo.env_remove(var);
+    }
+    cargo.envs(envs.iter().copied());
+    super::ok(cargo.output().unwrap(), &format!("building nvlibfs-mountd ({name})"));
+    std::fs::copy(target.join("debug/nvlibfs-mountd"), &out).unwrap();
+    out
+}
+
+/// The binaries cargo built, copied where the test may replace them.
+pub fn binaries(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    super::nvlibfs(); // builds nvlibfs-mountd beside nvlibfs
+    let built = Path::new(env!("CARGO_BIN_EXE_nvlibfs"));
+    for name in ["nvlibfs", "nvlibfs-mountd"] {
+        std::fs::copy(built.with_file_name(name), bin.join(name)).unwrap();
+    }
+    bin
+}
+
+/// Puts `binary` at `bin/nvlibfs-mountd` the way a package manager does:
+/// written beside it, then renamed over it.
+pub fn install(binary: &Path, bin: &Path) {
+    let staged = bin.join("nvlibfs-mountd.new");
+    std::fs::copy(binary, &staged).unwrap();
+    std::fs::rename(&staged, bin.join("nvlibfs-mountd")).unwrap();
+}
