@@ -19,6 +19,9 @@ fn main() {
         "cargo:rustc-env=NVLIBFS_GIT_REV={rev}{}",
         if dirty { "-dirty" } else { "" }
     );
+    // Read with option_env! (a layout for tests only, src/view.rs); with
+    // a build script, cargo rebuilds for a changed variable only if told.
+    println!("cargo:rerun-if-env-changed=NVLIBFS_TEST_VIEW_LAYOUT");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/index");
 }

@@ -71,6 +71,12 @@ fn signal(pid: u32, signal: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill({pid}, {signal})");
 }
 
+/// `signal`, to a process that may have ended already.
+fn signal_if_running(pid: u32, signal: libc::c_int) {
+    // SAFETY: signals a process this test started.
+    unsafe { libc::kill(pid as i32, signal) };
+}
+
 /// Switches the "loaded module" and has the server look at once.
 fn reload_module(m: &Mounted, version: &str) {
     std::fs::write(m.fixture.module_version_file(), format!("{version}\n")).unwrap();
@@ -106,7 +112,13 @@ fn exactly_after_a_restart_to_another_layout(extra: &[&str]) {
         .iter()
         .map(|f| (f.clone(), std::fs::File::open(f).unwrap()))
         .collect();
-    let names_before: Vec<_> = std::fs::read_dir(&m.mountpoint).unwrap().map(|e| e.unwrap().file_name()).collect();
+    // The view's own root (the mount point itself is a small tmpfs of
+    // links into it; see mountd's layout.rs).
+    let live = m.mountpoint.join(".live");
+    let names_before: Vec<_> = std::fs::read_dir(&live)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
 
     builds::install(&variant, &bin);
     let said = ok(nvlibfs_with(&bin, &m, &["restart"]), "nvlibfs restart");
@@ -128,8 +140,14 @@ fn exactly_after_a_restart_to_another_layout(extra: &[&str]) {
             path.display()
         );
     }
-    let names_after: Vec<_> = std::fs::read_dir(&m.mountpoint).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names_after, names_before, "the generation served is the one the old build made");
+    let names_after: Vec<_> = std::fs::read_dir(&live)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names_after, names_before,
+        "the generation served is the one the old build made"
+    );
     let status = m.status();
     assert!(status.version.contains(LAYOUT_ID), "{}", status.version);
 
@@ -137,11 +155,16 @@ fn exactly_after_a_restart_to_another_layout(extra: &[&str]) {
     reload_module(&m, OTHER);
     wait_for("the re-pin", || m.status().driver_version == OTHER);
     assert!(
-        m.mountpoint.join("layout-variant").is_dir(),
+        live.join("layout-variant").is_dir(),
         "the new build made the new generation"
     );
     for (path, file) in &held {
-        assert_eq!(&read_held(file, before[path].len()), &before[path], "{}", path.display());
+        assert_eq!(
+            &read_held(file, before[path].len()),
+            &before[path],
+            "{}",
+            path.display()
+        );
     }
 }
 
@@ -171,8 +194,14 @@ fn a_restart_that_cannot_be_exact_is_refused_and_the_old_server_serves_on() {
     let out = nvlibfs_with(&bin, &m, &["restart"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("protocol version 2") && err.contains("version 1000"), "{err}");
-    assert!(err.contains(&format!("pid {} ", first.pid)) && err.contains("goes on serving"), "{err}");
+    assert!(
+        err.contains("protocol version 2") && err.contains("version 1000"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("pid {} ", first.pid)) && err.contains("goes on serving"),
+        "{err}"
+    );
 
     // Not nvlibfs at all.
     let script = bins.path().join("not-nvlibfs");
@@ -182,10 +211,17 @@ fn a_restart_that_cannot_be_exact_is_refused_and_the_old_server_serves_on() {
     let out = nvlibfs_with(&bin, &m, &["restart"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("ended before it served"), "{err}");
+    assert!(
+        err.contains("the restart did not happen") && err.contains("goes on serving"),
+        "{err}"
+    );
 
     let now = m.status();
-    assert_eq!((now.pid, now.generation), (first.pid, first.generation), "the old server serves on");
+    assert_eq!(
+        (now.pid, now.generation),
+        (first.pid, first.generation),
+        "the old server serves on"
+    );
     assert_eq!(read_all(&libcuda), bytes);
     let refused: Vec<_> = now.handovers.iter().filter(|h| h.refused.is_some()).collect();
     assert_eq!(refused.len(), 2, "{:?}", now.handovers);
@@ -273,10 +309,13 @@ fn restarts_around_repins_and_crashes_lose_nothing() {
         let before = m.status();
         signal(before.supervisor_pid.unwrap(), libc::SIGUSR2);
         std::thread::sleep(Duration::from_micros(delay_us));
-        signal(before.pid, libc::SIGKILL);
+        // A restart takes milliseconds: at the longer delays the server
+        // may have handed over and gone already.
+        signal_if_running(before.pid, libc::SIGKILL);
         wait_for("a server after SIGUSR2 and SIGKILL", || {
             nvlibfs::control::query(&m.state_dir, &m.mountpoint).is_ok_and(|s| {
-                s.pid != before.pid && s.handovers.iter().filter(|h| h.refused.is_none()).count() > before.handovers.len()
+                s.pid != before.pid
+                    && s.handovers.iter().filter(|h| h.refused.is_none()).count() > before.handovers.len()
             })
         });
         // Settled: no step of the restart is left over.
@@ -305,7 +344,10 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
     // SAFETY: getrlimit writes one struct we own.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
     let hard = limit.rlim_max;
-    assert!(hard >= 16_384, "this test needs a hard open-file limit of 16384 (it is {hard})");
+    assert!(
+        hard >= 16_384,
+        "this test needs a hard open-file limit of 16384 (it is {hard})"
+    );
     let mount = common::mount_command(&fixture, &state_dir);
     let out = Command::new("prlimit")
         .arg(format!("--nofile=1024:{hard}"))
@@ -319,12 +361,11 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
     let status = || nvlibfs::control::query(&state_dir, &mountpoint).unwrap();
     let supervisor = status().supervisor_pid.unwrap();
     let libcuda_of = |version: &str| {
-        let lib = fixture
-            .libraries
-            .iter()
-            .find(|l| l.name == "libcuda" && l.version == version)
-            .unwrap();
-        read_all(&fixture.root.join(&lib.host_path))
+        read_all(
+            &fixture
+                .root
+                .join(format!("usr/lib/x86_64-linux-gnu/libcuda.so.{version}")),
+        )
     };
     let expected: BTreeMap<&str, Vec<u8>> = [VERSION, OTHER].into_iter().map(|v| (v, libcuda_of(v))).collect();
 
@@ -332,14 +373,28 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
     let mut held: Vec<(std::fs::File, &str)> = Vec::new();
     let mut versions = [OTHER, VERSION].into_iter().cycle();
     let mut version = VERSION;
-    held.push((std::fs::File::open(mountpoint.join("lib64")).unwrap(), version));
+    // The new generation's lib64 once the kernel has dropped the old
+    // one's cached name, which it is told to just after the commit that
+    // status already shows.
+    let open_new_lib64 = |held: &[(std::fs::File, &str)]| loop {
+        let dir = std::fs::File::open(mountpoint.join("lib64")).unwrap();
+        let ino = std::os::unix::fs::MetadataExt::ino(&dir.metadata().unwrap());
+        if held
+            .last()
+            .is_none_or(|(last, _)| std::os::unix::fs::MetadataExt::ino(&last.metadata().unwrap()) != ino)
+        {
+            return dir;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    held.push((open_new_lib64(&held), version));
     let started = std::time::Instant::now();
     for n in 1..GENERATIONS {
         version = versions.next().unwrap();
         std::fs::write(fixture.module_version_file(), format!("{version}\n")).unwrap();
         signal(supervisor, libc::SIGHUP);
         wait_for(&format!("generation {n}"), || status().generation as usize == n);
-        held.push((std::fs::File::open(mountpoint.join("lib64")).unwrap(), version));
+        held.push((open_new_lib64(&held), version));
     }
     let s = status();
     assert_eq!(s.generations.len(), GENERATIONS, "every held generation is live");
@@ -348,16 +403,24 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
         "{GENERATIONS} generations in {:.1} s; the supervisor holds {held_by_supervisor} descriptors",
         started.elapsed().as_secs_f64()
     );
-    assert!(held_by_supervisor > GENERATIONS * 40, "{held_by_supervisor} descriptors");
+    assert!(
+        held_by_supervisor > GENERATIONS * 40,
+        "{held_by_supervisor} descriptors"
+    );
 
     // A crash: the new server restores all of them.
     signal(s.pid, libc::SIGKILL);
     wait_for("the takeover", || {
         nvlibfs::control::query(&state_dir, &mountpoint).is_ok_and(|t| t.pid != s.pid && t.handovers.len() == 1)
     });
+    // All of them, and perhaps one more: a crash between a commit and its
+    // checkpoint makes the successor re-pin once itself.
     let after = status();
-    assert_eq!(after.generations.len(), GENERATIONS);
-    assert_eq!(after.generation, s.generation);
+    let numbers: Vec<u32> = after.generations.iter().map(|g| g.number).collect();
+    assert!(
+        (0..GENERATIONS as u32).all(|n| numbers.contains(&n)),
+        "generations after the takeover: {numbers:?}"
+    );
     drop_caches();
     for (i, (dir, version)) in held.iter().enumerate() {
         let libcuda = dir_path(dir).join("libcuda.so.1");

@@ -213,7 +213,8 @@ mod tests {
     #[test]
     fn only_whole_newer_checkpoints_are_acknowledged() {
         let mut kept = Kept::default();
-        kept.take(Message::new(Tag::Connection, b"{}".to_vec(), files(1))).unwrap();
+        kept.take(Message::new(Tag::Connection, b"{}".to_vec(), files(1)))
+            .unwrap();
         kept.take(generation(0, 0, 3, 3)).unwrap();
         assert_eq!(answer(&mut kept, checkpoint(1, &[(0, 3)])).0, Tag::Ack);
         assert!(kept.complete());
@@ -251,8 +252,12 @@ mod tests {
     #[test]
     fn a_replay_is_what_a_successor_can_check() {
         let mut kept = Kept::default();
-        assert!(kept.replay(&protocol::pair().unwrap().0).is_err(), "nothing to replay yet");
-        kept.take(Message::new(Tag::Connection, b"{}".to_vec(), files(1))).unwrap();
+        assert!(
+            kept.replay(&protocol::pair().unwrap().0).is_err(),
+            "nothing to replay yet"
+        );
+        kept.take(Message::new(Tag::Connection, b"{}".to_vec(), files(1)))
+            .unwrap();
         kept.take(generation(4, 0, 250, 200)).unwrap();
         kept.take(generation(4, 200, 250, 50)).unwrap();
         assert_eq!(answer(&mut kept, checkpoint(9, &[(4, 250)])).0, Tag::Ack);

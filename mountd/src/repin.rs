@@ -1,7 +1,8 @@
 //! Follows the loaded kernel module: when its version changes (a module
 //! reload after a driver upgrade), builds the new version's view and swaps
-//! it in as a new generation, then tells the kernel to drop every cached
-//! name of the old one, so new lookups see the new files and the old
+//! it in as a new generation, then tells the kernel to look the root's
+//! names up again, so new lookups see the new files; a second later it
+//! deletes the old generation's names below the root, so the old
 //! generation is freed as soon as its last user lets go. Open files keep
 //! the old generation until then.
 
@@ -53,8 +54,9 @@ pub fn watch(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        // Names cached again in a retired generation's directories (by a
-        // process working inside one) would keep it alive: drop them too.
+        // A retired generation's names, once no path walk can be on its
+        // way through them (and again: a process working inside an old
+        // directory caches them anew, which would keep it alive).
         let retired = served.retired_names();
         if !retired.is_empty() {
             delete_names(&notifier, &retired);
@@ -156,13 +158,12 @@ pub fn with_cdi_spec(mut view: View, spec: Result<AddedFile, String>) -> View {
     view
 }
 
-/// Makes the kernel drop the old generation's names and the root's cached
-/// listing and misses, so new lookups reach the new generation.
+/// Makes the kernel look the root's names up again, and its listing, so
+/// new lookups reach the new generation (see `Forgetting`).
 pub fn tell_kernel(notifier: &Notifier, forgetting: &Forgetting) {
-    delete_names(notifier, &forgetting.deletions);
-    for name in &forgetting.stale_root_names {
+    for name in &forgetting.root_names {
         if let Err(e) = notifier.inval_entry(INodeNo(FUSE_ROOT), name) {
-            tracing::debug!(?name, "invalidating a cached miss: {e}");
+            tracing::debug!(?name, "invalidating a cached name: {e}");
         }
     }
     if let Err(e) = notifier.inval_inode(INodeNo(FUSE_ROOT), 0, 0) {

@@ -88,16 +88,23 @@ pub struct FsStats {
     pub name_max: u32,
 }
 
-/// What the kernel must be told after a swap so that it stops using the old
-/// generation and lets go of it: every cached name of the old generation,
-/// children before their directories (FUSE_NOTIFY_DELETE refuses a
-/// directory that still has names), and root names the old generation
-/// lacked (the kernel may cache their absence).
+/// What the kernel must be told at a swap so that new lookups reach the
+/// new generation: every name in the root (FUSE's root inode is every
+/// generation's root), the old generation's and those it lacked (the
+/// kernel may cache their absence). Only invalidated, not deleted: a path
+/// walk that passed the old `lib64` a moment ago must still find its
+/// names there; deleting them (which marks a directory dead) would fail
+/// that walk with ENOENT. The names below are deleted later, once the
+/// generation has been retired for `RETIRED_GRACE` (`retired_names`).
 #[derive(Debug, Default)]
 pub struct Forgetting {
-    pub deletions: Vec<Deletion>,
-    pub stale_root_names: Vec<OsString>,
+    pub root_names: Vec<OsString>,
 }
+
+/// How long a retired generation's names stay as they are in the kernel
+/// before they are deleted: far longer than any path walk takes between
+/// two components.
+pub const RETIRED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One cached name to drop: `name` in directory `parent` names `child`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -391,6 +398,8 @@ struct Live {
     generation: Arc<Generation>,
     /// Its counter in `Counts`.
     slot: usize,
+    /// When it stopped being current.
+    retired: Option<Instant>,
 }
 
 struct Generations {
@@ -703,7 +712,14 @@ impl Served {
         });
         generations.next_number += 1;
         generations.next_base = base + span;
-        generations.live.insert(base, Live { generation: new, slot });
+        generations.live.insert(
+            base,
+            Live {
+                generation: new,
+                slot,
+                retired: None,
+            },
+        );
         Some(Staged { base, pin_problem })
     }
 
@@ -716,15 +732,23 @@ impl Served {
         tracing::info!(generation = new.number, version = %new.view.pin().version, "installed a new generation");
         let old = generations.current.replace(staged.base);
         let mut forgetting = Forgetting::default();
-        if let Some(old) = old.and_then(|b| generations.live.get(&b)) {
-            let old_gen = old.generation.clone();
-            if generations.refs(old) == 0 {
-                generations.live.remove(&old_gen.base);
-            } else {
-                old_gen.deletions_below(ROOT_INO, &mut forgetting.deletions);
+        if let Some(old_base) = old {
+            let refs = generations.live.get(&old_base).map(|l| generations.refs(l));
+            let old_gen = match refs {
+                Some(0) => generations.live.remove(&old_base).map(|l| l.generation),
+                Some(_) => generations.live.get_mut(&old_base).map(|l| {
+                    l.retired = Some(Instant::now());
+                    l.generation.clone()
+                }),
+                None => None,
+            };
+            if let Some(old_gen) = old_gen {
+                let names = root_names(&old_gen.view)
+                    .union(&root_names(&new.view))
+                    .cloned()
+                    .collect();
+                forgetting.root_names = names;
             }
-            let old_names = root_names(&old_gen.view);
-            forgetting.stale_root_names = root_names(&new.view).difference(&old_names).cloned().collect();
         }
         drop(generations);
         *self.pin_problem.lock().unwrap_or_else(|e| e.into_inner()) = staged.pin_problem;
@@ -907,6 +931,7 @@ impl Served {
                 Live {
                     generation,
                     slot: state.slot,
+                    retired: (checkpoint.current != number).then(Instant::now),
                 },
             );
         }
@@ -958,18 +983,24 @@ impl Served {
         }
     }
 
-    /// The names of every retired generation the kernel still refers to,
-    /// for sending the deletions again: a name looked up in an old
-    /// directory after the swap (a process whose working directory it is)
-    /// is cached anew and would keep its generation alive.
+    /// The names below the root of every generation retired at least
+    /// `RETIRED_GRACE` ago, children before their directories
+    /// (FUSE_NOTIFY_DELETE refuses a directory that still has names), to
+    /// delete in the kernel: deleted, an inode is evicted (and forgotten)
+    /// as soon as nothing uses it, instead of staying cached until memory
+    /// runs short and keeping its generation alive. Sent again and again:
+    /// a name looked up in an old directory after the swap (a process
+    /// whose working directory it is) is cached anew. The root's own names
+    /// are the current generation's now, and are left alone.
     pub fn retired_names(&self) -> Vec<Deletion> {
         let generations = self.lock();
         let mut out = Vec::new();
         for live in generations.live.values() {
-            if Some(live.generation.base) != generations.current {
+            if live.retired.is_some_and(|t| t.elapsed() >= RETIRED_GRACE) {
                 live.generation.deletions_below(ROOT_INO, &mut out);
             }
         }
+        out.retain(|d| d.parent != FUSE_ROOT);
         out
     }
 
