@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a host with the real NVIDIA driver and torch: the view of the real
 # driver keeps CUDA working through SIGKILLs of nvlibfs's serving process
-# and an upgrade (`nvlibfs restart`), on both data paths.
+# and five upgrades (`nvlibfs restart`), on both data paths.
 #
 #   benches/gpu-handover.sh BIN_DIR OUT_DIR
 #
@@ -58,9 +58,9 @@ for mode in passthrough no-passthrough; do
     [ "$mode" = no-passthrough ] && flags=(--no-passthrough)
     "$bin/nvlibfs" mount "${flags[@]}" "$mnt"
     export LD_LIBRARY_PATH=/usr/local/nvidia/lib64
-    inside "python3 $work/compute.py 40" > "$work/torch-$mode.log" 2>&1 &
+    inside "python3 $work/compute.py 50" > "$work/torch-$mode.log" 2>&1 &
     torch_pid=$!
-    inside "n=0; f=0; end=\$((\$(date +%s) + 38)); while [ \$(date +%s) -lt \$end ]; do python3 $work/cuinit.py 2>/dev/null && n=\$((n+1)) || f=\$((f+1)); done; echo cuinit \$n failed \$f" > "$work/cuinit-$mode.log" 2>&1 &
+    inside "n=0; f=0; end=\$((\$(date +%s) + 48)); while [ \$(date +%s) -lt \$end ]; do python3 $work/cuinit.py 2>/dev/null && n=\$((n+1)) || f=\$((f+1)); done; echo cuinit \$n failed \$f" > "$work/cuinit-$mode.log" 2>&1 &
     loop_pid=$!
     sleep 8
     for i in 1 2; do
@@ -69,8 +69,13 @@ for mode in passthrough no-passthrough; do
         sync; echo 3 > /proc/sys/vm/drop_caches
         sleep 7
     done
-    "$bin/nvlibfs" restart "$mnt" | tee -a "$work/restart-$mode.log"
-    sync; echo 3 > /proc/sys/vm/drop_caches
+    # Upgrades: each restart drains the old server while the new one
+    # serves; the page cache is dropped after each.
+    for i in 1 2 3 4 5; do
+        "$bin/nvlibfs" restart "$mnt" | tee -a "$work/restart-$mode.log"
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        sleep 2
+    done
     wait "$torch_pid" || echo "torch exited $?" >> "$work/torch-$mode.log"
     wait "$loop_pid" || true
     status=$("$bin/nvlibfs" status --json "$mnt")
