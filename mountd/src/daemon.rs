@@ -752,11 +752,20 @@ impl Drop for FreshSetup {
 /// Binds the status socket. The caller holds the mount point's lock, so a
 /// socket already there was left by a daemon that died.
 fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
-    let _ = std::fs::remove_file(socket);
-    let listener =
-        UnixListener::bind(socket).map_err(|e| DaemonError(format!("control socket {}: {e}", socket.display())))?;
-    // Status names host paths: root only.
-    let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
+    let fail = |e: std::io::Error| DaemonError(format!("control socket {}: {e}", socket.display()));
+    // Status names host paths: root only, from the first moment anyone can
+    // connect. Bound under a name of its own, made root's, then renamed
+    // into place (over a socket a dead daemon left).
+    // A short name, so that it fits a socket address wherever the real one does.
+    let staged = socket.with_file_name(format!(".{}", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    let listener = UnixListener::bind(&staged).map_err(fail)?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&staged, socket));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(fail(e));
+    }
     Ok(listener)
 }
 

@@ -3,8 +3,8 @@
 //! Everything that decides what exists, and every reference count, lives
 //! in the core and is tested without FUSE.
 
+use crate::protocol::InitRecord;
 use crate::served::{DirEntry, Entry, Errno as CoreErrno, Opened, Served};
-use crate::takeover::InitRecord;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
     PollEvents, PollFlags, PollNotifier, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,

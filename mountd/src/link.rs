@@ -2,9 +2,9 @@
 //! needs (acknowledged, or the change it belongs to is not made), and
 //! receiving it as a successor. The messages are protocol.rs's.
 
+use crate::protocol::InitRecord;
 use crate::protocol::{self, Manifest, Message, ProtocolError, Tag};
 use crate::served::{Checkpoint, Served};
-use crate::takeover::InitRecord;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};

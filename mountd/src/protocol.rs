@@ -112,6 +112,18 @@ impl Tag {
     }
 }
 
+/// What the kernel said in the connection's one FUSE_INIT: recorded by the
+/// first server, it travels with the connection so that every later one
+/// can resume it (see takeover.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InitRecord {
+    pub major: u32,
+    pub minor: u32,
+    pub max_readahead: u32,
+    /// `flags | flags2 << 32`.
+    pub flags: u64,
+}
+
 /// What a server says when it serves: its version, and a line for
 /// systemd's STATUS.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -15,7 +15,7 @@
 //! inode, never earlier.
 
 use crate::backing;
-use crate::takeover::InitRecord;
+use crate::protocol::InitRecord;
 use nvlibfs::control::{Counters, GenerationStatus, Status};
 use nvlibfs::select::FileKind;
 use nvlibfs::view::ViewSnapshot;

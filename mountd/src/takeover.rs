@@ -24,15 +24,7 @@
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
-/// What the kernel said in the connection's one FUSE_INIT.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct InitRecord {
-    pub major: u32,
-    pub minor: u32,
-    pub max_readahead: u32,
-    /// `flags | flags2 << 32`.
-    pub flags: u64,
-}
+pub use crate::protocol::InitRecord;
 
 const FUSE_INIT: u32 = 26;
 const FUSE_INIT_EXT: u64 = 1 << 30;
