@@ -128,13 +128,14 @@ pub fn generate(mountpoint: &Path, dev: &Path) -> Spec {
 /// Where a mount's own spec sits in its view: a runtime given
 /// `<mountpoint>/etc/cdi` as a spec directory (`cdi-spec-dirs` in docker's
 /// `daemon.json`) reads the spec of the very view it mounts.
-pub const VIEW_SPEC_PATH: &str = "etc/cdi/nvlibfs.json";
+pub const VIEW_SPEC_DIR: &str = "etc/cdi";
+pub const VIEW_SPEC_NAME: &str = "nvlibfs.json";
 
 /// The spec a view carries, for runtimes that see the view at `mountpoint`
 /// and the device nodes found under `dev` at `/dev` (an outer DIND
 /// container given both at the host's paths): no node has a host path
 /// of its own. Fails only for paths that are not UTF-8.
-pub fn view_spec(mountpoint: &Path, dev: &Path) -> Result<crate::view::AddedFile, String> {
+pub fn view_spec(mountpoint: &Path, dev: &Path) -> Result<String, String> {
     let mut spec = generate(mountpoint, dev);
     for edits in spec.devices.iter_mut().map(|d| &mut d.container_edits) {
         edits.device_nodes.iter_mut().for_each(|n| n.host_path = None);
@@ -145,8 +146,5 @@ pub fn view_spec(mountpoint: &Path, dev: &Path) -> Result<crate::view::AddedFile
         .for_each(|n| n.host_path = None);
     let json = serde_json::to_string_pretty(&spec)
         .map_err(|e| format!("the CDI spec for {} cannot be written: {e}", mountpoint.display()))?;
-    Ok(crate::view::AddedFile {
-        view_path: PathBuf::from(VIEW_SPEC_PATH),
-        contents: json + "\n",
-    })
+    Ok(json + "\n")
 }

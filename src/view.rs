@@ -27,15 +27,6 @@ pub struct View {
     nodes: Vec<Node>,
     /// When the view was built: the time shown for directories and links.
     built: SystemTime,
-    /// Files added by `add_generated`, in order, for `snapshot`.
-    added: Vec<AddedFile>,
-}
-
-/// A file nvlibfs writes into a view after it is built (the CDI spec).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AddedFile {
-    pub view_path: PathBuf,
-    pub contents: String,
 }
 
 #[derive(Debug)]
@@ -87,7 +78,6 @@ impl View {
                 kind: NodeKind::Dir(BTreeMap::new()),
             }],
             built,
-            added: Vec::new(),
         };
         // A build for tests only (tests/handover_exact.rs): one directory
         // more, numbered first, as a release that changes the layout does,
@@ -162,23 +152,12 @@ impl View {
         dir
     }
 
-    /// Adds a generated file to a view not yet served, numbered after
-    /// every other node so that the rest keep their inode numbers. A name
-    /// already taken keeps what it had.
-    pub fn add_generated(&mut self, added: AddedFile) -> std::io::Result<()> {
-        let mut file = Selected::generated(added.view_path.clone(), added.contents.as_bytes())?;
-        file.mtime = self.built;
-        self.insert(&added.view_path, NodeKind::File(file));
-        self.added.push(added);
-        Ok(())
-    }
-
-    /// What `add_generated` put at `view_path`.
-    pub fn added(&self, view_path: &Path) -> Option<&str> {
-        self.added
-            .iter()
-            .find(|a| a.view_path == view_path)
-            .map(|a| a.contents.as_str())
+    /// Adds a directory (and those above it) to a view not yet served,
+    /// numbered after every other node so that the rest keep their inode
+    /// numbers: where a mount serves files of its own beside the
+    /// generations (the CDI spec in `etc/cdi`). Its inode.
+    pub fn add_dir(&mut self, path: &Path) -> Ino {
+        self.make_dirs(path)
     }
 
     /// Whether any library versioned with the driver is served: without
@@ -438,8 +417,6 @@ pub struct ViewSnapshot {
     pub built: (u64, u32),
     /// Every node but the root, in inode order: `nodes[i]` is inode `i + 2`.
     pub nodes: Vec<NodeSnapshot>,
-    /// Files added after the build (the CDI spec), by path and contents.
-    pub added: Vec<AddedFile>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -543,7 +520,6 @@ impl View {
             driver_root: self.driver_root.clone(),
             built: since_epoch(self.built),
             nodes,
-            added: self.added.clone(),
         };
         Ok((snapshot, held))
     }
@@ -582,7 +558,6 @@ impl View {
                 kind: NodeKind::Dir(BTreeMap::new()),
             }],
             built: from_epoch(snapshot.built)?,
-            added: snapshot.added,
         };
         let mut files = files.into_iter();
         for (i, n) in snapshot.nodes.into_iter().enumerate() {

@@ -294,7 +294,28 @@ fn a_mount_carries_its_own_spec_and_keeps_it_in_step_with_the_nodes() {
             .map(|d| d["name"].as_str().unwrap().to_owned())
             .collect()
     };
+    // A process working in lib64, and one holding the spec open, as
+    // nodes come and go.
+    let lib64 = std::fs::File::open(m.mountpoint.join("lib64")).unwrap();
+    let held = std::fs::File::open(&path).unwrap();
+    let before = m.status();
     std::fs::remove_file(dev.join("nvidia1")).unwrap();
     common::wait_for("the spec to drop GPU 1", || names(&read()) == ["0", "all"]);
-    assert_eq!(m.status().driver_version, VERSION, "the pin stays");
+    let after = m.status();
+    assert_eq!(after.driver_version, VERSION, "the pin stays");
+    // The spec changed; nothing else did: the same generation, its names
+    // still there for a process inside it.
+    assert_eq!(
+        after.generation, before.generation,
+        "a node that goes is no new generation"
+    );
+    assert_eq!(after.generations.len(), 1);
+    let in_lib64 = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&lib64)));
+    assert!(
+        in_lib64.join("libcuda.so.1").exists(),
+        "names in lib64 after the spec changed"
+    );
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &held, &mut text).unwrap();
+    assert!(text.starts_with('{'), "the spec held open reads whole: {text}");
 }

@@ -270,10 +270,8 @@ fn mount<'a>(
             _ => format!("mounting {}: {e}", mountpoint.display()),
         })
     })?;
-    served.start(
-        crate::repin::with_cdi_spec(plan.view, nvlibfs::cdi::view_spec(&mountpoint, &serve.dev)),
-        Some(&session),
-    );
+    served.start(crate::repin::with_spec_dir(plan.view), Some(&session));
+    crate::repin::follow_devices(&served, &serve.dev, None, None);
     set_readahead(&live, serve.readahead_kb);
     // The supervisor keeps the connection and everything held from now on.
     let init = served
@@ -355,6 +353,7 @@ fn take_over<'a>(
             received.checkpoint,
             received.files,
             received.counts,
+            received.spec,
             &fuse,
         )
         .map_err(refuse)?,
@@ -477,6 +476,13 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         None => {}
     }
     let notifier = session.notifier();
+    if took_over.is_some() {
+        // The previous server may have served a newer spec than its last
+        // checkpoint says: the kernel asks again.
+        if let Err(e) = notifier.inval_inode(fuser::INodeNo(crate::served::SPEC_INO), 0, 0) {
+            tracing::debug!("invalidating the CDI spec: {e}");
+        }
+    }
     let warm_notifier = session.notifier();
     let drain = crate::drain::Drain::prepare(
         std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&session)),

@@ -8,7 +8,8 @@
 //! Names: `nvlibfs-fuse` and `nvlibfs-init` (a sealed memfd of the
 //! connection's INIT record) once; `nvlibfs-g<N>-<I>` for generation N's
 //! files, stored once each; for checkpoint SEQ, `nvlibfs-k<SEQ>-manifest`
-//! (a sealed memfd of its manifest), `-state` and `-counts`. A new
+//! (a sealed memfd of its manifest), `-state`, `-counts` and, when the
+//! mount serves a CDI spec, `-spec`. A new
 //! checkpoint is stored whole before the previous one and the generations
 //! it no longer names are removed, so a crash in between leaves a whole
 //! set, and a set is checked like any checkpoint before it is used.
@@ -107,8 +108,12 @@ impl Store {
         )?;
         store(&format!("nvlibfs-k{seq}-state"), &[checkpoint.fds[0].as_fd()])?;
         store(&format!("nvlibfs-k{seq}-counts"), &[checkpoint.fds[1].as_fd()])?;
+        if let Some(spec) = checkpoint.fds.get(2) {
+            store(&format!("nvlibfs-k{seq}-spec"), &[spec.as_fd()])?;
+        }
         if let Some(old) = self.checkpoint.replace(seq) {
-            for part in ["manifest", "state", "counts"] {
+            // Removing a name systemd does not hold is harmless.
+            for part in ["manifest", "state", "counts", "spec"] {
                 remove(&format!("nvlibfs-k{old}-{part}"))?;
             }
         }
@@ -177,6 +182,7 @@ pub fn restore() -> std::io::Result<Option<(Kept, Store)>> {
     let manifest_body = read_small(part(&mut by_name, "manifest")?, "manifest")?;
     let state = part(&mut by_name, "state")?;
     let counts = part(&mut by_name, "counts")?;
+    let spec = by_name.remove(&format!("nvlibfs-k{seq}-spec"));
     let manifest = Manifest::decode(&manifest_body).map_err(|e| std::io::Error::other(e.0))?;
     let mut generations: BTreeMap<u32, Vec<OwnedFd>> = BTreeMap::new();
     let mut store = Store {
@@ -201,7 +207,11 @@ pub fn restore() -> std::io::Result<Option<(Kept, Store)>> {
         let _ = remove(name);
     }
     let connection = Message::new(Tag::Connection, read_small(init, "INIT record")?, vec![fuse]);
-    let checkpoint = Message::new(Tag::Checkpoint, manifest_body, vec![state, counts]);
+    let checkpoint = Message::new(
+        Tag::Checkpoint,
+        manifest_body,
+        [state, counts].into_iter().chain(spec).collect(),
+    );
     let kept = Kept::from_parts(connection, generations, checkpoint).map_err(|e| std::io::Error::other(e.0))?;
     Ok(Some((kept, store)))
 }

@@ -194,7 +194,8 @@ impl fuser::Filesystem for NvlibFs {
                 reply.opened_passthrough(FileHandle(fh), OPEN_FLAGS, &backing);
                 backing.into_raw();
             }
-            // A generation never changes, so its page cache stays valid across opens.
+            // A generation never changes, so its page cache stays valid
+            // across opens; a new CDI spec makes the kernel drop its own.
             Ok(Opened::Handle { fh, backing_id: None }) => {
                 reply.opened(FileHandle(fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE)
             }

@@ -20,8 +20,8 @@ pub struct Kept {
     pub connection: Option<Message>,
     /// Held files by generation, and how many each should have.
     generations: BTreeMap<u32, (u32, Vec<OwnedFd>)>,
-    /// The last acknowledged checkpoint and its message (state memfd and
-    /// counters memfd).
+    /// The last acknowledged checkpoint and its message (state memfd,
+    /// counters memfd, and the CDI spec's memfd if there is one).
     checkpoint: Option<(Manifest, Message)>,
     /// Why the checkpoint being sent cannot be acknowledged.
     problem: Option<String>,
@@ -116,8 +116,8 @@ impl Kept {
                 return Err(format!("it is stale: number {} after {}", manifest.seq, last.seq));
             }
         }
-        if m.fds.len() != 2 {
-            return Err(format!("it came with {} descriptors, not 2", m.fds.len()));
+        if !(2..=3).contains(&m.fds.len()) {
+            return Err(format!("it came with {} descriptors, not 2 or 3", m.fds.len()));
         }
         for &(number, count) in &manifest.generations {
             match self.generations.get(&number) {

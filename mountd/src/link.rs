@@ -137,11 +137,9 @@ impl Link {
             seq,
             generations: snapshot.generations.clone(),
         };
-        self.send(
-            Tag::Checkpoint,
-            &manifest.encode(),
-            &[state.as_fd(), snapshot.counts.as_fd()],
-        )?;
+        let mut fds = vec![state.as_fd(), snapshot.counts.as_fd()];
+        fds.extend(snapshot.spec.as_ref().map(|f| f.as_fd()));
+        self.send(Tag::Checkpoint, &manifest.encode(), &fds)?;
         match self.wait_for(seq)? {
             None => {
                 sent.alone = true;
@@ -215,6 +213,8 @@ pub struct Received {
     pub checkpoint: Checkpoint,
     pub files: HashMap<u32, Vec<std::fs::File>>,
     pub counts: OwnedFd,
+    /// The CDI spec's memfd, when the checkpoint names one.
+    pub spec: Option<std::fs::File>,
 }
 
 /// Reads what the supervisor replays to a new server. Everything is
@@ -256,9 +256,10 @@ pub fn receive(link: &Link) -> Result<Received, ProtocolError> {
             other => return Err(bad(format!("the supervisor sent {other:?} inside a checkpoint"))),
         }
     };
-    if fds.len() != 2 {
+    if !(2..=3).contains(&fds.len()) {
         return Err(bad(format!("a checkpoint with {} descriptors", fds.len())));
     }
+    let spec = (fds.len() == 3).then(|| fds.pop().map(std::fs::File::from)).flatten();
     let counts = fds.pop().expect("two");
     let state = fds.pop().expect("two");
     for &(number, count) in &manifest.generations {
@@ -285,5 +286,6 @@ pub fn receive(link: &Link) -> Result<Received, ProtocolError> {
         checkpoint,
         files,
         counts,
+        spec,
     })
 }

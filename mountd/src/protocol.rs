@@ -68,8 +68,8 @@ pub enum Tag {
     Connection = b'C',
     /// A generation's held files: `GenerationBatch` and descriptors.
     Generation = b'F',
-    /// A checkpoint: `Manifest`; descriptors: the state memfd, then the
-    /// counters memfd.
+    /// A checkpoint: `Manifest`; descriptors: the state memfd, the
+    /// counters memfd, and the CDI spec's memfd if the state names one.
     Checkpoint = b'K',
     /// supervisor -> server: the checkpoint with this sequence number
     /// (u64) is held.

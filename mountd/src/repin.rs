@@ -7,11 +7,11 @@
 //! the old generation until then.
 
 use crate::link::Link;
-use crate::served::{Deletion, Forgetting, Served, FUSE_ROOT};
+use crate::served::{Deletion, Forgetting, Served, FUSE_ROOT, SPEC_INO};
 use fuser::{INodeNo, Notifier};
 use nvlibfs::args::{DriverArgs, ServeArgs};
 use nvlibfs::pin::PinRequest;
-use nvlibfs::view::{AddedFile, View};
+use nvlibfs::view::View;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -66,6 +66,7 @@ pub fn watch(
         let Some(_repinning) = link.repin() else {
             continue;
         };
+        follow_devices(&served, &serve.dev, Some(&notifier), Some(link));
         let live = served.live_generations();
         if live != checkpointed {
             match link.checkpoint(&served) {
@@ -89,10 +90,7 @@ pub fn watch(
         };
         let Some(current) = served.current() else { continue };
         let waiting = served.pin_problem().is_some();
-        let spec = nvlibfs::cdi::view_spec(&served.mountpoint, &serve.dev);
-        let devices_changed = spec.as_ref().ok().map(|s| s.contents.as_str())
-            != current.view.added(Path::new(nvlibfs::cdi::VIEW_SPEC_PATH));
-        if pinned.version == current.view.pin().version && !waiting && !devices_changed {
+        if pinned.version == current.view.pin().version && !waiting {
             continue;
         }
         // Pins again from the module, so the view says where its pin came from.
@@ -119,7 +117,7 @@ pub fn watch(
             tracing::warn!("{why}");
             (View::build(pinned, driver.driver_root.clone(), Vec::new()), Some(why))
         };
-        let view = with_cdi_spec(view, spec);
+        let view = with_spec_dir(view);
         let from = current.view.pin().version.clone();
         let forgetting = match served.swap_in(view, problem, |served| link.checkpoint(served)) {
             Ok(forgetting) => forgetting,
@@ -133,29 +131,48 @@ pub fn watch(
                 continue;
             }
         };
-        if from == to {
-            tracing::info!(version = %to, "the NVIDIA device nodes changed; serving a CDI spec that lists them");
-        } else {
-            tracing::info!(%from, %to, "re-pinned");
-        }
+        tracing::info!(%from, %to, "re-pinned");
         checkpointed = served.live_generations();
         tell_kernel(&notifier, &forgetting);
         crate::warm::warm(&served, &notifier, &fuse_mount, &serve);
     }
 }
 
-/// The view as this mount serves it: with its CDI spec (from
-/// `nvlibfs::cdi::view_spec`), or without one, and a warning, if the spec
-/// could not be made.
-pub fn with_cdi_spec(mut view: View, spec: Result<AddedFile, String>) -> View {
-    let added = spec.and_then(|spec| {
-        view.add_generated(spec)
-            .map_err(|e| format!("adding the CDI spec to the view: {e}"))
-    });
-    if let Err(e) = added {
-        tracing::warn!("{e}; the view carries no CDI spec");
-    }
+/// A view as a mount serves it: with the directory its CDI spec is named
+/// in (the spec itself is beside the generations; see `Served::set_spec`).
+pub fn with_spec_dir(mut view: View) -> View {
+    view.add_dir(Path::new(nvlibfs::cdi::VIEW_SPEC_DIR));
     view
+}
+
+/// Serves a CDI spec that lists the NVIDIA device nodes under `dev` as
+/// they are now, if they changed (or nothing is served yet): no new
+/// generation, only the spec, and the kernel is told to drop what it
+/// cached of it. A new spec is checkpointed, so that a successor serves
+/// it too; one that is not just makes the successor notice the nodes again.
+pub fn follow_devices(served: &Served, dev: &Path, notifier: Option<&Notifier>, link: Option<&Link>) {
+    let spec = match nvlibfs::cdi::view_spec(&served.mountpoint, dev) {
+        Ok(spec) => spec,
+        Err(e) => return tracing::warn!("{e}; the view's CDI spec stays as it is"),
+    };
+    let first = match served.spec_contents() {
+        Some(now) if now == spec.as_bytes() => return,
+        now => now.is_none(),
+    };
+    if let Err(e) = served.set_spec(spec.as_bytes()) {
+        return tracing::error!("making the view's CDI spec: {e}");
+    }
+    if let Err(e) = link.map_or(Ok(()), |link| link.checkpoint(served)) {
+        tracing::error!("{e}; a server that takes over would look at the device nodes again");
+    }
+    if let Some(notifier) = notifier {
+        if let Err(e) = notifier.inval_inode(INodeNo(SPEC_INO), 0, 0) {
+            tracing::debug!("invalidating the CDI spec: {e}");
+        }
+    }
+    if !first {
+        tracing::info!("the NVIDIA device nodes changed; serving a CDI spec that lists them");
+    }
 }
 
 /// Makes the kernel look the root's names up again, and its listing, so

@@ -34,9 +34,12 @@ pub const FUSE_ROOT: u64 = 1;
 /// Longest name in the view, as statfs reports it. The kernel lets FUSE
 /// names reach 1024 bytes, so the core says ENAMETOOLONG itself.
 pub const NAME_MAX: usize = 255;
-/// Kernel inode numbers stay below 2^32, so a 32-bit `stat` without large
-/// file support never meets EOVERFLOW.
-const INO_LIMIT: u64 = 1 << 32;
+/// The kernel inode of the mount's CDI spec (see `Spec`), the last number
+/// below 2^32: kernel inode numbers stay below 2^32, so a 32-bit `stat`
+/// without large file support never meets EOVERFLOW.
+pub const SPEC_INO: u64 = (1 << 32) - 1;
+/// Generations' inode numbers stay below the spec's.
+const INO_LIMIT: u64 = SPEC_INO;
 /// The first inode number given to a generation's non-root inodes.
 const FIRST_INO: u64 = FUSE_ROOT + 1;
 
@@ -152,6 +155,30 @@ enum DataPath {
     Cached { reason: String },
 }
 
+/// The mount's CDI spec, beside the generations rather than in them: it
+/// follows the device nodes, which come and go without a driver change
+/// (`nvidia-uvm` appears at the first CUDA use after boot), so a new spec
+/// is no new generation: no files registered again, no cached names
+/// dropped, no warmed page cache lost. Every generation's `etc/cdi` names
+/// it, at `SPEC_INO`; its lookups are not counted (it belongs to no
+/// generation), and a new one makes the kernel drop what it cached of
+/// that inode. Always read through the daemon and the page cache, never
+/// passed through: the kernel ties one backing file to an inode for as
+/// long as any of its opens lasts, and a new spec is another file.
+struct Spec {
+    /// A sealed memfd.
+    file: nvlibfs::select::Selected,
+    contents: Vec<u8>,
+}
+
+/// What a checkpoint says of the spec; its memfd travels beside it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecState {
+    /// Its time, as `stat` shows it (seconds, nanoseconds since the epoch).
+    pub mtime: (u64, u32),
+}
+
 /// A generation `Served::stage` made live but not yet current.
 #[must_use = "a staged generation serves nothing until it is committed"]
 pub struct Staged {
@@ -177,6 +204,8 @@ pub struct Checkpoint {
     /// Whether OPENs are answered ENOSYS (see `Opened::ByKernel`); once
     /// one is, the kernel sends none again on this connection.
     pub no_open: bool,
+    /// The CDI spec, if the mount serves one.
+    pub spec: Option<SpecState>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -214,6 +243,8 @@ pub struct Snapshot {
     pub new_files: Vec<(u32, Vec<std::fs::File>)>,
     /// The shared reference counters.
     pub counts: OwnedFd,
+    /// The CDI spec's memfd, with `state.spec`.
+    pub spec: Option<std::fs::File>,
 }
 
 /// One immutable view as served.
@@ -227,6 +258,8 @@ pub struct Generation {
     pub view: View,
     data: DataPath,
     stats: FsStats,
+    /// Its `etc/cdi`, where the spec is named.
+    spec_dir: Option<Ino>,
 }
 
 impl Drop for Generation {
@@ -293,6 +326,10 @@ impl Generation {
 /// Counts `n` more kernel references to `live` (under the lock).
 fn generations_add(cells: &[AtomicU64], live: &Live, n: u64) {
     cells[2 * live.slot + 1].fetch_add(n, Relaxed);
+}
+
+fn spec_dir(view: &View) -> Option<Ino> {
+    view.lookup_path(std::path::Path::new(nvlibfs::cdi::VIEW_SPEC_DIR))
 }
 
 fn stats_of(view: &View) -> FsStats {
@@ -526,6 +563,7 @@ pub struct Served {
     /// Set while draining (see drain.rs): told when fuser's threads have
     /// all ended.
     pub drained: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    spec: Mutex<Option<Arc<Spec>>>,
     started: Instant,
 }
 
@@ -551,6 +589,7 @@ impl Served {
             supervisor_pid: Mutex::new(None),
             handovers: Mutex::new(Vec::new()),
             drained: Mutex::new(None),
+            spec: Mutex::new(None),
             started: Instant::now(),
         }
     }
@@ -706,6 +745,7 @@ impl Served {
             number,
             base,
             span,
+            spec_dir: spec_dir(&view),
             view,
             data,
             stats,
@@ -812,12 +852,25 @@ impl Served {
             pin_problem: self.pin_problem(),
             init,
             no_open: self.no_open.load(Relaxed),
+            spec: None,
+        };
+        let spec = self.spec();
+        let spec_file = spec.as_ref().map(|s| s.file.file.try_clone()).transpose()?;
+        let state = Checkpoint {
+            spec: spec.map(|s| SpecState {
+                mtime: {
+                    let d = s.file.mtime.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    (d.as_secs(), d.subsec_nanos())
+                },
+            }),
+            ..state
         };
         Ok(Snapshot {
             state,
             generations: numbers,
             new_files,
             counts: generations.counts.fd.try_clone()?,
+            spec: spec_file,
         })
     }
 
@@ -837,10 +890,19 @@ impl Served {
         checkpoint: Checkpoint,
         mut files: HashMap<u32, Vec<std::fs::File>>,
         counts: OwnedFd,
+        spec: Option<std::fs::File>,
         dev: &OwnedFd,
     ) -> Result<Served, String> {
         let counts = Counts::map(counts).map_err(|e| format!("the shared reference counters: {e}"))?;
         let served = Served::with_counts(mountpoint, wants_passthrough, counts);
+        match (&checkpoint.spec, spec) {
+            (Some(state), Some(file)) => {
+                let spec = restore_spec(state, file).map_err(|e| format!("the CDI spec: {e}"))?;
+                *served.spec.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(spec));
+            }
+            (None, None) => {}
+            _ => return Err("the CDI spec and its memfd do not come together".into()),
+        }
         let backing_ids = Arc::new(Backing {
             dev: Arc::new(dev.try_clone().map_err(|e| format!("keeping the connection: {e}"))?),
             owner: AtomicBool::new(false),
@@ -923,6 +985,7 @@ impl Served {
                 base: state.base,
                 span,
                 stats: stats_of(&view),
+                spec_dir: spec_dir(&view),
                 view,
                 data,
             });
@@ -1036,6 +1099,9 @@ impl Served {
         if !matches!(generation.view.node(local).map(|n| &n.kind), Some(NodeKind::Dir(_))) {
             return Err(libc::ENOTDIR);
         }
+        if Some(local) == generation.spec_dir && name == nvlibfs::cdi::VIEW_SPEC_NAME {
+            return Ok(self.spec_entry());
+        }
         let Some(entry) = generation.view.lookup(local, name).and_then(|c| generation.entry(c)) else {
             return Ok(None);
         };
@@ -1045,17 +1111,25 @@ impl Served {
 
     /// The kernel dropped `n` lookups of `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
-        self.lock().release(ino, n);
+        if ino != SPEC_INO {
+            self.lock().release(ino, n);
+        }
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Entry, Errno> {
         self.counters.getattrs.fetch_add(1, Relaxed);
+        if ino == SPEC_INO {
+            return self.spec_entry().ok_or(libc::ENOENT);
+        }
         let (generation, local) = self.resolve(ino)?;
         generation.entry(local).ok_or(libc::ENOENT)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<OsString, Errno> {
         self.counters.readlinks.fetch_add(1, Relaxed);
+        if ino == SPEC_INO {
+            return Err(libc::EINVAL);
+        }
         let (generation, local) = self.resolve(ino)?;
         match generation.view.node(local).map(|n| &n.kind) {
             Some(NodeKind::Symlink(target)) => Ok(target.as_os_str().to_owned()),
@@ -1071,6 +1145,16 @@ impl Served {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0 {
             self.refuse_write("open for writing");
             return Err(libc::EROFS);
+        }
+        if ino == SPEC_INO {
+            self.spec().ok_or(libc::ENOENT)?;
+            return Ok(match self.no_open() {
+                true => Opened::ByKernel,
+                false => Opened::Handle {
+                    fh: ino,
+                    backing_id: None,
+                },
+            });
         }
         let mut generations = self.lock();
         let cells = generations.counts.cells;
@@ -1094,7 +1178,46 @@ impl Served {
 
     /// The kernel closed an open file of `ino`.
     pub fn release(&self, ino: u64) {
-        self.lock().release(ino, 1);
+        if ino != SPEC_INO {
+            self.lock().release(ino, 1);
+        }
+    }
+
+    fn spec(&self) -> Option<Arc<Spec>> {
+        self.spec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn spec_entry(&self) -> Option<Entry> {
+        let spec = self.spec()?;
+        Some(Entry {
+            attr: Attr {
+                ino: SPEC_INO,
+                node_type: nvlibfs::view::NodeType::File,
+                size: spec.file.size,
+                perm: FileKind::Generated.perm(),
+                nlink: 1,
+                mtime: spec.file.mtime,
+            },
+            generation: 0,
+        })
+    }
+
+    /// The spec served now, for comparing with a new one.
+    pub fn spec_contents(&self) -> Option<Vec<u8>> {
+        self.spec().map(|s| s.contents.clone())
+    }
+
+    /// Serves `contents` as the CDI spec from now on. The caller then has
+    /// the kernel drop what it cached of `SPEC_INO`.
+    pub fn set_spec(&self, contents: &[u8]) -> std::io::Result<()> {
+        let path = std::path::Path::new(nvlibfs::cdi::VIEW_SPEC_DIR).join(nvlibfs::cdi::VIEW_SPEC_NAME);
+        let file = nvlibfs::select::Selected::generated(path, contents)?;
+        let new = Arc::new(Spec {
+            file,
+            contents: contents.to_vec(),
+        });
+        *self.spec.lock().unwrap_or_else(|e| e.into_inner()) = Some(new);
+        Ok(())
     }
 
     /// Reads up to `buf.len()` bytes at `offset` into `buf`; the byte count.
@@ -1128,31 +1251,21 @@ impl Served {
     }
 
     fn read_file(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        if ino == SPEC_INO {
+            let spec = self.spec().ok_or(libc::ENOENT)?;
+            return read_held(&spec.file, offset, buf);
+        }
         let (generation, local) = self.resolve(ino)?;
         let NodeKind::File(file) = &generation.view.node(local).ok_or(libc::ENOENT)?.kind else {
             return Err(libc::EISDIR);
         };
-        let want = (buf.len() as u64).min(file.size.saturating_sub(offset)) as usize;
-        let mut done = 0;
-        while done < want {
-            match file.file.read_at(&mut buf[done..want], offset + done as u64) {
-                Ok(0) => {
-                    tracing::error!(
-                        "{} is shorter on disk than the {} bytes pinned; refusing its reads",
-                        file.source,
-                        file.size
-                    );
-                    return Err(libc::EIO);
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
-            }
-        }
-        Ok(done)
+        read_held(file, offset, buf)
     }
 
     pub fn opendir(&self, ino: u64) -> Result<(), Errno> {
+        if ino == SPEC_INO {
+            return Err(libc::ENOTDIR);
+        }
         let (generation, local) = self.resolve(ino)?;
         match generation.view.node(local).map(|n| &n.kind) {
             Some(NodeKind::Dir(_)) => Ok(()),
@@ -1179,10 +1292,15 @@ impl Served {
         let cells = generations.counts.cells;
         let (live, local) = generations.resolve(ino).ok_or(libc::ENOENT)?;
         let listing = live.generation.listing(local).ok_or(libc::ENOTDIR)?;
-        for (i, (name, child)) in listing.into_iter().enumerate().skip(offset as usize) {
-            let Some(entry) = live.generation.entry(child) else {
-                continue;
-            };
+        let spec = (Some(local) == live.generation.spec_dir)
+            .then(|| self.spec_entry())
+            .flatten()
+            .map(|e| (OsString::from(nvlibfs::cdi::VIEW_SPEC_NAME), e));
+        let entries = listing
+            .into_iter()
+            .filter_map(|(name, child)| Some((name, live.generation.entry(child)?)))
+            .chain(spec);
+        for (i, (name, entry)) in entries.enumerate().skip(offset as usize) {
             let dir_entry = DirEntry {
                 name,
                 next_offset: i as u64 + 1,
@@ -1191,7 +1309,7 @@ impl Served {
             if add(&dir_entry) {
                 break;
             }
-            if counted && i >= 2 {
+            if counted && i >= 2 && entry.attr.ino != SPEC_INO {
                 generations_add(cells, live, 1);
             }
         }
@@ -1278,6 +1396,65 @@ impl Served {
             },
         }
     }
+}
+
+/// The spec a checkpoint names, over the memfd that came with it: sealed,
+/// so its contents are what was served.
+fn restore_spec(state: &SpecState, file: std::fs::File) -> std::io::Result<Spec> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use std::io::Read;
+    let seals = SealFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GET_SEALS)?);
+    if !seals.contains(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW) {
+        return Err(std::io::Error::other("its memfd is not sealed"));
+    }
+    let size = file.metadata()?.len();
+    if size > 1 << 20 {
+        return Err(std::io::Error::other(format!("a spec of {size} bytes")));
+    }
+    let mut contents = Vec::with_capacity(size as usize);
+    (&file).read_to_end(&mut contents)?;
+    let (secs, nanos) = state.mtime;
+    let mtime = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::new(secs, nanos.min(999_999_999)))
+        .ok_or_else(|| std::io::Error::other("its time is out of range"))?;
+    let path = std::path::Path::new(nvlibfs::cdi::VIEW_SPEC_DIR).join(nvlibfs::cdi::VIEW_SPEC_NAME);
+    Ok(Spec {
+        file: nvlibfs::select::Selected {
+            view_path: path,
+            source: nvlibfs::hostroot::RootPath::root(),
+            file,
+            size,
+            mtime,
+            kind: FileKind::Generated,
+            library: None,
+            soname: None,
+        },
+        contents,
+    })
+}
+
+/// Reads up to `buf.len()` bytes of `file` at `offset`. A file that shrank
+/// on disk since it was pinned is no longer the file that was checked:
+/// its reads fail rather than serve something else.
+fn read_held(file: &nvlibfs::select::Selected, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+    let want = (buf.len() as u64).min(file.size.saturating_sub(offset)) as usize;
+    let mut done = 0;
+    while done < want {
+        match file.file.read_at(&mut buf[done..want], offset + done as u64) {
+            Ok(0) => {
+                tracing::error!(
+                    "{} is shorter on disk than the {} bytes pinned; refusing its reads",
+                    file.source,
+                    file.size
+                );
+                return Err(libc::EIO);
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+    Ok(done)
 }
 
 fn root_names(view: &View) -> BTreeSet<OsString> {

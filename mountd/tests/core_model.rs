@@ -127,6 +127,7 @@ impl Supervisor {
             received.checkpoint,
             received.files,
             received.counts,
+            received.spec,
             &received.fuse,
         )
         .expect("restore");
