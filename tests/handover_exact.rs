@@ -2,11 +2,12 @@
 //! goes on: through a real mount, the real supervisor socket and real
 //! builds of nvlibfs-mountd that differ as releases do.
 //!
-//! - A restart to a build that lays the view out differently (one
-//!   directory more, numbered first): every file the kernel holds, and
-//!   every path, reads the same bytes after it, with the page cache
-//!   dropped, on both data paths; the new build's own layout shows only
-//!   in the generation it builds itself.
+//! - A crash after a package upgrade put a new binary on disk restarts the
+//!   binary that ran; then a restart to that new build, which lays the view
+//!   out differently (one directory more, numbered first): every file the
+//!   kernel holds, and every path, reads the same bytes after each, with
+//!   the page cache dropped, on both data paths; the new build's own
+//!   layout shows only in the generation it builds itself.
 //! - A restart to a build of another protocol version, and to a binary
 //!   that is no nvlibfs at all: refused, `nvlibfs restart` exits 1 saying
 //!   why, and the old server serves on.
@@ -121,6 +122,28 @@ fn exactly_after_a_restart_to_another_layout(extra: &[&str]) {
         .collect();
 
     builds::install(&variant, &bin);
+    // A crash after a package upgrade put the new binary on disk: the
+    // successor is the binary that wrote the checkpoint, as it was.
+    let first = m.status();
+    signal(first.pid, libc::SIGKILL);
+    wait_for("the takeover after a crash", || {
+        nvlibfs::control::query(&m.state_dir, &m.mountpoint)
+            .is_ok_and(|s| s.pid != first.pid && !s.handovers.is_empty())
+    });
+    let crashed = m.status();
+    assert_eq!(
+        crashed.version, first.version,
+        "a crash restarts the binary that ran, not the one on disk"
+    );
+    drop_caches();
+    for (path, file) in &held {
+        assert_eq!(
+            &read_held(file, before[path].len()),
+            &before[path],
+            "{} after the crash",
+            path.display()
+        );
+    }
     let said = ok(nvlibfs_with(&bin, &m, &["restart"]), "nvlibfs restart");
     assert!(said.contains(LAYOUT_ID), "{said}");
     drop_caches();

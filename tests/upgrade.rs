@@ -162,7 +162,11 @@ fn upgrades_keep_the_pinned_files_then_follow_the_module() {
         status.pin_problem.as_deref().is_some_and(|p| p.contains(MISSING)),
         "{status:?}"
     );
-    assert_eq!(status.files, 1, "nothing but the CDI spec: {status:?}");
+    assert_eq!(status.files, 0, "nothing of the driver: {status:?}");
+    assert!(
+        m.mountpoint.join("etc/cdi/nvlibfs.json").is_file(),
+        "the CDI spec, beside the generations, is still there"
+    );
     let missing = build(&FixtureSpec::new(MISSING), &work.path().join("missing")).unwrap();
     dpkg_upgrade(&m.fixture.root, &new, &missing);
     wait_for("the re-pin once the files appear", || {

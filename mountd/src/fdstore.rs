@@ -5,11 +5,14 @@
 //! that systemd starts next takes the connection over like any new server
 //! does, instead of mounting afresh.
 //!
-//! Names: `nvlibfs-fuse` and `nvlibfs-init` (a sealed memfd of the
-//! connection's INIT record) once; `nvlibfs-g<N>-<I>` for generation N's
-//! files, stored once each; for checkpoint SEQ, `nvlibfs-k<SEQ>-manifest`
-//! (a sealed memfd of its manifest), `-state`, `-counts` and, when the
-//! mount serves a CDI spec, `-spec`. A new
+//! Names: `nvlibfs-fuse`, `nvlibfs-init` (a sealed memfd of the
+//! connection's INIT record) and `nvlibfs-counts` (the shared reference
+//! counters) once; `nvlibfs-g<N>-<I>` for generation N's files, stored
+//! once each; `nvlibfs-spec-<N>` for the Nth CDI spec memfd; for
+//! checkpoint SEQ, `nvlibfs-k<SEQ>-manifest` (a sealed memfd of its
+//! manifest) and `-state`. systemd keeps a descriptor it already holds
+//! under its first name only, so what does not change between
+//! checkpoints (the counters, a spec) is stored once, not per checkpoint. A new
 //! checkpoint is stored whole before the previous one and the generations
 //! it no longer names are removed, so a crash in between leaves a whole
 //! set, and a set is checked like any checkpoint before it is used.
@@ -23,6 +26,8 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 const FUSE: &str = "nvlibfs-fuse";
 const INIT: &str = "nvlibfs-init";
+const COUNTS: &str = "nvlibfs-counts";
+const SPEC: &str = "nvlibfs-spec-";
 /// Descriptors systemd passes start here (SD_LISTEN_FDS_START).
 const LISTEN_FDS_START: i32 = 3;
 /// The largest memfd read back (an INIT record, a manifest).
@@ -35,6 +40,8 @@ pub struct Store {
     /// Generations stored, with how many files each.
     generations: BTreeMap<u32, usize>,
     checkpoint: Option<u64>,
+    /// The spec stored: its number and the memfd's device and inode.
+    spec: Option<(u64, (u64, u64))>,
 }
 
 fn store(name: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<bool> {
@@ -88,7 +95,19 @@ impl Store {
             let init = sealed(&connection.body)?;
             store(FUSE, &[connection.fds[0].as_fd()])?;
             store(INIT, &[init.as_fd()])?;
+            store(COUNTS, &[checkpoint.fds[1].as_fd()])?;
             self.has_connection = true;
+        }
+        if let Some(spec) = checkpoint.fds.get(2) {
+            let stat = nix::sys::stat::fstat(spec)?;
+            let identity = (stat.st_dev, stat.st_ino);
+            if self.spec.is_none_or(|(_, stored)| stored != identity) {
+                let n = self.spec.map_or(0, |(n, _)| n + 1);
+                store(&format!("{SPEC}{n}"), &[spec.as_fd()])?;
+                if let Some((old, _)) = self.spec.replace((n, identity)) {
+                    remove(&format!("{SPEC}{old}"))?;
+                }
+            }
         }
         let mut now = BTreeSet::new();
         for (number, files) in kept.generations() {
@@ -107,13 +126,8 @@ impl Store {
             &[sealed(&checkpoint.body)?.as_fd()],
         )?;
         store(&format!("nvlibfs-k{seq}-state"), &[checkpoint.fds[0].as_fd()])?;
-        store(&format!("nvlibfs-k{seq}-counts"), &[checkpoint.fds[1].as_fd()])?;
-        if let Some(spec) = checkpoint.fds.get(2) {
-            store(&format!("nvlibfs-k{seq}-spec"), &[spec.as_fd()])?;
-        }
         if let Some(old) = self.checkpoint.replace(seq) {
-            // Removing a name systemd does not hold is harmless.
-            for part in ["manifest", "state", "counts", "spec"] {
+            for part in ["manifest", "state"] {
                 remove(&format!("nvlibfs-k{old}-{part}"))?;
             }
         }
@@ -162,9 +176,13 @@ pub fn restore() -> std::io::Result<Option<(Kept, Store)>> {
         std::env::remove_var(var);
     }
     let mut by_name: BTreeMap<String, OwnedFd> = fds.into_iter().collect();
-    let (Some(fuse), Some(init)) = (by_name.remove(FUSE), by_name.remove(INIT)) else {
+    let (Some(fuse), Some(init), Some(counts)) = (by_name.remove(FUSE), by_name.remove(INIT), by_name.remove(COUNTS))
+    else {
         return Ok(None);
     };
+    let spec_of = |name: &str| name.strip_prefix(SPEC)?.parse::<u64>().ok();
+    let spec = by_name.keys().filter_map(|n| spec_of(n)).max();
+    let spec = spec.and_then(|n| Some((n, by_name.remove(&format!("{SPEC}{n}"))?)));
     let seq_of = |name: &str| {
         name.strip_prefix("nvlibfs-k")?
             .strip_suffix("-manifest")?
@@ -181,14 +199,20 @@ pub fn restore() -> std::io::Result<Option<(Kept, Store)>> {
     };
     let manifest_body = read_small(part(&mut by_name, "manifest")?, "manifest")?;
     let state = part(&mut by_name, "state")?;
-    let counts = part(&mut by_name, "counts")?;
-    let spec = by_name.remove(&format!("nvlibfs-k{seq}-spec"));
     let manifest = Manifest::decode(&manifest_body).map_err(|e| std::io::Error::other(e.0))?;
     let mut generations: BTreeMap<u32, Vec<OwnedFd>> = BTreeMap::new();
+    let spec_identity = match &spec {
+        Some((n, fd)) => {
+            let stat = nix::sys::stat::fstat(fd)?;
+            Some((*n, (stat.st_dev, stat.st_ino)))
+        }
+        None => None,
+    };
     let mut store = Store {
         has_connection: true,
         generations: BTreeMap::new(),
         checkpoint: Some(seq),
+        spec: spec_identity,
     };
     for &(number, count) in &manifest.generations {
         let mut files = Vec::with_capacity(count as usize);
@@ -210,7 +234,7 @@ pub fn restore() -> std::io::Result<Option<(Kept, Store)>> {
     let checkpoint = Message::new(
         Tag::Checkpoint,
         manifest_body,
-        [state, counts].into_iter().chain(spec).collect(),
+        [state, counts].into_iter().chain(spec.map(|(_, fd)| fd)).collect(),
     );
     let kept = Kept::from_parts(connection, generations, checkpoint).map_err(|e| std::io::Error::other(e.0))?;
     Ok(Some((kept, store)))

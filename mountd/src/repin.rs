@@ -147,9 +147,12 @@ pub fn with_spec_dir(mut view: View) -> View {
 
 /// Serves a CDI spec that lists the NVIDIA device nodes under `dev` as
 /// they are now, if they changed (or nothing is served yet): no new
-/// generation, only the spec, and the kernel is told to drop what it
-/// cached of it. A new spec is checkpointed, so that a successor serves
-/// it too; one that is not just makes the successor notice the nodes again.
+/// generation, only the spec. The kernel is told to drop what it cached
+/// of it, and its name is deleted in every `etc/cdi` (it is looked up
+/// again at once): that is what tells a runtime watching the directory
+/// (docker's CDI cache, with inotify) to read it again. A new spec is
+/// checkpointed, so that a successor serves it too; one that is not just
+/// makes the successor notice the nodes again.
 pub fn follow_devices(served: &Served, dev: &Path, notifier: Option<&Notifier>, link: Option<&Link>) {
     let spec = match nvlibfs::cdi::view_spec(&served.mountpoint, dev) {
         Ok(spec) => spec,
@@ -169,6 +172,15 @@ pub fn follow_devices(served: &Served, dev: &Path, notifier: Option<&Notifier>, 
         if let Err(e) = notifier.inval_inode(INodeNo(SPEC_INO), 0, 0) {
             tracing::debug!("invalidating the CDI spec: {e}");
         }
+        let name = std::ffi::OsStr::new(nvlibfs::cdi::VIEW_SPEC_NAME);
+        let names: Vec<Deletion> = (served.spec_dirs().into_iter())
+            .map(|parent| Deletion {
+                parent,
+                child: SPEC_INO,
+                name: name.to_owned(),
+            })
+            .collect();
+        delete_names(notifier, &names);
     }
     if !first {
         tracing::info!("the NVIDIA device nodes changed; serving a CDI spec that lists them");

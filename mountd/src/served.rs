@@ -1202,6 +1202,15 @@ impl Served {
         })
     }
 
+    /// The kernel inode of every live generation's `etc/cdi`, where the
+    /// spec is named.
+    pub fn spec_dirs(&self) -> Vec<u64> {
+        let generations = self.lock();
+        (generations.live.values())
+            .filter_map(|l| l.generation.spec_dir.map(|d| l.generation.kernel_ino(d)))
+            .collect()
+    }
+
     /// The spec served now, for comparing with a new one.
     pub fn spec_contents(&self) -> Option<Vec<u8>> {
         self.spec().map(|s| s.contents.clone())
@@ -1402,7 +1411,6 @@ impl Served {
 /// so its contents are what was served.
 fn restore_spec(state: &SpecState, file: std::fs::File) -> std::io::Result<Spec> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-    use std::io::Read;
     let seals = SealFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GET_SEALS)?);
     if !seals.contains(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW) {
         return Err(std::io::Error::other("its memfd is not sealed"));
@@ -1411,8 +1419,9 @@ fn restore_spec(state: &SpecState, file: std::fs::File) -> std::io::Result<Spec>
     if size > 1 << 20 {
         return Err(std::io::Error::other(format!("a spec of {size} bytes")));
     }
-    let mut contents = Vec::with_capacity(size as usize);
-    (&file).read_to_end(&mut contents)?;
+    // At its start: the memfd's offset is shared with whoever wrote it.
+    let mut contents = vec![0u8; size as usize];
+    file.read_exact_at(&mut contents, 0)?;
     let (secs, nanos) = state.mtime;
     let mtime = std::time::UNIX_EPOCH
         .checked_add(std::time::Duration::new(secs, nanos.min(999_999_999)))

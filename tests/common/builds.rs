@@ -6,15 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// nvlibfs-mountd built with `envs` set (each a setting the code reads
-/// with `option_env!`), once per run and name. All variants share one
-/// target directory of their own, so the binaries other tests use stay
-/// as they are; each is copied out before the next is built.
+/// with `option_env!`), from the source as it is now, once per test
+/// process and name. All variants share one target directory of their
+/// own, so the binaries other tests use stay as they are (and a variant
+/// rebuilds only what its settings change); each is copied out before the
+/// next is built.
 pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_build_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("variants");
     let out = target.join(format!("nvlibfs-mountd-{name}"));
-    if out.exists() && std::env::var_os("NVLIBFS_TEST_REBUILD").is_none() {
+    if built.iter().any(|b| b == name) {
         return out;
     }
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -27,6 +29,7 @@ pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
     cargo.envs(envs.iter().copied());
     super::ok(cargo.output().unwrap(), &format!("building nvlibfs-mountd ({name})"));
     std::fs::copy(target.join("debug/nvlibfs-mountd"), &out).unwrap();
+    built.push(name.to_owned());
     out
 }
 
