@@ -61,16 +61,7 @@ impl Selected {
     /// A file nvlibfs makes: held in a sealed memfd, so it is served (and
     /// passed through) like any host file and can never change.
     pub fn generated(view_path: PathBuf, bytes: &[u8]) -> std::io::Result<Selected> {
-        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-        use nix::sys::memfd::{memfd_create, MFdFlags};
-        use std::io::Write;
-        let mut file = File::from(memfd_create(
-            c"nvlibfs-generated",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )?);
-        file.write_all(bytes)?;
-        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL;
-        fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
+        let file = sealed_memfd(c"nvlibfs-generated", &[bytes])?;
         Ok(Selected {
             view_path,
             source: RootPath::root(),
@@ -82,6 +73,21 @@ impl Selected {
             soname: None,
         })
     }
+}
+
+/// A memfd holding `parts` one after another, sealed against every change:
+/// whoever holds it can trust its contents and length.
+pub fn sealed_memfd(name: &std::ffi::CStr, parts: &[&[u8]]) -> std::io::Result<File> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use std::io::Write;
+    let mut file = File::from(memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?);
+    for part in parts {
+        file.write_all(part)?;
+    }
+    let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(file)
 }
 
 /// Opens a path that was checked to be a regular file, and checks again

@@ -21,7 +21,7 @@ use crate::kept::Kept;
 use crate::protocol::{Manifest, Message, Tag};
 use crate::systemd::notify_with_fds;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 const FUSE: &str = "nvlibfs-fuse";
@@ -53,20 +53,7 @@ fn remove(name: &str) -> std::io::Result<bool> {
 }
 
 fn sealed(bytes: &[u8]) -> std::io::Result<OwnedFd> {
-    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-    use nix::sys::memfd::{memfd_create, MFdFlags};
-    let mut file = std::fs::File::from(memfd_create(
-        c"nvlibfs-fdstore",
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-    )?);
-    file.write_all(bytes)?;
-    fcntl(
-        &file,
-        FcntlArg::F_ADD_SEALS(
-            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL,
-        ),
-    )?;
-    Ok(OwnedFd::from(file))
+    Ok(nvlibfs::select::sealed_memfd(c"nvlibfs-fdstore", &[bytes])?.into())
 }
 
 fn read_small(fd: OwnedFd, what: &str) -> std::io::Result<Vec<u8>> {

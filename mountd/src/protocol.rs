@@ -30,7 +30,7 @@
 //!   `Sole` tells the new one that nobody else serves. `Thaw` undoes a
 //!   freeze when the new server refused.
 
-use std::io::{IoSlice, IoSliceMut, Read, Seek, Write};
+use std::io::{IoSlice, IoSliceMut, Read, Seek};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// The protocol's version, written into every state memfd. Any change to a
@@ -385,27 +385,13 @@ impl Manifest {
 /// number, then the JSON. Sealed, it can be neither changed nor resized
 /// by anyone who holds it, so a reader may trust its length.
 pub fn seal_state(seq: u64, json: &[u8]) -> std::io::Result<OwnedFd> {
-    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-    use nix::sys::memfd::{memfd_create, MFdFlags};
-    let mut file = std::fs::File::from(memfd_create(
-        c"nvlibfs-state",
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-    )?);
     let mut header = Vec::with_capacity(STATE_HEADER);
     header.extend_from_slice(STATE_MAGIC);
     header.extend_from_slice(&VERSION.to_le_bytes());
     header.extend_from_slice(&0u32.to_le_bytes());
     header.extend_from_slice(&seq.to_le_bytes());
     header.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    file.write_all(&header)?;
-    file.write_all(json)?;
-    fcntl(
-        &file,
-        FcntlArg::F_ADD_SEALS(
-            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL,
-        ),
-    )?;
-    Ok(OwnedFd::from(file))
+    Ok(nvlibfs::select::sealed_memfd(c"nvlibfs-state", &[&header, json])?.into())
 }
 
 /// Reads a state memfd: its sequence number and JSON. Refuses one that is
@@ -457,6 +443,7 @@ pub fn number_body(n: u64, text: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn manifests_and_batches_round_trip_and_refuse_bad_lengths() {

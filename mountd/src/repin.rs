@@ -148,9 +148,11 @@ pub fn with_spec_dir(mut view: View) -> View {
 /// Serves a CDI spec that lists the NVIDIA device nodes under `dev` as
 /// they are now, if they changed (or nothing is served yet): no new
 /// generation, only the spec. The kernel is told to drop what it cached
-/// of it, and its name is deleted in every `etc/cdi` (it is looked up
-/// again at once): that is what tells a runtime watching the directory
-/// (docker's CDI cache, with inotify) to read it again. A new spec is
+/// of it, and every `etc/cdi` is deleted in the kernel (the spec's name
+/// first, then the directory's; both are looked up again at once, the
+/// directory as a new inode, see `Generation::entry`): a runtime watching
+/// the directory with inotify (docker's CDI cache) sees it go and reads
+/// the spec again. A new spec is
 /// checkpointed, so that a successor serves it too; one that is not just
 /// makes the successor notice the nodes again.
 pub fn follow_devices(served: &Served, dev: &Path, notifier: Option<&Notifier>, link: Option<&Link>) {
@@ -173,14 +175,16 @@ pub fn follow_devices(served: &Served, dev: &Path, notifier: Option<&Notifier>, 
             tracing::debug!("invalidating the CDI spec: {e}");
         }
         let name = std::ffi::OsStr::new(nvlibfs::cdi::VIEW_SPEC_NAME);
-        let names: Vec<Deletion> = (served.spec_dirs().into_iter())
-            .map(|parent| Deletion {
-                parent,
+        let dirs = served.spec_dirs();
+        let files: Vec<Deletion> = (dirs.iter())
+            .map(|dir| Deletion {
+                parent: dir.child,
                 child: SPEC_INO,
                 name: name.to_owned(),
             })
             .collect();
-        delete_names(notifier, &names);
+        delete_names(notifier, &files);
+        delete_names(notifier, &dirs);
     }
     if !first {
         tracing::info!("the NVIDIA device nodes changed; serving a CDI spec that lists them");

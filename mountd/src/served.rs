@@ -177,6 +177,8 @@ struct Spec {
 pub struct SpecState {
     /// Its time, as `stat` shows it (seconds, nanoseconds since the epoch).
     pub mtime: (u64, u32),
+    /// How many specs have been served (see `Generation::entry`).
+    pub version: u64,
 }
 
 /// A generation `Served::stage` made live but not yet current.
@@ -280,12 +282,23 @@ impl Generation {
         }
     }
 
-    fn entry(&self, local: Ino) -> Option<Entry> {
+    /// What the kernel is told of view inode `local`. FUSE's per-inode
+    /// generation is the view generation, and for `etc/cdi` also the
+    /// spec's version: a new spec deletes that directory in the kernel
+    /// (which is what a runtime watching it with inotify sees) and the
+    /// next lookup of the same inode number, with another generation,
+    /// gets a new inode rather than the deleted one.
+    fn entry(&self, local: Ino, spec_version: u64) -> Option<Entry> {
         let mut attr = self.view.attr(local)?;
         attr.ino = self.kernel_ino(local);
+        let spec = if Some(local) == self.spec_dir {
+            spec_version << 32
+        } else {
+            0
+        };
         Some(Entry {
             attr,
-            generation: u64::from(self.number),
+            generation: spec | u64::from(self.number),
         })
     }
 
@@ -564,6 +577,8 @@ pub struct Served {
     /// all ended.
     pub drained: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     spec: Mutex<Option<Arc<Spec>>>,
+    /// How many specs have been served: part of `etc/cdi`'s FUSE generation.
+    spec_version: AtomicU64,
     started: Instant,
 }
 
@@ -590,6 +605,7 @@ impl Served {
             handovers: Mutex::new(Vec::new()),
             drained: Mutex::new(None),
             spec: Mutex::new(None),
+            spec_version: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
@@ -862,6 +878,7 @@ impl Served {
                     let d = s.file.mtime.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                     (d.as_secs(), d.subsec_nanos())
                 },
+                version: self.spec_version.load(Relaxed),
             }),
             ..state
         };
@@ -899,6 +916,7 @@ impl Served {
             (Some(state), Some(file)) => {
                 let spec = restore_spec(state, file).map_err(|e| format!("the CDI spec: {e}"))?;
                 *served.spec.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(spec));
+                served.spec_version.store(state.version, Relaxed);
             }
             (None, None) => {}
             _ => return Err("the CDI spec and its memfd do not come together".into()),
@@ -1102,7 +1120,12 @@ impl Served {
         if Some(local) == generation.spec_dir && name == nvlibfs::cdi::VIEW_SPEC_NAME {
             return Ok(self.spec_entry());
         }
-        let Some(entry) = generation.view.lookup(local, name).and_then(|c| generation.entry(c)) else {
+        let version = self.spec_version.load(Relaxed);
+        let Some(entry) = generation
+            .view
+            .lookup(local, name)
+            .and_then(|c| generation.entry(c, version))
+        else {
             return Ok(None);
         };
         generations_add(cells, live, 1);
@@ -1122,7 +1145,9 @@ impl Served {
             return self.spec_entry().ok_or(libc::ENOENT);
         }
         let (generation, local) = self.resolve(ino)?;
-        generation.entry(local).ok_or(libc::ENOENT)
+        generation
+            .entry(local, self.spec_version.load(Relaxed))
+            .ok_or(libc::ENOENT)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<OsString, Errno> {
@@ -1202,12 +1227,22 @@ impl Served {
         })
     }
 
-    /// The kernel inode of every live generation's `etc/cdi`, where the
-    /// spec is named.
-    pub fn spec_dirs(&self) -> Vec<u64> {
+    /// Every live generation's `etc/cdi` in the kernel: its name in
+    /// `etc` (parent, itself, "cdi"), where the spec is named.
+    pub fn spec_dirs(&self) -> Vec<Deletion> {
         let generations = self.lock();
         (generations.live.values())
-            .filter_map(|l| l.generation.spec_dir.map(|d| l.generation.kernel_ino(d)))
+            .filter_map(|l| {
+                let g = &l.generation;
+                let dir = g.spec_dir?;
+                Some(Deletion {
+                    parent: g.kernel_ino(g.view.node(dir)?.parent),
+                    child: g.kernel_ino(dir),
+                    name: std::path::Path::new(nvlibfs::cdi::VIEW_SPEC_DIR)
+                        .file_name()?
+                        .to_owned(),
+                })
+            })
             .collect()
     }
 
@@ -1226,6 +1261,7 @@ impl Served {
             contents: contents.to_vec(),
         });
         *self.spec.lock().unwrap_or_else(|e| e.into_inner()) = Some(new);
+        self.spec_version.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -1301,13 +1337,14 @@ impl Served {
         let cells = generations.counts.cells;
         let (live, local) = generations.resolve(ino).ok_or(libc::ENOENT)?;
         let listing = live.generation.listing(local).ok_or(libc::ENOTDIR)?;
+        let version = self.spec_version.load(Relaxed);
         let spec = (Some(local) == live.generation.spec_dir)
             .then(|| self.spec_entry())
             .flatten()
             .map(|e| (OsString::from(nvlibfs::cdi::VIEW_SPEC_NAME), e));
         let entries = listing
             .into_iter()
-            .filter_map(|(name, child)| Some((name, live.generation.entry(child)?)))
+            .filter_map(|(name, child)| Some((name, live.generation.entry(child, version)?)))
             .chain(spec);
         for (i, (name, entry)) in entries.enumerate().skip(offset as usize) {
             let dir_entry = DirEntry {

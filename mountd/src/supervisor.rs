@@ -372,13 +372,7 @@ impl Supervisor {
     fn server(&self, pid: Pid) -> Option<&Server> {
         let candidates: [Option<&Server>; 2] = match &self.phase {
             Phase::Mounting(s) | Phase::Serving(s) => [Some(s), None],
-            Phase::Restarting { old, step, .. } => [
-                Some(old),
-                match step {
-                    Step::Freezing => None,
-                    Step::Preparing(s) | Step::Overlap(s) | Step::Draining(s) => Some(s),
-                },
-            ],
+            Phase::Restarting { old, step, .. } => [Some(old), step_server(step)],
             Phase::Recovering { new, .. } => [Some(new), None],
             Phase::Stopping(s) => [s.as_ref(), None],
             Phase::Moving => [None, None],
@@ -471,10 +465,7 @@ impl Supervisor {
                     }
                 }
                 Err(e) => {
-                    old.send(Tag::Thaw, &[]);
-                    let old_pid = old.pid;
-                    self.phase = Phase::Serving(old);
-                    self.refusal(old_pid, 0, e.to_string());
+                    self.give_up_restart(old, New::None, false, e.to_string());
                     return Ok(());
                 }
             },
@@ -542,13 +533,7 @@ impl Supervisor {
                 old,
                 step: Step::Preparing(new),
                 ..
-            } if new.pid == pid => {
-                new.kill(Signal::SIGKILL);
-                old.send(Tag::Thaw, &[]);
-                let old_pid = old.pid;
-                self.phase = Phase::Serving(old);
-                self.refusal(old_pid, pid.as_raw() as u32, why);
-            }
+            } if new.pid == pid => self.give_up_restart(old, New::Running(&new), false, why),
             // After a crash there is nobody to go back to: the server that
             // refused dies, and `exit` starts another or gives up.
             Phase::Recovering {
@@ -692,23 +677,8 @@ impl Supervisor {
             Step::Freezing => {
                 self.phase = Phase::Serving(old);
             }
-            Step::Preparing(new) => {
-                new.kill(Signal::SIGKILL);
-                old.send(Tag::Thaw, &[]);
-                let old_pid = old.pid;
-                self.phase = Phase::Serving(old);
-                self.refusal(old_pid, new.pid.as_raw() as u32, why);
-            }
-            Step::Overlap(new) => {
-                // It may hold requests it read: they go back in the queue
-                // (for the old server, which still reads).
-                new.kill(Signal::SIGKILL);
-                self.resend();
-                old.send(Tag::Thaw, &[]);
-                let old_pid = old.pid;
-                self.phase = Phase::Serving(old);
-                self.refusal(old_pid, new.pid.as_raw() as u32, why);
-            }
+            Step::Preparing(new) => self.give_up_restart(old, New::Running(&new), false, why),
+            Step::Overlap(new) => self.give_up_restart(old, New::Running(&new), true, why),
             Step::Draining(new) => {
                 // A thread of the old server stuck in a request: it goes,
                 // and what it held goes back in the queue for the new one.
@@ -718,6 +688,27 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+
+    /// A restart that cannot go on: the new server, if still running,
+    /// goes; what it read, if it had begun to read, goes back in the queue
+    /// for the old one, which thaws and serves on.
+    fn give_up_restart(&mut self, old: Server, new: New<'_>, new_read: bool, why: String) {
+        let new_pid = match new {
+            New::Running(new) => {
+                new.kill(Signal::SIGKILL);
+                new.pid.as_raw() as u32
+            }
+            New::Reaped(pid) => pid.as_raw() as u32,
+            New::None => 0,
+        };
+        if new_read {
+            self.resend();
+        }
+        old.send(Tag::Thaw, &[]);
+        let old_pid = old.pid;
+        self.phase = Phase::Serving(old);
+        self.refusal(old_pid, new_pid, why);
     }
 
     /// A server process ended.
@@ -771,21 +762,24 @@ impl Supervisor {
             },
             Phase::Restarting {
                 old,
-                step: Step::Preparing(new) | Step::Overlap(new) | Step::Draining(new),
+                step: step @ (Step::Preparing(_) | Step::Overlap(_)),
+                ..
+            } if step_server(&step).is_some_and(|s| s.pid == pid) => {
+                tracing::error!("the new server (pid {pid}) ended during the restart: {status:?}");
+                // Reaped: nothing to stop; what it read, if it read,
+                // goes back in the queue for the old one.
+                let read = matches!(step, Step::Overlap(_));
+                let why = format!("it ended before it served: {status:?}");
+                self.give_up_restart(old, New::Reaped(pid), read, why);
+            }
+            // The old server has stopped reading: this is a crash.
+            Phase::Restarting {
+                step: Step::Draining(new),
                 ..
             } if new.pid == pid => {
-                tracing::error!("the new server (pid {pid}) ended during the restart: {status:?}");
-                // Whatever it read goes back in the queue, for the old
-                // server, which still reads; it goes on as before.
-                self.resend();
-                old.send(Tag::Thaw, &[]);
-                let old_pid = old.pid;
-                self.phase = Phase::Serving(old);
-                self.refusal(
-                    old_pid,
-                    pid.as_raw() as u32,
-                    format!("it ended before it served: {status:?}"),
-                );
+                tracing::error!("the new server (pid {pid}) died while the old one drained: {status:?}");
+                self.crashes.push_back(Instant::now());
+                self.recover("crash", pid)?;
             }
             Phase::Recovering {
                 new,
@@ -984,6 +978,21 @@ impl Supervisor {
             serving_since: None,
             version: None,
         })
+    }
+}
+
+/// The new server of a restart that is given up.
+enum New<'a> {
+    Running(&'a Server),
+    /// Already ended and reaped: its pid may be another process's now.
+    Reaped(Pid),
+    None,
+}
+
+fn step_server(step: &Step) -> Option<&Server> {
+    match step {
+        Step::Freezing => None,
+        Step::Preparing(s) | Step::Overlap(s) | Step::Draining(s) => Some(s),
     }
 }
 
