@@ -328,6 +328,7 @@ fn restarts_around_repins_and_crashes_lose_nothing() {
     let loaders: Vec<Child> = (0..4)
         .map(|i| loaders::start(&m, i, if i % 2 == 0 { Bind::Rslave } else { Bind::Private }, 5000))
         .collect();
+    let handovers = |s: &nvlibfs::control::Status| s.handovers.iter().filter(|h| h.refused.is_none()).count();
     for delay_us in [0, 500, 3000, 20_000] {
         let before = m.status();
         signal(before.supervisor_pid.unwrap(), libc::SIGUSR2);
@@ -335,16 +336,35 @@ fn restarts_around_repins_and_crashes_lose_nothing() {
         // A restart takes milliseconds: at the longer delays the server
         // may have handed over and gone already.
         signal_if_running(before.pid, libc::SIGKILL);
-        wait_for("a server after SIGUSR2 and SIGKILL", || {
-            nvlibfs::control::query(&m.state_dir, &m.mountpoint).is_ok_and(|s| {
-                s.pid != before.pid
-                    && s.handovers.iter().filter(|h| h.refused.is_none()).count() > before.handovers.len()
-            })
-        });
+        let served = || {
+            nvlibfs::control::query(&m.state_dir, &m.mountpoint)
+                .is_ok_and(|s| s.pid != before.pid && handovers(&s) > handovers(&before))
+        };
+        let start = std::time::Instant::now();
+        while !served() {
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!(
+                    "no server 20 s after SIGUSR2 and a SIGKILL {delay_us} µs later; the daemon's log:\n{}",
+                    daemon_log(&m)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // Settled: no step of the restart is left over.
         std::thread::sleep(Duration::from_millis(200));
     }
     check_loaders(loaders, "SIGUSR2 then SIGKILL");
+}
+
+/// The daemon's log, for a failure message.
+fn daemon_log(m: &Mounted) -> String {
+    std::fs::read_dir(&m.state_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect()
 }
 
 fn descriptors(pid: u32) -> usize {

@@ -237,6 +237,8 @@ pub fn recv(sock: &impl AsFd) -> Result<Option<Message>, ProtocolError> {
     let size = loop {
         match peek(fd, &mut [], MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
             Err(nix::errno::Errno::EINTR) => continue,
+            // The other side died with messages unread: it is gone.
+            Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
             other => break other?,
         }
     };

@@ -279,7 +279,11 @@ impl Supervisor {
                 }
                 Some(Event::Broken(pid, why)) => {
                     tracing::error!("pid {pid}: {why}");
-                    self.kept.broken(why);
+                    // Only a server this supervisor still runs can be
+                    // sending a checkpoint it would spoil.
+                    if self.server(pid).is_some() {
+                        self.kept.broken(why);
+                    }
                 }
                 Some(Event::Message(pid, m)) => self.message(pid, m)?,
                 Some(Event::Signal(signal)) => {
