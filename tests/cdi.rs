@@ -300,7 +300,16 @@ fn a_mount_carries_its_own_spec_and_keeps_it_in_step_with_the_nodes() {
     let held = std::fs::File::open(&path).unwrap();
     let before = m.status();
     std::fs::remove_file(dev.join("nvidia1")).unwrap();
-    common::wait_for("the spec to drop GPU 1", || names(&read()) == ["0", "all"]);
+    // While the spec changes, a reader halfway through etc/cdi may find it
+    // gone once (the directory is deleted in the kernel, which is what
+    // tells docker to read the spec again); the next read finds the new one.
+    common::wait_for("the spec to drop GPU 1", || {
+        std::fs::read_to_string(&path)
+            .inspect_err(|e| eprintln!("EXPERIMENT {e}"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .is_some_and(|spec: Value| names(&spec) == ["0", "all"])
+    });
     let after = m.status();
     assert_eq!(after.driver_version, VERSION, "the pin stays");
     // The spec changed; nothing else did: the same generation, its names

@@ -291,14 +291,16 @@ impl Generation {
     fn entry(&self, local: Ino, spec_version: u64) -> Option<Entry> {
         let mut attr = self.view.attr(local)?;
         attr.ino = self.kernel_ino(local);
+        // The kernel keeps 32 bits of it (`i_generation`): the spec's
+        // version goes into the high half of those.
         let spec = if Some(local) == self.spec_dir {
-            spec_version << 32
+            (spec_version as u32).rotate_left(16)
         } else {
             0
         };
         Some(Entry {
             attr,
-            generation: spec | u64::from(self.number),
+            generation: u64::from(self.number ^ spec),
         })
     }
 
