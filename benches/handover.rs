@@ -4,8 +4,8 @@
 //!   cargo bench --bench handover [-- --events N] [--out DIR]
 //!
 //! Events: SIGKILL of the serving process (the supervisor starts another,
-//! which takes over), and `nvlibfs restart` (an upgrade: the new server
-//! restores everything before the old one stops). For each, the
+//! which takes over), and `nvlibfs restart` (an upgrade: the old server
+//! answers until the new one does, then drains). For each, the
 //! supervisor's measure (from when it saw the old server end to the new
 //! one answering) and what a loader looping through the view the whole
 //! time saw: failed loads and its slowest single load.
@@ -48,8 +48,9 @@ fn main() {
             .trim()
     ));
     report.push_str(
-        "- waited: from when the supervisor saw the old server end (reaped its death, or stopped it) to \
-         the new one answering, as the supervisor measures it\n\
+        "- waited: how long requests had nobody to answer them, as the supervisor measures it: from a \
+         server's death to its successor answering; 0 for a restart, where the old server answers until \
+         the new one does and then drains\n\
          - loader: one process loading libcuda about every millisecond through the view the whole time; \
          its slowest load bounds what a request saw\n\n\
          | data path | event | waited p50 (ms) | p99 | max | loader's failed loads | loader's slowest load (ms) |\n\
