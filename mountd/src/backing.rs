@@ -37,3 +37,26 @@ pub fn close(dev: BorrowedFd<'_>, id: u32) {
         tracing::warn!("closing backing id {id}: {e}");
     }
 }
+
+/// Where the serving core registers passthrough backing files. A trait,
+/// so that the core (`served.rs`) knows nothing of the kernel's interface
+/// and its tests can stand in for the connection.
+pub trait Registry: Send + Sync {
+    /// Registers `file`; the id OPEN replies name.
+    fn open(&self, file: BorrowedFd<'_>) -> std::io::Result<u32>;
+    /// Drops the registration; files already open keep their backing.
+    fn close(&self, id: u32);
+}
+
+/// The FUSE connection itself, through the kernel's ioctls.
+pub struct Connection(pub std::os::fd::OwnedFd);
+
+impl Registry for Connection {
+    fn open(&self, file: BorrowedFd<'_>) -> std::io::Result<u32> {
+        open(self.0.as_fd(), &file)
+    }
+
+    fn close(&self, id: u32) {
+        close(self.0.as_fd(), id)
+    }
+}

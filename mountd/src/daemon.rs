@@ -7,6 +7,7 @@
 //! poll; SIGUSR1, SIGUSR2 and SIGPIPE are ignored. An unmount from outside
 //! ends the daemon too (exit 0).
 
+use crate::backing::{Connection, Registry};
 use crate::fs::NvlibFs;
 use crate::layout;
 use crate::link::{self, Answer, Link};
@@ -270,7 +271,11 @@ fn mount<'a>(
             _ => format!("mounting {}: {e}", mountpoint.display()),
         })
     })?;
-    served.start(crate::repin::with_spec_dir(plan.view), Some(&session));
+    let connection = std::os::fd::AsFd::as_fd(&session)
+        .try_clone_to_owned()
+        .map_err(|e| DaemonError(format!("keeping the FUSE connection: {e}")))?;
+    let registry: Arc<dyn Registry> = Arc::new(Connection(connection));
+    served.start(crate::repin::with_spec_dir(plan.view), Some(registry));
     crate::repin::follow_devices(&served, &serve.dev, None, None);
     set_readahead(&live, serve.readahead_kb);
     // The supervisor keeps the connection and everything held from now on.
@@ -354,7 +359,10 @@ fn take_over<'a>(
             received.files,
             received.counts,
             received.spec,
-            &fuse,
+            Arc::new(Connection(
+                fuse.try_clone()
+                    .map_err(|e| refuse(format!("keeping the connection: {e}")))?,
+            )),
         )
         .map_err(refuse)?,
     );

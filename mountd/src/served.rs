@@ -14,7 +14,7 @@
 //! retired generation is freed exactly when the kernel lets go of its last
 //! inode, never earlier.
 
-use crate::backing;
+use crate::backing::Registry;
 use crate::protocol::InitRecord;
 use nvlibfs::control::{Counters, GenerationStatus, Status};
 use nvlibfs::select::FileKind;
@@ -124,17 +124,25 @@ pub struct Deletion {
 /// since. A server that does not own them keeps the ids its freed
 /// generations had, to close once it owns them (`Served::own_backing`).
 pub struct Backing {
-    dev: Arc<OwnedFd>,
+    registry: Arc<dyn Registry>,
     owner: AtomicBool,
     deferred: Mutex<Vec<u32>>,
 }
 
 impl Backing {
+    fn new(registry: Arc<dyn Registry>, owner: bool) -> Arc<Backing> {
+        Arc::new(Backing {
+            registry,
+            owner: AtomicBool::new(owner),
+            deferred: Mutex::new(Vec::new()),
+        })
+    }
+
     fn close(&self, ids: impl IntoIterator<Item = u32>) {
         let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
         if self.owner.load(Relaxed) {
             for id in ids {
-                backing::close(self.dev.as_fd(), id);
+                self.registry.close(id);
             }
         } else {
             deferred.extend(ids);
@@ -627,27 +635,23 @@ impl Served {
         self.generations.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Chooses how file data is served, given the FUSE connection `dev`
-    /// (`None` in tests without one), and installs the first view.
-    pub fn start(&self, view: View, dev: Option<&impl AsFd>) {
+    /// Chooses how file data is served, given where backing files are
+    /// registered (the connection; `None` in tests without one), and
+    /// installs the first view.
+    pub fn start(&self, view: View, registry: Option<Arc<dyn Registry>>) {
+        let connected = registry.is_some();
         let device = if !self.wants_passthrough {
             Err("--no-passthrough was given".to_owned())
         } else if !self.passthrough_offered.load(Relaxed) {
             Err("the kernel did not offer FUSE passthrough (needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)".into())
         } else {
-            match dev.map(|d| d.as_fd().try_clone_to_owned()) {
-                Some(Ok(dev)) => Ok(Arc::new(Backing {
-                    dev: Arc::new(dev),
-                    owner: AtomicBool::new(true),
-                    deferred: Mutex::new(Vec::new()),
-                })),
-                Some(Err(e)) => Err(format!("cannot keep the FUSE connection for passthrough: {e}")),
-                None => Err("no FUSE connection".into()),
-            }
+            registry
+                .map(|r| Backing::new(r, true))
+                .ok_or_else(|| "no FUSE connection".to_owned())
         };
         // Without a connection (tests of the core) opens are counted as
         // they are with passthrough.
-        let no_open = device.is_err() && dev.is_some() && self.no_open_offered.load(Relaxed);
+        let no_open = device.is_err() && connected && self.no_open_offered.load(Relaxed);
         self.no_open.store(no_open, Relaxed);
         *self.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) = device;
         self.install(view, None);
@@ -663,13 +667,13 @@ impl Served {
         };
         let mut ids = HashMap::new();
         for (ino, file) in view.files() {
-            match backing::open(backing_ids.dev.as_fd(), &file.file) {
+            match backing_ids.registry.open(file.file.as_fd()) {
                 Ok(id) => {
                     ids.insert(ino, id);
                 }
                 Err(e) => {
                     for id in ids.into_values() {
-                        backing::close(backing_ids.dev.as_fd(), id);
+                        backing_ids.registry.close(id);
                     }
                     let hint = if e.raw_os_error() == Some(libc::EPERM) {
                         " (passthrough needs CAP_SYS_ADMIN in the initial user namespace)"
@@ -894,8 +898,9 @@ impl Served {
     }
 
     /// A server continuing exactly from `checkpoint` on the connection
-    /// `dev`: `files` holds each generation's files (by number, in the
-    /// order its snapshot lists them) and `counts` the shared counters.
+    /// (`registry` registers its backing files): `files` holds each
+    /// generation's files (by number, in the order its snapshot lists
+    /// them) and `counts` the shared counters.
     /// Nothing is rebuilt by this build's rules; a checkpoint this build
     /// cannot honour exactly is refused with the reason.
     ///
@@ -910,7 +915,7 @@ impl Served {
         mut files: HashMap<u32, Vec<std::fs::File>>,
         counts: OwnedFd,
         spec: Option<std::fs::File>,
-        dev: &OwnedFd,
+        registry: Arc<dyn Registry>,
     ) -> Result<Served, String> {
         let counts = Counts::map(counts).map_err(|e| format!("the shared reference counters: {e}"))?;
         let served = Served::with_counts(mountpoint, wants_passthrough, counts);
@@ -923,11 +928,7 @@ impl Served {
             (None, None) => {}
             _ => return Err("the CDI spec and its memfd do not come together".into()),
         }
-        let backing_ids = Arc::new(Backing {
-            dev: Arc::new(dev.try_clone().map_err(|e| format!("keeping the connection: {e}"))?),
-            owner: AtomicBool::new(false),
-            deferred: Mutex::new(Vec::new()),
-        });
+        let backing_ids = Backing::new(registry, false);
         *served.passthrough_dev.lock().unwrap_or_else(|e| e.into_inner()) =
             checkpoint.passthrough.clone().map(|()| backing_ids.clone());
         served.no_open.store(checkpoint.no_open, Relaxed);
@@ -1050,7 +1051,7 @@ impl Served {
             let ids = std::mem::take(&mut *deferred);
             if close_deferred {
                 for id in ids {
-                    backing::close(backing_ids.dev.as_fd(), id);
+                    backing_ids.registry.close(id);
                 }
             }
             backing_ids.owner.store(true, Relaxed);
@@ -1564,7 +1565,7 @@ mod tests {
                 .view
         };
         let served = Served::new("/t".into(), false).unwrap();
-        served.start(view(), None::<&OwnedFd>);
+        served.start(view(), None);
         let held = served.lookup(FUSE_ROOT, OsStr::new("lib64")).unwrap().unwrap();
         let span = served.current().unwrap().span;
         // Generations 1 and 2 are never held: each is freed when the next

@@ -128,7 +128,7 @@ impl Supervisor {
             received.files,
             received.counts,
             received.spec,
-            &received.fuse,
+            Arc::new(nvlibfs_mountd::backing::Connection(received.fuse)),
         )
         .expect("restore");
         served.own_backing(false);
@@ -297,7 +297,7 @@ fn raise_file_limit() {
 fn run(seed: u64, root: &Path, version: &str) {
     raise_file_limit();
     let mut served = Arc::new(Served::new("/model".into(), false).unwrap());
-    served.start(view_of(root, version), None::<&OwnedFd>);
+    served.start(view_of(root, version), None);
     *served.init_record.lock().unwrap() = Some(INIT);
     let supervisor = Arc::new(Supervisor::new(&served));
     let mut holdings: Vec<Holdings> = vec![Holdings::new(); THREADS];
@@ -421,7 +421,7 @@ fn inode_numbers_fit_32_bits_and_are_never_reused_while_held() {
     let spec = fixture(&root);
     raise_file_limit();
     let served = Served::new("/model".into(), false).unwrap();
-    served.start(view_of(&root, &spec.version), None::<&OwnedFd>);
+    served.start(view_of(&root, &spec.version), None);
     let mut held: Vec<(u64, u64)> = Vec::new();
     for n in 0..1000 {
         let lib64 = served.lookup(FUSE_ROOT, "lib64".as_ref()).unwrap().unwrap();
