@@ -25,12 +25,17 @@ fn with_other_version() -> FixtureSpec {
 }
 
 /// Switches the "loaded module" and waits until the daemon serves it.
+/// Re-pins and waits until the new generation is what paths reach: status
+/// shows it as soon as it is committed, and the kernel drops the old
+/// generation's cached names just after.
 fn repin(m: &Mounted, version: &str, generation: u32) -> Status {
+    let lib64 = || std::fs::metadata(m.mountpoint.join("lib64")).unwrap().ino();
+    let before = lib64();
     std::fs::write(m.fixture.module_version_file(), format!("{version}\n")).unwrap();
     let mut status = m.status();
     wait_for(&format!("generation {generation} ({version})"), || {
         status = m.status();
-        status.generation == generation
+        status.generation == generation && lib64() != before
     });
     assert_eq!(status.driver_version, version);
     status

@@ -497,31 +497,30 @@ impl Supervisor {
                     since: Instant::now(),
                 }
             }
-            Phase::Recovering {
-                new,
-                reason,
-                old_pid,
-                since,
-            } if new.pid == pid => {
+            other => other,
+        };
+        if let Phase::Recovering { new, .. } = &self.phase {
+            if new.pid == pid {
                 // The dead server's unanswered requests go back in the
                 // queue before anybody reads it again.
                 self.resend();
                 new.send(Tag::Go, &[protocol::GO_ALONE]);
-                Phase::Recovering {
-                    new,
-                    reason,
-                    old_pid,
-                    since,
-                }
             }
-            other => other,
-        };
+        }
         Ok(())
     }
 
     /// A server cannot do what a restart asked of it.
     fn refused(&mut self, pid: Pid, why: String) {
         tracing::error!("pid {pid} refused: {why}");
+        // After a crash there is nobody to go back to: the server that
+        // refused dies, and `exit` starts another or gives up.
+        if let Phase::Recovering { new, .. } = &self.phase {
+            if new.pid == pid {
+                new.kill(Signal::SIGKILL);
+            }
+            return;
+        }
         match std::mem::replace(&mut self.phase, Phase::Moving) {
             // The old server could not take its final checkpoint; it has
             // thawed itself.
@@ -538,22 +537,6 @@ impl Supervisor {
                 step: Step::Preparing(new),
                 ..
             } if new.pid == pid => self.give_up_restart(old, New::Running(&new), false, why),
-            // After a crash there is nobody to go back to: the server that
-            // refused dies, and `exit` starts another or gives up.
-            Phase::Recovering {
-                new,
-                reason,
-                old_pid,
-                since,
-            } if new.pid == pid => {
-                new.kill(Signal::SIGKILL);
-                self.phase = Phase::Recovering {
-                    new,
-                    reason,
-                    old_pid,
-                    since,
-                };
-            }
             other => self.phase = other,
         }
     }
