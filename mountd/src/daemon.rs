@@ -492,11 +492,10 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         }
     }
     let warm_notifier = session.notifier();
-    let drain = crate::drain::Drain::prepare(
+    let drain = crate::drain::Drain::new(
         std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&session)),
         device,
-    )
-    .map_err(|e| DaemonError(format!("preparing to hand over later: {e}")))?;
+    );
     let (events, event) = mpsc::channel();
     let loop_thread = {
         let events = events.clone();

@@ -55,8 +55,10 @@ pub struct Drain {
 extern "C" fn wake(_: libc::c_int) {}
 
 impl Drain {
-    pub fn prepare(number: RawFd, device: OwnedFd) -> std::io::Result<Drain> {
-        Ok(Drain { number, device })
+    /// For the server whose fuser threads use descriptor `number` for
+    /// the connection `device`.
+    pub fn new(number: RawFd, device: OwnedFd) -> Drain {
+        Drain { number, device }
     }
 
     /// Returns once no thread of this process reads the connection and
