@@ -161,12 +161,25 @@ impl ConfigBase {
 pub struct ConfigSpec {
     pub base: ConfigBase,
     pub path: &'static str,
+    /// Whether it comes with the driver (and must be of its version) or
+    /// with a library released on its own schedule.
+    pub versioning: Versioning,
 }
 
 const fn share(path: &'static str) -> ConfigSpec {
     ConfigSpec {
         base: ConfigBase::Share,
         path,
+        versioning: Versioning::Driver,
+    }
+}
+
+/// An EGL external platform's config: it names one of the
+/// `libnvidia-egl-*` libraries, which have their own versions.
+const fn egl_platform(path: &'static str) -> ConfigSpec {
+    ConfigSpec {
+        versioning: Versioning::Own,
+        ..share(path)
     }
 }
 
@@ -174,6 +187,7 @@ const fn etc(path: &'static str) -> ConfigSpec {
     ConfigSpec {
         base: ConfigBase::Etc,
         path,
+        versioning: Versioning::Driver,
     }
 }
 
@@ -181,11 +195,11 @@ const fn etc(path: &'static str) -> ConfigSpec {
 /// are, with no rewriting.
 pub const CONFIGS: &[ConfigSpec] = &[
     share("glvnd/egl_vendor.d/10_nvidia.json"),
-    share("egl/egl_external_platform.d/15_nvidia_gbm.json"),
-    share("egl/egl_external_platform.d/10_nvidia_wayland.json"),
-    share("egl/egl_external_platform.d/09_nvidia_wayland2.json"),
-    share("egl/egl_external_platform.d/20_nvidia_xcb.json"),
-    share("egl/egl_external_platform.d/20_nvidia_xlib.json"),
+    egl_platform("egl/egl_external_platform.d/15_nvidia_gbm.json"),
+    egl_platform("egl/egl_external_platform.d/10_nvidia_wayland.json"),
+    egl_platform("egl/egl_external_platform.d/09_nvidia_wayland2.json"),
+    egl_platform("egl/egl_external_platform.d/20_nvidia_xcb.json"),
+    egl_platform("egl/egl_external_platform.d/20_nvidia_xlib.json"),
     share("nvidia/nvoptix.bin"),
     share("vulkan/icd.d/nvidia_icd.json"),
     share("vulkan/icd.d/nvidia_icd.x86_64.json"),
@@ -194,6 +208,14 @@ pub const CONFIGS: &[ConfigSpec] = &[
     etc("vulkan/implicit_layer.d/nvidia_layers.json"),
     etc("OpenCL/vendors/nvidia.icd"),
 ];
+
+/// The vendor config a file in a driver tree is, by its name (the first
+/// of the same name, as the view has one place for each).
+pub fn config_named(file_name: &str) -> Option<&'static ConfigSpec> {
+    CONFIGS
+        .iter()
+        .find(|spec| spec.path.rsplit('/').next() == Some(file_name))
+}
 
 /// A library file name split at `.so`: `libcuda.so.580.159.04` is
 /// (`libcuda`, `580.159.04`); `libcuda.so` is (`libcuda`, ``).

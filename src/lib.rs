@@ -20,6 +20,7 @@ pub mod hostroot;
 pub mod ldcache;
 pub mod mountinfo;
 pub mod pin;
+pub mod provenance;
 pub mod reason;
 pub mod select;
 pub mod view;
@@ -33,6 +34,11 @@ use std::time::{Duration, Instant};
 pub struct Plan {
     pub view: view::View,
     pub rejected: Vec<reason::Rejected>,
+    /// What shows each served file whose name carries no version to be of
+    /// the pinned version, by view path.
+    pub provenance: Vec<(PathBuf, provenance::Provenance)>,
+    /// Where discovery looked, as the host names it.
+    pub looked_in: Vec<String>,
     /// How long pinning, discovery and selection took.
     pub elapsed: Duration,
 }
@@ -89,24 +95,55 @@ impl Plan {
         versions
     }
 
-    /// Why this plan has nothing to serve, naming what is on disk instead:
-    /// `None` when the view holds the pinned version's libraries. `nvlibfs
-    /// scan` and the daemon (so `nvlibfs mount`) both say it in these words.
+    /// Why this plan has nothing to serve, naming where discovery looked
+    /// and what it found there instead: `None` when the view holds the
+    /// pinned version's libraries. `nvlibfs scan` and the daemon (so
+    /// `nvlibfs mount`) both say it in these words.
     pub fn no_driver_message(&self) -> Option<String> {
         if self.view.has_driver_libraries() {
             return None;
         }
-        let on_disk: Vec<String> = self.versions_on_disk().iter().map(|v| v.to_string()).collect();
+        let found: Vec<String> = self
+            .versions_on_disk()
+            .iter()
+            .map(|v| format!("{v} in {}", self.library_dirs_of(v).join(", ")))
+            .collect();
         Some(format!(
-            "no driver library of version {} under {}; on disk: {}",
+            "no driver library of version {} under {}; looked in {}; found {}",
             self.view.pin().version,
             self.view.manifest().driver_root,
-            if on_disk.is_empty() {
+            if self.looked_in.is_empty() {
+                "nothing: none of the places where drivers are installed exists".to_owned()
+            } else {
+                self.looked_in.join(", ")
+            },
+            if found.is_empty() {
                 "no NVIDIA driver libraries of any version".to_owned()
             } else {
-                on_disk.join(", ")
+                found.join("; ")
             }
         ))
+    }
+
+    /// The directories where libraries of `version` were found (as found,
+    /// before links were followed).
+    fn library_dirs_of(&self, version: &pin::DriverVersion) -> Vec<String> {
+        let mut dirs: Vec<String> = self
+            .rejected
+            .iter()
+            .filter(|r| {
+                is_library(&r.source)
+                    && matches!(&r.reason, reason::Reason::OtherVersion { found } if found == version.as_str())
+            })
+            .filter_map(|r| {
+                r.source
+                    .rsplit_once('/')
+                    .map(|(dir, _)| if dir.is_empty() { "/" } else { dir }.to_owned())
+            })
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
     }
 }
 
@@ -125,8 +162,13 @@ pub fn plan(driver_root: &Path, pin: &pin::PinRequest, kernel: &discover::Kernel
         path: driver_root.to_owned(),
         error,
     })?;
-    let scan = discover::DriverScan::run(&root, &pinned.version, kernel);
-    let select::Selection { files, rejected } = select::select(&root, &pinned, scan);
+    let mut scan = discover::DriverScan::run(&root, &pinned.version, kernel);
+    let looked_in = std::mem::take(&mut scan.looked_in);
+    let select::Selection {
+        files,
+        rejected,
+        provenance,
+    } = select::select(&root, &pinned, scan);
     if let Some(r) = rejected.iter().find(|r| r.reason == reason::Reason::TooManyOpenFiles) {
         return Err(PlanError::TooManyOpenFiles { at: r.source.clone() });
     }
@@ -134,6 +176,8 @@ pub fn plan(driver_root: &Path, pin: &pin::PinRequest, kernel: &discover::Kernel
     Ok(Plan {
         view,
         rejected,
+        provenance,
+        looked_in,
         elapsed: start.elapsed(),
     })
 }

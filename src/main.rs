@@ -273,6 +273,9 @@ struct ScanReport<'a> {
     #[serde(flatten)]
     manifest: &'a Manifest,
     rejected: &'a [nvlibfs::reason::Rejected],
+    /// View path -> what shows a file whose name carries no version to be
+    /// of the pinned version.
+    version_shown_by: std::collections::BTreeMap<String, String>,
     scan_ms: f64,
 }
 
@@ -284,6 +287,11 @@ fn scan(args: ScanArgs) -> Result<(), Box<dyn std::error::Error>> {
         let report = ScanReport {
             manifest: &manifest,
             rejected: &plan.rejected,
+            version_shown_by: plan
+                .provenance
+                .iter()
+                .map(|(path, p)| (path.display().to_string(), p.to_string()))
+                .collect(),
             scan_ms,
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -305,8 +313,17 @@ fn print_plan(m: &Manifest, plan: &Plan, all: bool) {
     let bytes: u64 = m.files.iter().map(|f| f.size).sum();
     println!("\nFiles ({}, {}):", m.files.len(), human(bytes));
     let width = m.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
+    let shown_by: std::collections::HashMap<String, String> = plan
+        .provenance
+        .iter()
+        .map(|(path, p)| (path.display().to_string(), p.to_string()))
+        .collect();
     for f in &m.files {
-        println!("  {:width$}  {:>9}  {}", f.path, human(f.size), f.source);
+        match shown_by.get(&f.path) {
+            // A name without a version: say why this file is the pinned one.
+            Some(why) => println!("  {:width$}  {:>9}  {}  ({why})", f.path, human(f.size), f.source),
+            None => println!("  {:width$}  {:>9}  {}", f.path, human(f.size), f.source),
+        }
     }
     println!("\nSymlinks ({}):", m.symlinks.len());
     let width = m.symlinks.iter().map(|l| l.path.len()).max().unwrap_or(0);

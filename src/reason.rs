@@ -19,6 +19,16 @@ pub enum Reason {
     OtherVersion {
         found: String,
     },
+    /// A file whose name carries no version, shown to be of another.
+    OtherVersionShown {
+        found: String,
+        shown_by: String,
+    },
+    /// A file whose name carries no version, on a host with several
+    /// drivers, and nothing shows which it belongs to.
+    VersionUnproven {
+        on_disk: String,
+    },
     /// A driver-versioned library whose file name carries no version.
     NoVersion,
     NotElf,
@@ -53,7 +63,8 @@ impl Reason {
     pub fn code(&self) -> &'static str {
         match self {
             Reason::UnknownName | Reason::TargetNotDriverFile { .. } => "unknown_name",
-            Reason::OtherVersion { .. } => "other_version",
+            Reason::OtherVersion { .. } | Reason::OtherVersionShown { .. } => "other_version",
+            Reason::VersionUnproven { .. } => "version_unproven",
             Reason::NoVersion => "no_version",
             Reason::NotElf => "not_elf",
             Reason::Truncated(_) => "truncated",
@@ -83,6 +94,11 @@ impl fmt::Display for Reason {
                 write!(f, "links to {target}, which is not an NVIDIA driver file")
             }
             Reason::OtherVersion { found } => write!(f, "other version {found}"),
+            Reason::OtherVersionShown { found, shown_by } => write!(f, "other version {found} ({shown_by})"),
+            Reason::VersionUnproven { on_disk } => write!(
+                f,
+                "its name carries no version and nothing shows which driver it belongs to (on disk: {on_disk})"
+            ),
             Reason::NoVersion => f.write_str("file name carries no driver version"),
             Reason::NotElf => f.write_str("not an ELF file"),
             Reason::Truncated(d) | Reason::WrongMachine(d) | Reason::BadElf(d) => f.write_str(d),

@@ -8,6 +8,7 @@ use crate::discover::{Candidate, DriverScan, Role};
 use crate::elf::{self, ElfClass, ObjectType};
 use crate::hostroot::{HostRoot, Resolved, RootPath};
 use crate::pin::{DriverVersion, PinnedVersion};
+use crate::provenance::{Evidence, Provenance};
 use crate::reason::{Reason, Rejected};
 use std::collections::HashMap;
 use std::fs::File;
@@ -115,6 +116,9 @@ pub fn open_regular(root: &HostRoot, path: &RootPath) -> Result<(File, std::fs::
 pub struct Selection {
     pub files: Vec<Selected>,
     pub rejected: Vec<Rejected>,
+    /// For each served file whose name carries no version (by view path),
+    /// what shows it is of the pinned version.
+    pub provenance: Vec<(PathBuf, Provenance)>,
 }
 
 /// What became of a resolved host file, so each alias that leads to it again
@@ -127,6 +131,8 @@ enum Outcome {
 struct Selector<'a> {
     root: &'a HostRoot,
     version: &'a DriverVersion,
+    /// Known once every library is judged; versionless files need it.
+    evidence: Option<Evidence<'a>>,
     selection: Selection,
     by_path: HashMap<RootPath, Outcome>,
     by_inode: HashMap<(u64, u64), usize>,
@@ -137,27 +143,62 @@ pub fn select(root: &HostRoot, pin: &PinnedVersion, scan: DriverScan) -> Selecti
     let mut selector = Selector {
         root,
         version: &pin.version,
+        evidence: None,
         selection: Selection {
             files: Vec::new(),
             rejected: scan.rejected,
+            provenance: Vec::new(),
         },
         by_path: HashMap::new(),
         by_inode: HashMap::new(),
         by_view_path: HashMap::new(),
     };
-    // Real files first, links after: a file is then reported under its own
-    // name, and a link to it is only an alias.
-    let (files, links): (Vec<Candidate>, Vec<Candidate>) = scan
+    // Files whose names carry their version first: what they show about
+    // the drivers on disk is the evidence the others are judged by.
+    let (versioned, versionless): (Vec<Candidate>, Vec<Candidate>) = scan
         .candidates
         .into_iter()
-        .partition(|c| !std::fs::symlink_metadata(root.path().join(&c.path)).is_ok_and(|m| m.is_symlink()));
-    for candidate in files.into_iter().chain(links) {
-        selector.consider(candidate);
-    }
+        .partition(|c| matches!(c.role, Role::Library | Role::Firmware));
+    selector.consider_all(versioned);
+    selector.evidence = Some(selector.evidence());
+    selector.consider_all(versionless);
     selector.selection
 }
 
-impl Selector<'_> {
+impl<'a> Selector<'a> {
+    fn consider_all(&mut self, candidates: Vec<Candidate>) {
+        // Real files first, links after: a file is then reported under its
+        // own name, and a link to it is only an alias.
+        let (files, links): (Vec<Candidate>, Vec<Candidate>) = candidates
+            .into_iter()
+            .partition(|c| !std::fs::symlink_metadata(self.root.path().join(&c.path)).is_ok_and(|m| m.is_symlink()));
+        for candidate in files.into_iter().chain(links) {
+            self.consider(candidate);
+        }
+    }
+
+    /// The driver versions on disk as the libraries and firmware show them.
+    fn evidence(&self) -> Evidence<'a> {
+        let libraries = self.by_path.iter().filter_map(|(path, outcome)| {
+            let name = path.file_name()?.to_str()?;
+            let spec = catalog::parse_library_name(name)?.spec;
+            match outcome {
+                Outcome::Served(_) if spec.versioning == Versioning::Driver => {
+                    Some((path.clone(), self.version.clone()))
+                }
+                Outcome::Rejected(Reason::OtherVersion { found }) => Some((path.clone(), DriverVersion::parse(found)?)),
+                _ => None,
+            }
+        });
+        let firmware = self.selection.rejected.iter().filter_map(|r| match &r.reason {
+            Reason::OtherVersion { found } if catalog::parse_library_name(r.source.rsplit('/').next()?).is_none() => {
+                DriverVersion::parse(found)
+            }
+            _ => None,
+        });
+        Evidence::new(self.root, self.version, libraries, firmware)
+    }
+
     fn consider(&mut self, candidate: Candidate) {
         let source = candidate.source();
         let resolved = match self.root.resolve(&candidate.path) {
@@ -175,7 +216,11 @@ impl Selector<'_> {
         }
         let path = resolved.path.clone();
         let outcome = match self.judge(&candidate, resolved) {
-            Ok(selected) => {
+            Ok((selected, provenance)) => {
+                if let Some(provenance) = provenance {
+                    tracing::debug!(view = %selected.view_path.display(), %provenance, "version shown");
+                    self.selection.provenance.push((selected.view_path.clone(), provenance));
+                }
                 let i = self.selection.files.len();
                 self.by_inode.insert(inode(&selected.file), i);
                 self.by_view_path.insert(selected.view_path.clone(), i);
@@ -196,7 +241,9 @@ impl Selector<'_> {
         self.selection.rejected.push(Rejected { source, reason });
     }
 
-    fn judge(&self, candidate: &Candidate, resolved: Resolved) -> Result<Selected, Reason> {
+    /// The file to serve, and for a file whose name carries no version,
+    /// what shows it is of the pinned one.
+    fn judge(&self, candidate: &Candidate, resolved: Resolved) -> Result<(Selected, Option<Provenance>), Reason> {
         let meta = &resolved.metadata;
         if !meta.is_file() {
             return Err(Reason::NotRegularFile {
@@ -247,6 +294,13 @@ impl Selector<'_> {
                 of: self.selection.files[i].source.to_string(),
             });
         }
+        let provenance = match (&candidate.role, &self.evidence) {
+            (Role::Config(spec), _) if spec.versioning == Versioning::Own => None,
+            (Role::Binary | Role::Config(_), Some(evidence)) => {
+                Some(evidence.judge(&candidate.path, &resolved.path, &file)?)
+            }
+            _ => None,
+        };
 
         let (kind, soname, view_dir) = match &candidate.role {
             Role::Library => {
@@ -288,7 +342,7 @@ impl Selector<'_> {
                 of: self.selection.files[i].source.to_string(),
             });
         }
-        Ok(Selected {
+        let selected = Selected {
             view_path,
             source: resolved.path,
             size: meta.len(),
@@ -297,7 +351,8 @@ impl Selector<'_> {
             kind,
             library,
             soname,
-        })
+        };
+        Ok((selected, provenance))
     }
 }
 

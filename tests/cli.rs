@@ -452,8 +452,12 @@ fn scan_and_mount_agree_on_a_pinned_version_with_no_files() {
     let fixture = build(&spec, &dir.path().join("host")).unwrap();
     let root = std::fs::canonicalize(&fixture.root).unwrap();
     // 580.159.4 is not 580.159.04: file names carry the version verbatim.
+    // The message names where it looked, and what it found there.
     let expected = format!(
-        "no driver library of version 580.159.4 under {}; on disk: {VERSION}, {STALE}",
+        "no driver library of version 580.159.4 under {}; looked in /etc/ld.so.cache, /usr/lib/x86_64-linux-gnu, \
+         /usr/lib/x86_64-linux-gnu/vdpau, /usr/lib, /usr/bin, /lib/firmware/nvidia; found {VERSION} in \
+         /usr/lib/x86_64-linux-gnu, /usr/lib/x86_64-linux-gnu/vdpau; {STALE} in /usr/lib/x86_64-linux-gnu, \
+         /usr/lib/x86_64-linux-gnu/vdpau",
         root.display()
     );
     for json in [false, true] {
@@ -502,7 +506,10 @@ fn scan_and_mount_agree_on_a_pinned_version_with_no_files() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("on disk: no NVIDIA driver libraries of any version"),
+        err.contains(
+            "looked in nothing: none of the places where drivers are installed exists; \
+             found no NVIDIA driver libraries of any version"
+        ),
         "{err}"
     );
 }
