@@ -15,9 +15,11 @@ cd "$(dirname "$0")/.."
 # Mounting needs no fusermount: the daemon runs as root and calls mount(2).
 # docker.io and debootstrap run the Docker-in-Docker test (its images are
 # built from a debootstrapped Debian and cached in /var/cache/nvlibfs-test);
-# podman is the CDI consumer for tests/cdi.rs. bindfs, squashfuse and
+# podman is the CDI consumer for tests/cdi.rs. apt and the archive's keyring
+# fetch Debian's real NVIDIA driver packages for tests/debian_packages.rs
+# (about 160 MB, once, cached with the images). bindfs, squashfuse and
 # squashfs-tools are for the benchmarks only (cargo bench), not installed here.
-packages=(gcc libc6-dev libc-bin util-linux mount dpkg docker.io debootstrap podman)
+packages=(gcc libc6-dev libc-bin util-linux mount dpkg apt debian-archive-keyring docker.io debootstrap podman)
 # pip installs the Kubernetes client below; a python3 with pip of another
 # origin (pyenv, a venv) does as well as Debian's.
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3 python3-pip)

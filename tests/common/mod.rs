@@ -5,6 +5,7 @@
 pub mod builds;
 pub mod images;
 pub mod loaders;
+pub mod packages;
 
 use nvlibfs::control::Status;
 use nvlibfs_fixture::{build, build_loader, Fixture, FixtureSpec};

@@ -1,0 +1,193 @@
+//! NVIDIA's real driver packages, as Debian ships them in its non-free
+//! components, fetched once and cached beside the test images.
+//!
+//! The archive is the one the cached Debian root was bootstrapped from
+//! (its own `etc/apt/sources.list` names it), read with the host's apt
+//! but none of the host's sources, so nothing on the host changes.
+
+use super::images::{cache_dir, inner_rootfs, run};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Bump to fetch the packages again.
+const PACKAGES_KEY: &str = "debian-nvidia-1";
+
+/// One driver release's packages, from one suite.
+pub struct Release {
+    /// A directory name in the cache.
+    pub name: &'static str,
+    pub suite: &'static str,
+    pub packages: &'static [&'static str],
+}
+
+/// Debian 12's driver (535), Debian 13's (550), and Debian 12's
+/// datacenter flavor ("tesla", 525), which installs beside the others into
+/// `nvidia/tesla` directories: each the packages of a compute install
+/// (library, management library, JIT compiler, nvidia-smi, MPS, GSP
+/// firmware, the vendor configs and the alternatives that point the
+/// well-known names at a flavor).
+pub const RELEASES: [Release; 3] = [
+    Release {
+        name: "bookworm",
+        suite: "bookworm",
+        packages: CURRENT,
+    },
+    Release {
+        name: "trixie",
+        suite: "trixie",
+        packages: CURRENT,
+    },
+    Release {
+        name: "tesla",
+        suite: "bookworm",
+        packages: &[
+            "libnvidia-tesla-cuda1",
+            "libnvidia-tesla-ml1",
+            "libnvidia-tesla-cfg1",
+            "libnvidia-tesla-ptxjitcompiler1",
+            "nvidia-tesla-smi",
+            "nvidia-tesla-alternative",
+            "firmware-nvidia-tesla-gsp",
+        ],
+    },
+];
+
+const CURRENT: &[&str] = &[
+    "libcuda1",
+    "libnvidia-ml1",
+    "libnvidia-cfg1",
+    "libnvidia-ptxjitcompiler1",
+    "nvidia-smi",
+    "nvidia-cuda-mps",
+    "nvidia-alternative",
+    "firmware-nvidia-gsp",
+    "nvidia-egl-common",
+    "nvidia-vulkan-common",
+    "nvidia-opencl-common",
+];
+
+/// The cached `.deb` files of each release, fetched on first use:
+/// `dir/<release name>/*.deb`.
+pub fn fetch() -> Result<PathBuf, String> {
+    let dir = cache_dir().join(PACKAGES_KEY);
+    if dir.join("complete").exists() {
+        return Ok(dir);
+    }
+    let partial = cache_dir().join(format!("{PACKAGES_KEY}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    let apt = partial.join("apt");
+    for sub in ["lists/partial", "cache/archives/partial", "sources.d"] {
+        std::fs::create_dir_all(apt.join(sub)).map_err(|e| e.to_string())?;
+    }
+    let uri = archive_uri()?;
+    std::fs::write(
+        apt.join("sources.d/nvidia.sources"),
+        format!(
+            "Types: deb\nURIs: {uri}\nSuites: bookworm trixie\nComponents: non-free non-free-firmware\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let options = [
+        "-o".to_owned(),
+        "Dir::Etc::sourcelist=/dev/null".to_owned(),
+        "-o".to_owned(),
+        format!("Dir::Etc::sourceparts={}", apt.join("sources.d").display()),
+        "-o".to_owned(),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+        "-o".to_owned(),
+        format!("Dir::Cache={}", apt.join("cache").display()),
+        // The download lands in a directory root owns.
+        "-o".to_owned(),
+        "APT::Sandbox::User=root".to_owned(),
+    ];
+    run(Command::new("apt-get").args(&options).args(["-q", "update"]))?;
+    for release in &RELEASES {
+        let into = partial.join(release.name);
+        std::fs::create_dir_all(&into).map_err(|e| e.to_string())?;
+        let wanted: Vec<String> = release
+            .packages
+            .iter()
+            .map(|p| format!("{p}/{}", release.suite))
+            .collect();
+        run(Command::new("apt-get")
+            .current_dir(&into)
+            .args(&options)
+            .args(["-q", "download"])
+            .args(&wanted))?;
+    }
+    std::fs::remove_dir_all(&apt).map_err(|e| e.to_string())?;
+    std::fs::write(partial.join("complete"), "").map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+/// The Debian archive the cached root came from, as its sources.list
+/// names it (`deb URI SUITE COMPONENTS`).
+fn archive_uri() -> Result<String, String> {
+    let tar = inner_rootfs()?;
+    let list = run(Command::new("tar").arg("-xOf").arg(&tar).arg("./etc/apt/sources.list"))?;
+    list.lines()
+        .find_map(|l| l.strip_prefix("deb ").and_then(|rest| rest.split_whitespace().next()))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{}: its etc/apt/sources.list names no archive:\n{list}", tar.display()))
+}
+
+/// A Debian 12 root (the cached minbase) unpacked into `root`.
+pub fn debian_root(root: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(root).map_err(|e| e.to_string())?;
+    run(Command::new("tar").arg("-C").arg(root).arg("-xf").arg(inner_rootfs()?)).map(|_| ())
+}
+
+/// `dpkg -i` of `debs` inside `root`, maintainer scripts and triggers
+/// included (update-alternatives, ldconfig); the kernel module packages
+/// and desktop pieces these depend on are not installed, so dependencies
+/// are not enforced.
+pub fn dpkg_install(root: &Path, debs: &Path) -> Result<String, String> {
+    let inside = root.join("tmp/nvlibfs-debs");
+    let _ = std::fs::remove_dir_all(&inside);
+    std::fs::create_dir_all(&inside).map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(debs).map_err(|e| e.to_string())? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        std::fs::copy(&path, inside.join(&name)).map_err(|e| e.to_string())?;
+        names.push(format!("/tmp/nvlibfs-debs/{name}"));
+    }
+    let out = run(Command::new("chroot")
+        .arg(root)
+        .args(["dpkg", "--force-depends", "-i"])
+        .args(&names)
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    let _ = std::fs::remove_dir_all(&inside);
+    out
+}
+
+/// The package that installed `path` inside `root` and its version, as
+/// dpkg itself says (`dpkg -S`, then `dpkg-query`). On a merged-/usr root
+/// a package's `/lib/firmware/...` is found at `/usr/lib/firmware/...`.
+pub fn owner(root: &Path, path: &str) -> Option<(String, String)> {
+    let search = |path: &str| {
+        Command::new("chroot")
+            .arg(root)
+            .args(["dpkg", "-S", path])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    let out = search(path).or_else(|| search(path.strip_prefix("/usr")?))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let package = text.split(':').next()?.trim().to_owned();
+    let version = Command::new("chroot")
+        .arg(root)
+        .args(["dpkg-query", "-W", "-f=${Version}", &package])
+        .output()
+        .ok()?;
+    Some((package, String::from_utf8_lossy(&version.stdout).trim().to_owned()))
+}
+
+/// The version of a `.deb` file.
+pub fn deb_version(deb: &Path) -> Result<String, String> {
+    run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version")).map(|v| v.trim().to_owned())
+}
