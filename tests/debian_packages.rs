@@ -16,6 +16,7 @@ mod common;
 use common::packages::{self, RELEASES};
 use common::{nvlibfs, ok, wait_for, walk_files, SERIAL};
 use nvlibfs::catalog;
+use nvlibfs::provenance::upstream;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
@@ -365,11 +366,4 @@ fn chroot(root: &Path, args: &[&str]) -> String {
         Command::new("chroot").arg(root).args(args).output().unwrap(),
         &format!("chroot {} {args:?}", root.display()),
     )
-}
-
-/// A Debian version's upstream part: `525.147.05-15~deb12u1` is
-/// `525.147.05`.
-fn upstream(version: &str) -> &str {
-    let version = version.split_once(':').map_or(version, |(_, v)| v);
-    version.rsplit_once('-').map_or(version, |(v, _)| v)
 }
