@@ -9,12 +9,13 @@
 //! mismatch the view exists to prevent, so one is served only on evidence,
 //! strongest first:
 //!
-//! 1. what installed it says which version it is: a package of dpkg's
+//! 1. its bytes name the version (NVIDIA's programs carry their version):
+//!    what is served is those bytes, whatever any record says of them;
+//! 2. what installed it says which version it is: a package of dpkg's
 //!    database, or NVIDIA's own installer's record of the files it wrote;
-//! 2. its real path names the version (NixOS's store paths do);
-//! 3. it sits in a driver tree (a Debian flavor, a flat tree such as
+//! 3. its real path names the version (NixOS's store paths do);
+//! 4. it sits in a driver tree (a Debian flavor, a flat tree such as
 //!    `/usr/local/nvidia`) whose libraries are all of that version;
-//! 4. its bytes name the version (NVIDIA's programs carry their version);
 //! 5. the pinned version is the only driver version on disk.
 //!
 //! The first four can as well show that a file is of another version, and
@@ -42,7 +43,7 @@ const DPKG_INFO: &str = "var/lib/dpkg/info";
 /// inside the GPU Operator's driver container.
 const RUN_INSTALLER_LOG: &str = "var/lib/nvidia/log";
 /// A real status file is a few MB; refuse to read anything absurd.
-const MAX_RECORD: u64 = 256 << 20;
+const MAX_RECORD: u64 = 64 << 20;
 /// Files searched for a version string: NVIDIA's programs are a few MB,
 /// configs a few hundred bytes. A bigger file is not searched (and then
 /// needs other evidence).
@@ -127,6 +128,13 @@ impl<'a> Evidence<'a> {
             found: found.to_string(),
             shown_by,
         };
+        if let Some(v) = searchable(file).and_then(|bytes| self.named_in(&bytes)) {
+            return if v == &self.pinned {
+                Ok(Provenance::Contents)
+            } else {
+                Err(other(v, "its contents name it".into()))
+            };
+        }
         let installs = self.installs.get_or_init(|| Installs::read(self.root));
         if let Some(install) = installs.of(found).or_else(|| installs.of(real.relative())) {
             let by = install.by.clone();
@@ -161,13 +169,6 @@ impl<'a> Evidence<'a> {
                     Err(other(v, format!("{dir} holds only its libraries")))
                 };
             }
-        }
-        if let Some(v) = searchable(file).and_then(|bytes| self.named_in(&bytes)) {
-            return if v == &self.pinned {
-                Ok(Provenance::Contents)
-            } else {
-                Err(other(v, "its contents name it".into()))
-            };
         }
         match self.on_disk() {
             on_disk if on_disk == [&self.pinned] => Ok(Provenance::OnlyVersion),
@@ -356,6 +357,73 @@ mod tests {
         assert!(!contains_version(b"535.261.03.1", b"535.261.03"));
         assert!(!contains_version(b"535.261", b"535.261.03"));
         assert!(contains_version(b"5535.261.03 535.261.03", b"535.261.03"));
+    }
+
+    /// A root with a dpkg record saying `usr/bin/nvidia-smi` is 535's.
+    fn host(smi: &[u8]) -> (tempfile::TempDir, HostRoot) {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |rel: &str, bytes: &[u8]| {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        };
+        write(
+            DPKG_STATUS,
+            b"Package: nvidia-smi\nStatus: install ok installed\nArchitecture: amd64\nVersion: 535.261.03-1\n\n",
+        );
+        write("var/lib/dpkg/info/nvidia-smi:amd64.list", b"/usr/bin/nvidia-smi\n");
+        write("usr/bin/nvidia-smi", smi);
+        write("etc/OpenCL/vendors/nvidia.icd", b"libnvidia-opencl.so.1\n");
+        let root = HostRoot::open(dir.path()).unwrap();
+        (dir, root)
+    }
+
+    fn judge(root: &HostRoot, on_disk: &[&str], path: &str) -> Result<Provenance, Reason> {
+        let v = |s: &str| DriverVersion::parse(s).unwrap();
+        let libraries = on_disk.iter().map(|s| {
+            (
+                RootPath::from_relative(Path::new(&format!("usr/lib/libcuda.so.{s}"))),
+                v(s),
+            )
+        });
+        let evidence = Evidence::new(root, &v("535.261.03"), libraries, []);
+        let resolved = root.resolve(Path::new(path)).unwrap();
+        let file = root.open_file(&resolved.path).unwrap();
+        evidence.judge(Path::new(path), &resolved.path, &file)
+    }
+
+    #[test]
+    fn evidence_decides_in_order() {
+        let (_dir, root) = host(b"NVIDIA-SMI 535.261.03");
+        assert_eq!(
+            judge(&root, &["535.261.03", "550.163.01"], "usr/bin/nvidia-smi"),
+            Ok(Provenance::Contents)
+        );
+        // The record says 535, the bytes say 550: the bytes are what is served.
+        let (_dir, root) = host(b"NVIDIA-SMI 550.163.01");
+        assert!(matches!(
+            judge(&root, &["535.261.03", "550.163.01"], "usr/bin/nvidia-smi"),
+            Err(Reason::OtherVersionShown { found, .. }) if found == "550.163.01"
+        ));
+        // Bytes that name no version: the record decides.
+        let (_dir, root) = host(b"no version here");
+        assert_eq!(
+            judge(&root, &["535.261.03", "550.163.01"], "usr/bin/nvidia-smi"),
+            Ok(Provenance::Installed {
+                by: "package nvidia-smi 535.261.03-1".into()
+            })
+        );
+        // Nothing speaks for the config: served only if 535 is all there is.
+        assert_eq!(
+            judge(&root, &["535.261.03"], "etc/OpenCL/vendors/nvidia.icd"),
+            Ok(Provenance::OnlyVersion)
+        );
+        assert_eq!(
+            judge(&root, &["535.261.03", "550.163.01"], "etc/OpenCL/vendors/nvidia.icd"),
+            Err(Reason::VersionUnproven {
+                on_disk: "535.261.03, 550.163.01".into()
+            })
+        );
     }
 
     #[test]
