@@ -256,9 +256,12 @@ fn mount_refuses_bad_mount_points_and_missing_drivers() {
             .unwrap(),
         "mount tmpfs",
     );
+    // Someone else's mount, with something in it, is left alone (an empty
+    // one, a container's volume, is mounted over: tests/takeover.rs).
+    std::fs::write(other.join("theirs"), "").unwrap();
     let err = try_mount(&other, &pin);
     ok(Command::new("umount").arg(&other).output().unwrap(), "umount tmpfs");
-    assert!(err.contains("already a mount point"), "{err}");
+    assert!(err.contains("not empty (it is a mount"), "{err}");
 
     let full = m.dir.path().join("full");
     std::fs::create_dir(&full).unwrap();

@@ -73,20 +73,23 @@ pub fn prepare(top: &Path) -> Result<PathBuf, String> {
         }
         return Ok(live);
     }
-    if is_mountpoint(top) {
-        return Err(format!(
-            "{} is already a mount point (`nvlibfs umount {0}` or `umount {0}` first)",
-            top.display()
-        ));
-    }
+    // An empty mount point may be a mount itself: a container's volume
+    // (a DaemonSet's hostPath, bound Bidirectional) is; the tmpfs goes on
+    // top of it, and reaches the host through it. Anything with contents
+    // is someone else's.
     if std::fs::read_dir(top)
         .map_err(|e| format!("mount point {}: {e}", top.display()))?
         .next()
         .is_some()
     {
         return Err(format!(
-            "mount point {} is not empty; nvlibfs would hide its contents",
-            top.display()
+            "mount point {} is not empty{}; nvlibfs would hide its contents",
+            top.display(),
+            if is_mountpoint(top) {
+                format!(" (it is a mount: `umount {}` first if it is not needed)", top.display())
+            } else {
+                String::new()
+            }
         ));
     }
     let step = |what: &str, r: nix::Result<()>| r.map_err(|e| format!("{what} at {}: {e}", top.display()));
