@@ -35,6 +35,12 @@ pub fn lock_path(mountpoint: &Path) -> PathBuf {
     state_file(Path::new(LOCK_DIR), mountpoint, "lock")
 }
 
+/// Where the supervisor serving `mountpoint` waits for a daemon started
+/// with `--take-over` (root's alone).
+pub fn takeover_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
+    state_file(state_dir, mountpoint, "takeover")
+}
+
 /// The background daemon's log for `mountpoint`.
 pub fn log_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
     state_file(state_dir, mountpoint, "log")
@@ -101,6 +107,10 @@ pub struct Status {
     /// The serving binary's version.
     #[serde(default)]
     pub version: String,
+    /// The inode of the serving process's PID namespace: tells a daemon
+    /// in this container or pod from one in another (`status --here`).
+    #[serde(default)]
+    pub pid_namespace: Option<u64>,
     /// Every time the connection passed from one serving process to
     /// another, oldest first.
     #[serde(default)]
@@ -178,6 +188,7 @@ impl Status {
             pid: std::process::id(),
             supervisor_pid: None,
             version: String::new(),
+            pid_namespace: own_pid_namespace(),
             handovers: Vec::new(),
             driver_version: String::new(),
             version_source: String::new(),
@@ -197,6 +208,12 @@ impl Status {
             counters: Counters::default(),
         }
     }
+}
+
+/// The inode of this process's PID namespace.
+pub fn own_pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
 /// Whether process `pid` still runs (a zombie waiting for its reaper does

@@ -32,6 +32,16 @@ pub struct MountArgs {
     #[arg(long, help_heading = "Daemon")]
     foreground: bool,
 
+    /// Take MOUNTPOINT over from the nvlibfs daemon serving it with the same
+    /// --state-dir, wherever it runs (another container, another pod), or
+    /// mount it if none does: the connection and the state are handed over
+    /// and restored exactly (or refused, and the running daemon serves on),
+    /// and the old daemon stops without unmounting (in the foreground: once
+    /// it is stopped); no request fails. How a DaemonSet's rolling update
+    /// or a replaced container upgrades nvlibfs
+    #[arg(long, help_heading = "Daemon")]
+    take_over: bool,
+
     /// Where the background daemon logs, from the moment the mount is ready
     /// (until then it reports to this command) [default: STATE_DIR/<mount
     /// point>.log]
@@ -68,6 +78,12 @@ pub struct StatusArgs {
     /// Same as --format json
     #[arg(long, conflicts_with = "format")]
     json: bool,
+
+    /// Fail (exit 1) unless the daemon serving it runs in this process's
+    /// PID namespace: a container's readiness probe, ready once its own
+    /// daemon serves (after a --take-over), not while another pod's does
+    #[arg(long)]
+    here: bool,
 
     /// Where the daemon keeps its control socket: the --state-dir given to
     /// `nvlibfs mount`
@@ -157,6 +173,9 @@ pub fn mount(args: MountArgs, verbose: u8) -> Result<()> {
     daemon_args.extend(args.serve.to_args());
     if verbose > 0 {
         daemon_args.push(format!("-{}", "v".repeat(verbose as usize)).into());
+    }
+    if args.take_over {
+        daemon_args.push("--take-over".into());
     }
     if args.foreground {
         daemon_args.push(args.mountpoint.into());
@@ -507,6 +526,14 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let mountpoint =
         std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
     let status = control::query(&args.state_dir, &mountpoint)?;
+    if args.here && status.pid_namespace != control::own_pid_namespace() {
+        return Err(format!(
+            "{} is served by a daemon of another PID namespace (another container or pod: server pid {} there)",
+            mountpoint.display(),
+            status.pid
+        )
+        .into());
+    }
     match if args.json { StatusFormat::Json } else { args.format } {
         StatusFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
         StatusFormat::Prometheus => print!("{}", prometheus(&status)),

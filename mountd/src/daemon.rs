@@ -143,9 +143,25 @@ impl MountLock {
         Ok(MountLock { file })
     }
 
+    /// The lock a daemon taken over handed on: the same open file, so
+    /// the lock held since that daemon took it is this one's now.
+    pub fn handed_on(fd: OwnedFd) -> Result<MountLock, DaemonError> {
+        let file = nix::fcntl::Flock::lock(std::fs::File::from(fd), nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| DaemonError(format!("the mount point's lock, as handed on: {e}")))?;
+        let _ = file.set_len(0);
+        let _ = write!(&*file, "{}", std::process::id());
+        Ok(MountLock { file })
+    }
+
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.file.as_fd()
+    }
+
+    /// This daemon handed the lock on: going, it must not unlock what is
+    /// the next daemon's now (flock's unlock acts on the shared open file).
+    pub fn leave_to_successor(self) {
+        std::mem::forget(self);
     }
 }
 
@@ -157,6 +173,14 @@ pub fn run(
     link: Link,
     start: Start,
 ) -> Result<(), DaemonError> {
+    // The supervisor asked the OOM killer to spare it, and its children
+    // inherit that; a server is as killable as any process (a new one takes
+    // its place).
+    if std::fs::read_to_string("/proc/self/oom_score_adj").is_ok_and(|v| v.trim().parse::<i32>().is_ok_and(|v| v < 0)) {
+        if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "0") {
+            tracing::warn!("setting this server's OOM score adjustment back to 0: {e}");
+        }
+    }
     // A successor's failure before it serves goes to the supervisor's log:
     // it has no log of its own yet.
     let supervisor = link.socket().try_clone_to_owned().ok();

@@ -15,6 +15,7 @@ pub mod kept;
 pub mod layout;
 pub mod link;
 pub mod logging;
+pub mod peer;
 pub mod privileges;
 pub mod protocol;
 pub mod repin;

@@ -36,6 +36,14 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
 
+    /// Take MOUNTPOINT over from the nvlibfs daemon serving it (same
+    /// --state-dir), in whatever process tree that one runs (another
+    /// container, another pod), or mount it if none does: it hands over the
+    /// connection and its state, this daemon restores it exactly or
+    /// refuses, and the other stops without unmounting. No request fails
+    #[arg(long)]
+    take_over: bool,
+
     /// Descriptor to write "ready" or "error: ..." to (used by `nvlibfs mount`)
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
@@ -71,6 +79,10 @@ fn supervise(args: &Args, ready: Readiness) -> Result<(), daemon::DaemonError> {
         args: server_args,
         mountpoint: args.mountpoint.clone(),
         no_resend: args.serve.no_resend,
+        state_dir: args.serve.state_dir.clone(),
+        take_over: args.take_over,
+        // `nvlibfs mount` waits on a pipe only for a background daemon.
+        foreground: args.ready_fd.is_none(),
     };
     supervisor::run(command, ready)
 }

@@ -29,6 +29,14 @@
 //!   answer every request it holds and stop reading (`Drained`); then
 //!   `Sole` tells the new one that nobody else serves. `Thaw` undoes a
 //!   freeze when the new server refused.
+//! - A takeover (another daemon, `--take-over`): its supervisor connects to
+//!   the running one's takeover socket and sends `Offer`; the running one
+//!   freezes its server as for a restart, then sends `Lock` (the mount
+//!   point's lock), `History` (the handovers so far) and replays what it
+//!   keeps; the new supervisor's server
+//!   prepares on it, and the new supervisor says `Prepared` (or `Refused`),
+//!   then `Ready` once its server answers; the old server drains, and the
+//!   old supervisor says `Drained` and is done.
 
 use std::io::{IoSlice, IoSliceMut, Read, Seek};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -84,7 +92,8 @@ pub enum Tag {
     Go = b'G',
     /// server -> supervisor: serving (`Ready`, JSON).
     Ready = b'R',
-    /// supervisor -> server: the handovers so far (JSON), for `status`.
+    /// supervisor -> server, and to the daemon taking over: the handovers
+    /// so far (JSON), for `status`.
     History = b'H',
     /// supervisor -> server: stop re-pinning and freeing; checkpoint.
     Freeze = b'Z',
@@ -98,6 +107,12 @@ pub enum Tag {
     Drained = b'd',
     /// supervisor -> new server: nobody else serves the connection now.
     Sole = b'S',
+    /// new supervisor -> running supervisor: take this daemon as your
+    /// successor (`Offer`, JSON).
+    Offer = b'O',
+    /// running supervisor -> new supervisor: the mount point's lock (one
+    /// descriptor), first of what it hands over.
+    Lock = b'L',
 }
 
 impl Tag {
@@ -105,7 +120,7 @@ impl Tag {
         use Tag::*;
         [
             Connection, Generation, Checkpoint, Ack, Nak, Prepared, Refused, Go, Ready, History, Freeze, Frozen, Thaw,
-            Drain, Drained, Sole,
+            Drain, Drained, Sole, Offer, Lock,
         ]
         .into_iter()
         .find(|t| *t as u8 == b)
@@ -122,6 +137,16 @@ pub struct InitRecord {
     pub max_readahead: u32,
     /// `flags | flags2 << 32`.
     pub flags: u64,
+}
+
+/// What a daemon that would take over says of itself: the protocol it
+/// speaks (the running one refuses another), its version and pid, for the
+/// logs and `status`.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Offer {
+    pub protocol: u32,
+    pub version: String,
+    pub pid: u32,
 }
 
 /// What a server says when it serves: its version, and a line for

@@ -1413,6 +1413,7 @@ impl Served {
             pid: std::process::id(),
             supervisor_pid: *self.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()),
             version: crate::version(),
+            pid_namespace: nvlibfs::control::own_pid_namespace(),
             handovers: self.handovers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             driver_version: manifest.driver_version,
             version_source: manifest.version_source,

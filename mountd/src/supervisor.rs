@@ -18,6 +18,9 @@
 //! | `Restarting(Overlap)` | both serve the same frozen state | `Draining` once the new one answers |
 //! | `Restarting(Draining)` | the old server answers what it holds and stops reading | `Serving` (new) when drained |
 //! | `Recovering` | the server died: a new one from the binary that wrote the checkpoint restores it; the kernel resends what the dead one held, then the new one serves | `Serving` when it answers |
+//! | `HandingOver` | another daemon (`--take-over`) takes over: freeze, hand it the lock and what is kept, both servers serve, ours drains (the same steps as a restart, the new server the other daemon's) | `HandedOver` when drained; `Serving` (thawed) if it refuses or goes away before its server reads |
+//! | `Joining` | this daemon takes over (`--take-over`): its server restores what the other handed over, serves beside the other's, then alone | `Serving` when the other's has drained; exit 1 if refused |
+//! | `HandedOver` | nothing here serves; the lock is the other daemon's | exit 0 (in the foreground: once stopped), never unmounting |
 //! | `Stopping` | the server unmounts | exit |
 //!
 //! A crash restarts the binary that wrote the checkpoint, held open since
@@ -26,13 +29,14 @@
 //! disk, and only if it takes the checkpoint exactly.
 //!
 //! Signals: SIGTERM and SIGINT stop the server (which unmounts) and then
-//! the supervisor; SIGHUP is passed to the server (re-check the module);
+//! the supervisor, unless another daemon has taken over (then nothing is
+//! unmounted); SIGHUP is passed to the server (re-check the module);
 //! SIGUSR2 restarts; SIGUSR1 and SIGPIPE are ignored.
 
 use crate::daemon::{DaemonError, MountLock, Readiness};
 use crate::fdstore;
 use crate::kept::{Kept, Taken};
-use crate::protocol::{self, Message, Tag};
+use crate::protocol::{self, Message, ProtocolError, Tag};
 use crate::systemd;
 use crate::takeover::{self, InitRecord};
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -72,6 +76,41 @@ enum Event {
     /// The server's socket reached end of file: every message it sent
     /// has come before this.
     Closed(Pid),
+    /// Another daemon offers to take over (peer.rs).
+    Offered(OwnedFd, protocol::Offer),
+    /// The other supervisor of a takeover said something (by peer number).
+    Peer(u64, Message),
+    /// ... or went away.
+    PeerGone(u64, String),
+}
+
+/// The other supervisor of a takeover: the one taking over, or the one
+/// taken over.
+struct Peer {
+    id: u64,
+    sock: OwnedFd,
+    pid: u32,
+}
+
+impl Peer {
+    fn send(&self, tag: Tag, body: &[u8]) {
+        if let Err(e) = protocol::send(&self.sock, tag, body, &[]) {
+            tracing::error!("telling the other daemon (pid {}): {e}", self.pid);
+        }
+    }
+}
+
+/// Where a takeover is, on either side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handing {
+    /// Taken over: our server takes its final checkpoint.
+    Freezing,
+    /// The other side's server restores it.
+    Preparing,
+    /// Both servers serve the frozen state.
+    Overlap,
+    /// The old server answers what it holds and stops reading.
+    Draining,
 }
 
 /// A binary servers are started from, held open.
@@ -142,6 +181,23 @@ enum Phase {
         old_pid: u32,
         since: (Instant, SystemTime),
     },
+    /// Another daemon takes over from this one.
+    HandingOver {
+        old: Server,
+        peer: Peer,
+        step: Handing,
+        since: Instant,
+    },
+    /// This daemon takes over from another (`--take-over`).
+    Joining {
+        new: Server,
+        peer: Peer,
+        step: Handing,
+        since: Instant,
+    },
+    /// Handed over: the old server, drained, is ending; nothing here
+    /// serves or unmounts any more.
+    HandedOver(Option<Server>),
     Stopping(Option<Server>),
     /// Transient, while a transition moves servers out of the phase.
     Moving,
@@ -159,6 +215,9 @@ impl Phase {
                 Step::Draining(_) => "restarting (draining)",
             },
             Phase::Recovering { .. } => "recovering",
+            Phase::HandingOver { .. } => "handing over",
+            Phase::Joining { .. } => "taking over",
+            Phase::HandedOver(_) => "handed over",
             Phase::Stopping(_) => "stopping",
             Phase::Moving => "moving",
         }
@@ -172,10 +231,18 @@ pub struct ServerCommand {
     pub mountpoint: PathBuf,
     /// Act as on a kernel without FUSE_NOTIFY_RESEND.
     pub no_resend: bool,
+    /// Where the takeover socket is (the servers' --state-dir).
+    pub state_dir: PathBuf,
+    /// Take the mount point over from the daemon serving it.
+    pub take_over: bool,
+    /// Run in the foreground (systemd, a container): once taken over, wait
+    /// to be stopped instead of exiting, so that a platform that restarts
+    /// what exits (a DaemonSet's pod) does not start this daemon again.
+    pub foreground: bool,
 }
 
 pub fn run(command: ServerCommand, mut ready: Readiness) -> Result<(), DaemonError> {
-    match Supervisor::start(command, &mut ready).and_then(|s| s.run()) {
+    match Supervisor::start(command, &mut ready).and_then(|s| s.run(&mut ready)) {
         Ok(0) => Ok(()),
         Ok(code) => Err(DaemonError::new(format!("the server exited with status {code}"))),
         Err(e) => {
@@ -188,7 +255,10 @@ pub fn run(command: ServerCommand, mut ready: Readiness) -> Result<(), DaemonErr
 struct Supervisor {
     command: ServerCommand,
     mountpoint: PathBuf,
-    lock: MountLock,
+    /// Left to the successor, not unlocked, once handed over.
+    lock: Option<MountLock>,
+    /// Numbers the peers of takeovers, so a gone one's messages are told apart.
+    peers: u64,
     events: mpsc::Sender<Event>,
     event: mpsc::Receiver<Event>,
     kept: Kept,
@@ -200,6 +270,11 @@ struct Supervisor {
     crashes: VecDeque<Instant>,
     /// Whether any server has served yet (systemd's READY=1 once).
     served: bool,
+    /// A takeover this daemon made is done: `nvlibfs mount` hears "ready".
+    joined: bool,
+    /// Stopped while handing over: exit once handed over, whatever
+    /// `foreground` says.
+    stop_requested: bool,
     exited: Vec<(Pid, WaitStatus, Instant)>,
     closed: HashSet<Pid>,
 }
@@ -208,9 +283,33 @@ impl Supervisor {
     fn start(command: ServerCommand, ready: &mut Readiness) -> Result<Supervisor, DaemonError> {
         crate::privileges::check_can_mount()?;
         let mountpoint = crate::layout::absolute(&command.mountpoint).map_err(DaemonError::new)?;
-        let lock = MountLock::take(&mountpoint)?;
+        let takeover_path = crate::peer::path(&command.state_dir, &mountpoint);
+        // Taking over: the running daemon hands the lock on with the rest.
+        // With nothing to take over, --take-over mounts: what every pod of a
+        // DaemonSet can run, the first on a node as well as the next.
+        let offered = match command.take_over {
+            true => crate::peer::offer(&takeover_path)?,
+            false => None,
+        };
+        if command.take_over && offered.is_none() {
+            tracing::info!(
+                "--take-over: no daemon answers for {}; mounting it",
+                mountpoint.display()
+            );
+        }
+        let (lock, joining) = match offered {
+            Some(sock) => {
+                let handed = join(sock)?;
+                (
+                    handed.lock,
+                    Some((handed.sock, handed.pid, handed.kept, handed.history)),
+                )
+            }
+            None => (MountLock::take(&mountpoint)?, None),
+        };
         // Every generation's files are held here too.
         crate::daemon::raise_file_limit();
+        lower_oom_score();
         let events = signal_thread()?;
         let (events, event) = events;
         let binary = Rc::new(
@@ -220,7 +319,8 @@ impl Supervisor {
         let mut supervisor = Supervisor {
             command,
             mountpoint,
-            lock,
+            lock: Some(lock),
+            peers: 0,
             events,
             event,
             kept: Kept::default(),
@@ -230,12 +330,31 @@ impl Supervisor {
             history: Vec::new(),
             crashes: VecDeque::new(),
             served: false,
+            joined: false,
+            stop_requested: false,
             exited: Vec::new(),
             closed: HashSet::new(),
         };
-        supervisor.phase = match fdstore::restore() {
+        supervisor.phase = match (joining, fdstore::restore()) {
+            (Some((sock, pid, kept, history)), _) => {
+                supervisor.kept = kept;
+                supervisor.history = history;
+                let peer = supervisor.peer(sock, pid);
+                let new = supervisor.start_successor(&supervisor.binary.clone())?;
+                tracing::info!(
+                    old = peer.pid,
+                    new = new.pid.as_raw(),
+                    "take-over: starting a server on the running daemon's final checkpoint"
+                );
+                Phase::Joining {
+                    new,
+                    peer,
+                    step: Handing::Preparing,
+                    since: Instant::now(),
+                }
+            }
             // The whole daemon died; systemd kept the connection: take it over.
-            Ok(Some((kept, store))) => {
+            (None, Ok(Some((kept, store)))) => {
                 tracing::warn!("systemd kept the FUSE connection of a supervisor that is gone; taking it over");
                 supervisor.kept = kept;
                 supervisor.store = store;
@@ -247,18 +366,48 @@ impl Supervisor {
                     since: (Instant::now(), SystemTime::now()),
                 }
             }
-            Ok(None) => Phase::Mounting(supervisor.spawn(&supervisor.binary.clone(), false, ready.fd())?),
-            Err(e) => {
+            (None, Ok(None)) => Phase::Mounting(supervisor.spawn(&supervisor.binary.clone(), false, ready.fd())?),
+            (None, Err(e)) => {
                 tracing::error!("what systemd kept cannot be used ({e}); mounting afresh");
                 Phase::Mounting(supervisor.spawn(&supervisor.binary.clone(), false, ready.fd())?)
             }
         };
-        // The first server answers `nvlibfs mount` itself.
-        ready.close();
+        let listener = crate::peer::listen_at(&takeover_path)?;
+        let events = supervisor.events.clone();
+        crate::peer::accept_loop(listener, move |sock| match read_offer(&sock) {
+            Ok(offer) => {
+                let _ = events.send(Event::Offered(sock, offer));
+            }
+            Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
+        });
+        // The first server answers `nvlibfs mount` itself; a takeover is
+        // answered once it is done.
+        if !matches!(supervisor.phase, Phase::Joining { .. }) {
+            ready.close();
+        }
         Ok(supervisor)
     }
 
-    fn run(mut self) -> Result<i32, DaemonError> {
+    /// A peer of a takeover, read by a thread of its own.
+    fn peer(&mut self, sock: OwnedFd, pid: u32) -> Peer {
+        self.peers += 1;
+        let id = self.peers;
+        match sock.try_clone() {
+            Ok(reader) => {
+                let events = self.events.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("peer-{pid}"))
+                    .spawn(move || read_peer(id, &reader, &events));
+                if let Err(e) = spawned {
+                    tracing::error!("starting a reader for pid {pid}: {e}");
+                }
+            }
+            Err(e) => tracing::error!("a reader for pid {pid}: {e}"),
+        }
+        Peer { id, sock, pid }
+    }
+
+    fn run(mut self, ready: &mut Readiness) -> Result<i32, DaemonError> {
         loop {
             let timeout = if self.exited.is_empty() {
                 Duration::from_millis(500)
@@ -291,7 +440,25 @@ impl Supervisor {
                         return Ok(code);
                     }
                 }
-                None => self.check_step_limit()?,
+                Some(Event::Offered(sock, offer)) => self.offered(sock, offer),
+                Some(Event::Peer(id, m)) => {
+                    if let Some(code) = self.peer_said(id, m)? {
+                        return Ok(code);
+                    }
+                }
+                Some(Event::PeerGone(id, why)) => {
+                    if let Some(code) = self.peer_gone(id, why)? {
+                        return Ok(code);
+                    }
+                }
+                None => {
+                    if let Some(code) = self.check_step_limit()? {
+                        return Ok(code);
+                    }
+                }
+            }
+            if std::mem::take(&mut self.joined) {
+                ready.send("ready");
             }
             // A server's death is acted on only once every message it sent
             // has been read (its socket reached end of file): a checkpoint it
@@ -358,10 +525,7 @@ impl Supervisor {
             Tag::Ready => self.ready(pid, m),
             Tag::Frozen => self.frozen(pid),
             Tag::Prepared => self.prepared(pid),
-            Tag::Refused => {
-                self.refused(pid, m.text());
-                Ok(())
-            }
+            Tag::Refused => self.refused(pid, m.text()),
             Tag::Drained => {
                 self.drained(pid);
                 Ok(())
@@ -378,7 +542,9 @@ impl Supervisor {
             Phase::Mounting(s) | Phase::Serving(s) => [Some(s), None],
             Phase::Restarting { old, step, .. } => [Some(old), step_server(step)],
             Phase::Recovering { new, .. } => [Some(new), None],
-            Phase::Stopping(s) => [s.as_ref(), None],
+            Phase::HandingOver { old, .. } => [Some(old), None],
+            Phase::Joining { new, .. } => [Some(new), None],
+            Phase::HandedOver(s) | Phase::Stopping(s) => [s.as_ref(), None],
             Phase::Moving => [None, None],
         };
         candidates.into_iter().flatten().find(|s| s.pid == pid)
@@ -439,6 +605,26 @@ impl Supervisor {
                     since: Instant::now(),
                 }
             }
+            Phase::Joining {
+                mut new,
+                peer,
+                step: Handing::Overlap,
+                ..
+            } if new.pid == pid => {
+                new.ready(said.version);
+                tracing::info!(
+                    old = peer.pid,
+                    new = pid.as_raw(),
+                    "take-over: this daemon's server answers; the other daemon drains its own"
+                );
+                peer.send(Tag::Ready, &[]);
+                Phase::Joining {
+                    new,
+                    peer,
+                    step: Handing::Draining,
+                    since: Instant::now(),
+                }
+            }
             other => other,
         };
         self.send_history();
@@ -473,8 +659,48 @@ impl Supervisor {
                     return Ok(());
                 }
             },
+            Phase::HandingOver {
+                old,
+                peer,
+                step: Handing::Freezing,
+                ..
+            } if old.pid == pid => match self.hand_over(&peer) {
+                Ok(()) => Phase::HandingOver {
+                    old,
+                    peer,
+                    step: Handing::Preparing,
+                    since: Instant::now(),
+                },
+                Err(e) => {
+                    let why = format!("handing over: {e}");
+                    peer.send(Tag::Refused, why.as_bytes());
+                    self.give_up_takeover(old, &peer, false, why);
+                    return Ok(());
+                }
+            },
             other => other,
         };
+        Ok(())
+    }
+
+    /// What a takeover hands on: the mount point's lock, then everything
+    /// kept, as a new server of this daemon's own would get it.
+    fn hand_over(&self, peer: &Peer) -> Result<(), ProtocolError> {
+        let lock = self
+            .lock
+            .as_ref()
+            .ok_or_else(|| ProtocolError("the mount point's lock was handed on already".into()))?;
+        protocol::send(&peer.sock, Tag::Lock, &[], &[lock.as_fd()])?;
+        // The mount's handovers so far, so that `status` goes on listing them.
+        let history = serde_json::to_vec(&self.history).map_err(|e| ProtocolError(e.to_string()))?;
+        protocol::send(&peer.sock, Tag::History, &history, &[])?;
+        self.kept.replay(&peer.sock)?;
+        tracing::info!(
+            pid = peer.pid,
+            checkpoint = self.kept.checkpoint().map_or(0, |(m, _)| m.seq),
+            descriptors = self.kept.descriptors(),
+            "take-over: handed the connection and the final checkpoint over"
+        );
         Ok(())
     }
 
@@ -507,11 +733,20 @@ impl Supervisor {
                 new.send(Tag::Go, &[protocol::GO_ALONE]);
             }
         }
+        if let Phase::Joining { new, peer, step, since } = &mut self.phase {
+            if new.pid == pid && *step == Handing::Preparing {
+                // As in a restart: the old server answers until ours does.
+                peer.send(Tag::Prepared, &[]);
+                new.send(Tag::Go, &[protocol::GO_BESIDE]);
+                *step = Handing::Overlap;
+                *since = Instant::now();
+            }
+        }
         Ok(())
     }
 
     /// A server cannot do what a restart asked of it.
-    fn refused(&mut self, pid: Pid, why: String) {
+    fn refused(&mut self, pid: Pid, why: String) -> Result<(), DaemonError> {
         tracing::error!("pid {pid} refused: {why}");
         // After a crash there is nobody to go back to: the server that
         // refused dies, and `exit` starts another or gives up.
@@ -519,7 +754,19 @@ impl Supervisor {
             if new.pid == pid {
                 new.kill(Signal::SIGKILL);
             }
-            return;
+            return Ok(());
+        }
+        // A takeover this daemon cannot make exactly is not made: the
+        // other daemon thaws and serves on.
+        if let Phase::Joining { new, peer, .. } = &self.phase {
+            if new.pid == pid {
+                peer.send(Tag::Refused, why.as_bytes());
+                new.kill(Signal::SIGKILL);
+                return Err(DaemonError::new(format!(
+                    "--take-over refused: {why}; the running daemon (pid {}) serves on",
+                    peer.pid
+                )));
+            }
         }
         match std::mem::replace(&mut self.phase, Phase::Moving) {
             // The old server could not take its final checkpoint; it has
@@ -537,8 +784,20 @@ impl Supervisor {
                 step: Step::Preparing(new),
                 ..
             } if new.pid == pid => self.give_up_restart(old, New::Running(&new), false, why),
+            // Our server could not take its final checkpoint; it has
+            // thawed itself.
+            Phase::HandingOver {
+                old,
+                peer,
+                step: Handing::Freezing,
+                ..
+            } if old.pid == pid => {
+                peer.send(Tag::Refused, why.as_bytes());
+                self.give_up_takeover(old, &peer, false, why);
+            }
             other => self.phase = other,
         }
+        Ok(())
     }
 
     /// The old server answered everything it held and reads no more: the
@@ -551,8 +810,228 @@ impl Supervisor {
                 binary,
                 ..
             } if old.pid == pid => self.restarted(old, new, binary),
+            Phase::HandingOver {
+                old,
+                peer,
+                step: Handing::Draining,
+                ..
+            } if old.pid == pid => {
+                tracing::info!(
+                    pid = peer.pid,
+                    "take-over: drained; the other daemon serves this mount point now"
+                );
+                peer.send(Tag::Drained, &(old.pid.as_raw() as u64).to_le_bytes());
+                self.phase = Phase::HandedOver(Some(old));
+            }
             other => self.phase = other,
         }
+    }
+
+    /// Another daemon offers to take over: only from one server serving,
+    /// with everything kept, and a daemon of this protocol.
+    fn offered(&mut self, sock: OwnedFd, offer: protocol::Offer) {
+        let refuse = |why: String| {
+            tracing::warn!(
+                "refused a takeover by pid {} (nvlibfs {}): {why}",
+                offer.pid,
+                offer.version
+            );
+            let _ = protocol::send(&sock, Tag::Refused, why.as_bytes(), &[]);
+        };
+        if offer.protocol != protocol::VERSION {
+            return refuse(format!(
+                "it speaks handover protocol {} and this daemon {}: a takeover must restore the state exactly, \
+                 so it is refused; stop this daemon and mount afresh",
+                offer.protocol,
+                protocol::VERSION
+            ));
+        }
+        let server = match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Serving(server) if self.kept.complete() => server,
+            other => {
+                let why = format!("this daemon is {}; a takeover needs one server serving", other.name());
+                self.phase = other;
+                return refuse(why);
+            }
+        };
+        tracing::info!(
+            pid = offer.pid,
+            version = %offer.version,
+            "take-over: another daemon takes over; freezing pid {}",
+            server.pid
+        );
+        server.send(Tag::Freeze, &[]);
+        let peer = self.peer(sock, offer.pid);
+        self.phase = Phase::HandingOver {
+            old: server,
+            peer,
+            step: Handing::Freezing,
+            since: Instant::now(),
+        };
+    }
+
+    /// A message from the other daemon of a takeover.
+    fn peer_said(&mut self, id: u64, m: Message) -> Result<Option<i32>, DaemonError> {
+        let current = match &self.phase {
+            Phase::HandingOver { peer, .. } | Phase::Joining { peer, .. } => peer.id == id,
+            _ => false,
+        };
+        if !current {
+            tracing::debug!("{:?} from a takeover that is over", m.tag);
+            return Ok(None);
+        }
+        self.phase = match (std::mem::replace(&mut self.phase, Phase::Moving), m.tag) {
+            (
+                Phase::HandingOver {
+                    old,
+                    peer,
+                    step: Handing::Preparing,
+                    ..
+                },
+                Tag::Prepared,
+            ) => Phase::HandingOver {
+                old,
+                peer,
+                step: Handing::Overlap,
+                since: Instant::now(),
+            },
+            (
+                Phase::HandingOver {
+                    old,
+                    peer,
+                    step: Handing::Overlap,
+                    ..
+                },
+                Tag::Ready,
+            ) => {
+                tracing::info!(
+                    pid = peer.pid,
+                    "take-over: the other daemon's server answers; draining ours"
+                );
+                old.send(Tag::Drain, &[]);
+                Phase::HandingOver {
+                    old,
+                    peer,
+                    step: Handing::Draining,
+                    since: Instant::now(),
+                }
+            }
+            (Phase::HandingOver { old, peer, step, .. }, Tag::Refused) if step != Handing::Draining => {
+                let why = format!("the daemon taking over (pid {}) refused: {}", peer.pid, m.text());
+                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+                return Ok(None);
+            }
+            (
+                Phase::Joining {
+                    new,
+                    peer,
+                    step: Handing::Draining,
+                    ..
+                },
+                Tag::Drained,
+            ) => {
+                let (old_server, _) = m.number().unwrap_or((0, &[]));
+                self.joined(new, &peer, old_server as u32);
+                return Ok(None);
+            }
+            (Phase::Joining { new, peer, .. }, Tag::Refused) => {
+                new.kill(Signal::SIGKILL);
+                return Err(DaemonError::new(format!(
+                    "the daemon taken over (pid {}) gave up: {}",
+                    peer.pid,
+                    m.text()
+                )));
+            }
+            (phase, tag) => {
+                tracing::warn!("{tag:?} from the other daemon while {}", phase.name());
+                phase
+            }
+        };
+        Ok(None)
+    }
+
+    /// The other daemon of a takeover went away.
+    fn peer_gone(&mut self, id: u64, why: String) -> Result<Option<i32>, DaemonError> {
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::HandingOver { old, peer, step, .. } if peer.id == id && step != Handing::Draining => {
+                let why = format!("the daemon taking over (pid {}) went away: {why}", peer.pid);
+                // If its server had begun to read, what it read goes back
+                // in the queue for ours.
+                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+            }
+            Phase::Joining { new, peer, step, .. } if peer.id == id => {
+                if step == Handing::Preparing {
+                    new.kill(Signal::SIGKILL);
+                    return Err(DaemonError::new(format!(
+                        "the daemon taken over (pid {}) went away before this one was ready: {why}",
+                        peer.pid
+                    )));
+                }
+                // Ours serves already: what the other's server held (if it
+                // died with it) goes back in the queue, and ours goes on.
+                tracing::error!(
+                    "the daemon taken over (pid {}) went away during the takeover: {why}; serving on",
+                    peer.pid
+                );
+                self.resend();
+                self.joined(new, &peer, 0);
+            }
+            other => {
+                if let Phase::HandingOver { peer, .. } = &other {
+                    tracing::error!(
+                        "the daemon taking over (pid {}) went away while ours drained: {why}",
+                        peer.pid
+                    );
+                }
+                self.phase = other;
+            }
+        }
+        Ok(None)
+    }
+
+    /// This daemon's takeover is done: its server serves alone.
+    fn joined(&mut self, new: Server, peer: &Peer, old_server: u32) {
+        new.send(Tag::Sole, &[]);
+        self.record(
+            "take-over",
+            if old_server != 0 { old_server } else { peer.pid },
+            &new,
+            SystemTime::now(),
+            Duration::ZERO,
+            None,
+        );
+        self.binary = new.binary.clone();
+        crate::privileges::drop_for_supervisor();
+        self.phase = Phase::Serving(new);
+        self.joined = true;
+        self.send_history();
+    }
+
+    /// A takeover that cannot go on: our server thaws and serves on; what
+    /// the other's read, if it had begun to read, goes back in the queue.
+    fn give_up_takeover(&mut self, old: Server, peer: &Peer, other_read: bool, why: String) {
+        if other_read {
+            self.resend();
+        }
+        old.send(Tag::Thaw, &[]);
+        let pid = old.pid;
+        self.phase = Phase::Serving(old);
+        self.refusal(pid, peer.pid, why);
+    }
+
+    /// Handed over and the old server gone: this daemon is done. In the
+    /// foreground it waits to be stopped (a platform restarts what exits);
+    /// either way the lock stays with the daemon that took over.
+    fn handed_over(&mut self) -> Option<i32> {
+        if self.command.foreground && !self.stop_requested {
+            tracing::info!("handed over; nothing left to do here until this daemon is stopped");
+            self.phase = Phase::HandedOver(None);
+            return None;
+        }
+        if let Some(lock) = self.lock.take() {
+            lock.leave_to_successor();
+        }
+        Some(0)
     }
 
     /// A restart is done: `new` serves alone, from `binary`.
@@ -575,6 +1054,44 @@ impl Supervisor {
         match signal {
             Signal::SIGTERM | Signal::SIGINT => {
                 systemd::notify("STOPPING=1");
+                match std::mem::replace(&mut self.phase, Phase::Moving) {
+                    // Another daemon serves: stopping this one unmounts nothing.
+                    Phase::HandedOver(None) => {
+                        self.stop_requested = true;
+                        return Ok(self.handed_over());
+                    }
+                    Phase::HandedOver(Some(old)) => {
+                        self.stop_requested = true;
+                        self.phase = Phase::HandedOver(Some(old));
+                        return Ok(None);
+                    }
+                    // Both servers serve or ours drains: too late to go
+                    // back; this daemon goes once it has handed over.
+                    Phase::HandingOver {
+                        old,
+                        peer,
+                        step: step @ (Handing::Overlap | Handing::Draining),
+                        since,
+                    } => {
+                        tracing::info!("{signal} while handing over: stopping once the other daemon serves");
+                        self.stop_requested = true;
+                        self.phase = Phase::HandingOver { old, peer, step, since };
+                        return Ok(None);
+                    }
+                    // Not yet: the takeover is given up, and stopping means
+                    // unmounting as ever.
+                    Phase::HandingOver { old, peer, .. } => {
+                        peer.send(Tag::Refused, format!("the daemon taken over got {signal}").as_bytes());
+                        self.give_up_takeover(old, &peer, false, format!("{signal} before the handover"));
+                    }
+                    Phase::Joining { new, peer, .. } => {
+                        new.kill(Signal::SIGKILL);
+                        let _ = waitpid(new.pid, None);
+                        peer.send(Tag::Refused, format!("the daemon taking over got {signal}").as_bytes());
+                        return Err(DaemonError::new(format!("{signal} before the takeover was done")));
+                    }
+                    other => self.phase = other,
+                }
                 let (serving, extra) = match std::mem::replace(&mut self.phase, Phase::Moving) {
                     Phase::Mounting(s) | Phase::Serving(s) => (Some(s), None),
                     Phase::Restarting { old, step, .. } => (
@@ -586,7 +1103,9 @@ impl Supervisor {
                     ),
                     Phase::Recovering { new, .. } => (None, Some(new)),
                     Phase::Stopping(s) => (s, None),
-                    Phase::Moving => (None, None),
+                    Phase::HandingOver { .. } | Phase::Joining { .. } | Phase::HandedOver(_) | Phase::Moving => {
+                        (None, None)
+                    }
                 };
                 // Stopping means unmounting: a server that was not yet
                 // the one serving goes at once.
@@ -643,13 +1162,19 @@ impl Supervisor {
         }
     }
 
-    /// A step of a restart that takes too long is given up.
-    fn check_step_limit(&mut self) -> Result<(), DaemonError> {
+    /// A step of a restart or a takeover that takes too long is given up.
+    fn check_step_limit(&mut self) -> Result<Option<i32>, DaemonError> {
+        match &self.phase {
+            Phase::HandingOver { since, .. } | Phase::Joining { since, .. } if since.elapsed() >= STEP_LIMIT => {
+                return self.takeover_too_slow();
+            }
+            _ => {}
+        }
         let Phase::Restarting { since, .. } = &self.phase else {
-            return Ok(());
+            return Ok(None);
         };
         if since.elapsed() < STEP_LIMIT {
-            return Ok(());
+            return Ok(None);
         }
         let Phase::Restarting { old, step, binary, .. } = std::mem::replace(&mut self.phase, Phase::Moving) else {
             unreachable!("matched above")
@@ -674,7 +1199,38 @@ impl Supervisor {
                 self.restarted(old, new, binary);
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    fn takeover_too_slow(&mut self) -> Result<Option<i32>, DaemonError> {
+        let why = format!("a step of the takeover took over {} s", STEP_LIMIT.as_secs());
+        tracing::error!("{why}");
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::HandingOver {
+                old,
+                peer,
+                step: Handing::Draining,
+                ..
+            } => {
+                // A thread of our server stuck in a request: it goes, and
+                // what it held goes back in the queue for the other's.
+                old.kill(Signal::SIGKILL);
+                self.resend();
+                peer.send(Tag::Drained, &(old.pid.as_raw() as u64).to_le_bytes());
+                self.phase = Phase::HandedOver(Some(old));
+            }
+            Phase::HandingOver { old, peer, step, .. } => {
+                peer.send(Tag::Refused, why.as_bytes());
+                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+            }
+            Phase::Joining { new, peer, .. } => {
+                new.kill(Signal::SIGKILL);
+                peer.send(Tag::Refused, why.as_bytes());
+                return Err(DaemonError::new(format!("--take-over failed: {why}")));
+            }
+            other => self.phase = other,
+        }
+        Ok(None)
     }
 
     /// A restart that cannot go on: the new server, if still running,
@@ -767,6 +1323,32 @@ impl Supervisor {
                 tracing::error!("the new server (pid {pid}) died while the old one drained: {status:?}");
                 self.crashes.push_back(Instant::now());
                 self.recover("crash", pid)?;
+            }
+            Phase::HandedOver(Some(s)) if s.pid == pid => return Ok(self.handed_over()),
+            Phase::HandingOver { old, peer, step, .. } if old.pid == pid => match step {
+                // Before the other daemon's server read anything: a crash
+                // like any other, and the takeover ends with it.
+                Handing::Freezing | Handing::Preparing => {
+                    tracing::error!("the server (pid {pid}) died while handing over: {status:?}");
+                    peer.send(Tag::Refused, b"the server taken over died");
+                    self.crashes.push_back(Instant::now());
+                    self.recover("crash", pid)?;
+                }
+                Handing::Overlap | Handing::Draining => {
+                    if !(code == 0 && matches!(status, WaitStatus::Exited(..))) {
+                        tracing::error!("our server (pid {pid}) died while the other daemon's served: {status:?}");
+                        self.resend();
+                    }
+                    peer.send(Tag::Drained, &(pid.as_raw() as u64).to_le_bytes());
+                    self.phase = Phase::HandedOver(None);
+                    return Ok(self.handed_over());
+                }
+            },
+            Phase::Joining { new, peer, .. } if new.pid == pid => {
+                let why = format!("this daemon's new server (pid {pid}) ended: {status:?}");
+                // If it had begun to read, the other daemon resends.
+                peer.send(Tag::Refused, why.as_bytes());
+                return Err(DaemonError::new(format!("--take-over failed: {why}")));
             }
             Phase::Recovering {
                 new,
@@ -927,7 +1509,7 @@ impl Supervisor {
         cmd.env_remove("NOTIFY_SOCKET");
         let inherit: Vec<i32> = [
             Some(theirs.as_raw_fd()),
-            Some(self.lock.as_fd().as_raw_fd()),
+            self.lock.as_ref().map(|l| l.as_fd().as_raw_fd()),
             ready.map(|f| f.as_raw_fd()),
         ]
         .into_iter()
@@ -1006,6 +1588,140 @@ fn read_server(pid: Pid, sock: &OwnedFd, events: &mpsc::Sender<Event>) {
         }
     }
     let _ = events.send(Event::Closed(pid));
+}
+
+/// The supervisor holds the connection: if it died with its server, every
+/// container's view would end (nothing can save that), so it asks the
+/// OOM killer to pass it over, as far as this process may (below 0 takes
+/// CAP_SYS_RESOURCE, which containers often lack). It holds little memory
+/// to begin with; its servers set their own score back (daemon.rs).
+fn lower_oom_score() {
+    const PATH: &str = "/proc/self/oom_score_adj";
+    match std::fs::write(PATH, "-1000") {
+        Ok(()) => tracing::debug!("OOM score adjustment -1000"),
+        Err(e) => tracing::info!(
+            "could not lower the supervisor's OOM score ({e}; needs CAP_SYS_RESOURCE): it stays at {}",
+            std::fs::read_to_string(PATH).unwrap_or_default().trim()
+        ),
+    }
+}
+
+/// What a daemon taken over handed on.
+struct HandedOn {
+    lock: MountLock,
+    sock: OwnedFd,
+    pid: u32,
+    kept: Kept,
+    history: Vec<Handover>,
+}
+
+/// `--take-over`: having offered over `sock`, receives in order the mount
+/// point's lock, the handovers so far and everything the daemon taken over
+/// keeps, checked as any checkpoint is.
+fn join(sock: OwnedFd) -> Result<HandedOn, DaemonError> {
+    let first = crate::peer::answer(&sock, "handing over its lock")?;
+    let pid = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.pid() as u32)
+        .unwrap_or(0);
+    let lock = match first.tag {
+        Tag::Lock if first.fds.len() == 1 => {
+            MountLock::handed_on(first.fds.into_iter().next().expect("one descriptor"))?
+        }
+        Tag::Refused => {
+            return Err(DaemonError::new(format!(
+                "the daemon serving this mount point (pid {pid}) refused the takeover: {}",
+                first.text()
+            )))
+        }
+        other => {
+            return Err(DaemonError::new(format!(
+                "the daemon taken over (pid {pid}) sent {other:?} with {} descriptors where its lock belongs",
+                first.fds.len()
+            )))
+        }
+    };
+    let mut kept = Kept::default();
+    let mut history = Vec::new();
+    loop {
+        let m = crate::peer::answer(&sock, "handing over what it keeps")?;
+        let checkpoint = m.tag == Tag::Checkpoint;
+        match m.tag {
+            Tag::Refused => {
+                return Err(DaemonError::new(format!(
+                    "the daemon taken over (pid {pid}) gave up: {}",
+                    m.text()
+                )))
+            }
+            Tag::History => {
+                // Only for `status`: a history it cannot read is dropped.
+                history = serde_json::from_slice(&m.body).unwrap_or_else(|e| {
+                    tracing::warn!("the handovers of the daemon taken over: {e}");
+                    Vec::new()
+                });
+                continue;
+            }
+            _ => {}
+        }
+        match kept.take(m) {
+            Ok(Taken::Answer(answer)) if answer.tag == Tag::Nak => {
+                return Err(DaemonError::new(format!(
+                    "what the daemon taken over (pid {pid}) handed over is not whole: {}",
+                    answer.text()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(DaemonError::new(format!("what pid {pid} handed over: {e}"))),
+        }
+        if checkpoint {
+            break;
+        }
+    }
+    if !kept.complete() {
+        return Err(DaemonError::new(format!(
+            "pid {pid} handed over a checkpoint without its connection"
+        )));
+    }
+    // From here on a reader thread waits as long as it takes.
+    let forever = nix::sys::time::TimeVal::new(0, 0);
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &forever)
+        .map_err(|e| DaemonError::new(format!("the takeover socket: {e}")))?;
+    Ok(HandedOn {
+        lock,
+        sock,
+        pid,
+        kept,
+        history,
+    })
+}
+
+/// The first message of a daemon that would take over: its `Offer`.
+fn read_offer(sock: &OwnedFd) -> Result<protocol::Offer, String> {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
+    setsockopt(sock, ReceiveTimeout, &nix::sys::time::TimeVal::new(5, 0)).map_err(|e| e.to_string())?;
+    let m = match protocol::recv(sock) {
+        Ok(Some(m)) if m.tag == Tag::Offer => m,
+        Ok(Some(m)) => return Err(format!("it sent {:?}", m.tag)),
+        Ok(None) => return Err("it closed the socket".into()),
+        Err(e) => return Err(e.0),
+    };
+    setsockopt(sock, ReceiveTimeout, &nix::sys::time::TimeVal::new(0, 0)).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&m.body).map_err(|e| format!("its offer: {e}"))
+}
+
+/// Passes a peer's messages on as events, then its going.
+fn read_peer(id: u64, sock: &OwnedFd, events: &mpsc::Sender<Event>) {
+    let why = loop {
+        match protocol::recv(sock) {
+            Ok(Some(m)) => {
+                if events.send(Event::Peer(id, m)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break "it closed the socket".to_owned(),
+            Err(e) => break e.0,
+        }
+    };
+    let _ = events.send(Event::PeerGone(id, why));
 }
 
 /// Signals become events; the ones nothing acts on are ignored.
