@@ -4,8 +4,10 @@
 //!   cargo bench --bench handover [-- --events N] [--out DIR]
 //!
 //! Events: SIGKILL of the serving process (the supervisor starts another,
-//! which takes over), and `nvlibfs restart` (an upgrade: the old server
-//! answers until the new one does, then drains). For each, the
+//! which takes over), `nvlibfs restart` (an upgrade: the old server
+//! answers until the new one does, then drains), and `nvlibfs mount
+//! --take-over` (another daemon, in a process tree of its own, takes the
+//! mount over the same way, as a DaemonSet's new pod does). For each, the
 //! supervisor's measure (from when it saw the old server end to the new
 //! one answering) and what a loader looping through the view the whole
 //! time saw: failed loads and its slowest single load.
@@ -34,7 +36,11 @@ fn main() {
     let nvlibfs = common::nvlibfs_near_bench().unwrap_or_else(|| usage());
     let mut rows = Vec::new();
     for (path, extra) in [("passthrough", &[][..]), ("cached", &["--no-passthrough"][..])] {
-        for kind in ["SIGKILL of the server", "nvlibfs restart"] {
+        for kind in [
+            "SIGKILL of the server",
+            "nvlibfs restart",
+            "another daemon's --take-over",
+        ] {
             eprintln!("handover: {path}, {kind} x{events}");
             rows.push((path, kind, measure(&nvlibfs, extra, kind, events)));
         }
@@ -49,8 +55,8 @@ fn main() {
     ));
     report.push_str(
         "- waited: how long requests had nobody to answer them, as the supervisor measures it: from a \
-         server's death to its successor answering; 0 for a restart, where the old server answers until \
-         the new one does and then drains\n\
+         server's death to its successor answering; 0 for a restart or a takeover, where the old server \
+         answers until the new one does and then drains\n\
          - loader: one process loading libcuda about every millisecond through the view the whole time; \
          its slowest load bounds what a request saw\n\n\
          | data path | event | waited p50 (ms) | p99 | max | loader's failed loads | loader's slowest load (ms) |\n\
@@ -110,6 +116,10 @@ fn measure(nvlibfs: &Path, extra: &[&str], kind: &str, events: usize) -> Measure
         if kind.starts_with("SIGKILL") {
             // SAFETY: signals the server this bench started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        } else if kind.contains("take-over") {
+            let mut flags = extra.to_vec();
+            flags.push("--take-over");
+            common::mount_fixture(nvlibfs, &fixture, &state, &mnt, &flags);
         } else {
             let ok = Command::new(nvlibfs)
                 .args(["restart", "--state-dir"])

@@ -36,9 +36,17 @@ fn manifests_load_into_the_kubernetes_client_models() {
     let bad = dir.path().join("bad.yaml");
     let pod = std::fs::read_to_string(format!("{DIR}/gpu-pod.yaml")).unwrap();
     std::fs::write(&bad, pod.replace("mountPropagation:", "mountPropogation:")).unwrap();
-    let (ok, text) = validate(&[bad]);
+    let (ok, text) = validate(std::slice::from_ref(&bad));
     assert!(
         !ok && text.contains("does not survive"),
         "a misspelt field went unnoticed:\n{text}"
     );
+
+    // A rolling update that would delete the old pod before the new one
+    // took the mount over.
+    let daemonset = std::fs::read_to_string(format!("{DIR}/nvlibfs-daemonset.yaml")).unwrap();
+    assert!(daemonset.contains("maxUnavailable: 0"));
+    std::fs::write(&bad, daemonset.replace("maxUnavailable: 0", "maxUnavailable: 1")).unwrap();
+    let (ok, text) = validate(&[bad]);
+    assert!(!ok && text.contains("maxSurge 1, maxUnavailable 0"), "{text}");
 }

@@ -38,11 +38,19 @@ def check(path):
             c = doc["spec"]["template"]["spec"]["containers"][0]
             if not c.get("securityContext", {}).get("privileged"):
                 problems.append(f"{what}: the daemon needs privileged")
-            if "status" not in c.get("readinessProbe", {}).get("exec", {}).get("command", []):
-                problems.append(f"{what}: readiness probe must run nvlibfs status")
+            probe = c.get("readinessProbe", {}).get("exec", {}).get("command", [])
+            if "status" not in probe or "--here" not in probe:
+                problems.append(f"{what}: readiness probe must run nvlibfs status --here (ready once this pod serves)")
+            if "--take-over" not in c.get("command", []):
+                problems.append(f"{what}: the daemon must start with --take-over, so an update takes the mount over")
+            rolling = doc["spec"].get("updateStrategy", {}).get("rollingUpdate", {})
+            if rolling.get("maxSurge") != 1 or rolling.get("maxUnavailable") != 0:
+                problems.append(f"{what}: updates must roll with maxSurge 1, maxUnavailable 0 (new pod beside the old)")
             props = {m["mountPath"]: m.get("mountPropagation") for m in c["volumeMounts"]}
             if props.get("/run/nvlibs") != "Bidirectional":
                 problems.append(f"{what}: /run/nvlibs needs Bidirectional propagation")
+            if "/run/nvlibfs" not in props:
+                problems.append(f"{what}: /run/nvlibfs (the state directory) must be the node's, shared by old and new pods")
         if doc["kind"] == "Pod":
             for c in doc["spec"]["containers"]:
                 mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
