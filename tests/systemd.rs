@@ -1,11 +1,20 @@
-//! Under a real systemd as PID 1 (a container from a debootstrapped Debian
-//! 12 with systemd 252), the unit from contrib/systemd serving a fixture
-//! driver at /run/nvlibs, with loaders looping through it the whole time:
-//! SIGKILL of the serving process, `systemctl kill -s KILL nvlibfs` (the
-//! whole unit: systemd starts it again and hands back its file-descriptor
-//! store) and `systemctl reload nvlibfs` fail no load. `systemctl restart`
-//! is a stop (which unmounts) and a start: its outage is measured and
-//! printed, and the loaders load again after it.
+//! Under a real systemd as PID 1 (containers from debootstrapped Debian 12,
+//! systemd 252, and Debian 13, systemd 257), the unit from contrib/systemd
+//! serving a fixture driver at /run/nvlibs, with loaders looping through it
+//! the whole time: SIGKILL of the serving process, `systemctl kill -s KILL
+//! nvlibfs` (the whole unit: systemd starts it again and hands back its
+//! file-descriptor store) and `systemctl reload nvlibfs` fail no load.
+//! `systemctl restart` under systemd 257, which keeps the store across it
+//! (`FileDescriptorStorePreserve=`), fails no load either, and `systemctl
+//! stop` then unmounts; under 252 a restart is a stop (which unmounts) and
+//! a start: its outage is measured and printed, and the loaders load again
+//! after it.
+//!
+//! This machine mounts cgroup v1, which systemd 256+ refuses unless told
+//! otherwise on the kernel command line; a container's systemd reads that
+//! from `SYSTEMD_PROC_CMDLINE`, so the Debian 13 container boots with
+//! `systemd.unified_cgroup_hierarchy=0 SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1`
+//! there (on a cgroup v2 host it needs nothing).
 
 mod common;
 
@@ -18,23 +27,56 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const IMAGE: &str = "nvlibfs-test-systemd:bookworm-1";
+/// A Debian release with its systemd.
+struct Systemd {
+    suite: &'static str,
+    /// Whether its systemd keeps a unit's fd store across a restart
+    /// (`FileDescriptorStorePreserve=`, 254+).
+    keeps_store_across_restart: bool,
+}
+
+const BOOKWORM: Systemd = Systemd {
+    suite: "bookworm",
+    keeps_store_across_restart: false,
+};
+const TRIXIE: Systemd = Systemd {
+    suite: "trixie",
+    keeps_store_across_restart: true,
+};
+
+impl Systemd {
+    fn image(&self) -> String {
+        format!("nvlibfs-test-systemd:{}-1", self.suite)
+    }
+
+    fn cache_name(&self) -> String {
+        format!("systemd-{}-1", self.suite)
+    }
+
+    /// Debian with systemd, imported into the host's dockerd once; the
+    /// root file system is cached beside the other test images.
+    fn build(&self) -> Result<(), String> {
+        if run(docker().args(["image", "inspect", &self.image()])).is_ok() {
+            return Ok(());
+        }
+        let tar = debootstrap_tar(&self.cache_name(), self.suite, &["systemd", "systemd-sysv", "dbus"])?;
+        run(Command::new("sh")
+            .arg("-c")
+            .arg(format!("docker import '{}' {}", tar.display(), self.image())))?;
+        Ok(())
+    }
+}
 
 fn docker() -> Command {
     Command::new("docker")
 }
 
-/// Debian 12 with systemd, imported into the host's dockerd once; the
-/// root file system is cached beside the other test images.
-fn image() -> Result<(), String> {
-    if run(docker().args(["image", "inspect", IMAGE])).is_ok() {
-        return Ok(());
-    }
-    let tar = debootstrap_tar("systemd-bookworm-1", "bookworm", &["systemd", "systemd-sysv", "dbus"])?;
-    run(Command::new("sh")
-        .arg("-c")
-        .arg(format!("docker import '{}' {IMAGE}", tar.display())))?;
-    Ok(())
+/// One systemd container at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether this machine mounts cgroup v1 (systemd 256+ then needs telling).
+fn cgroup_v1() -> bool {
+    !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }
 
 /// A container booted with systemd as PID 1; removed when dropped.
@@ -43,8 +85,8 @@ struct Machine {
 }
 
 impl Machine {
-    fn boot(test: &Path, out: &Path) -> Result<Machine, String> {
-        let name = format!("nvlibfs-test-systemd-{}", std::process::id());
+    fn boot(systemd: &Systemd, test: &Path, out: &Path) -> Result<Machine, String> {
+        let name = format!("nvlibfs-test-systemd-{}-{}", systemd.suite, std::process::id());
         let _ = docker().args(["rm", "-f", &name]).output();
         // As for the DIND test's outer container; systemd also wants the
         // cgroup tree and its own /run.
@@ -60,9 +102,16 @@ impl Machine {
                 "/sys/fs/cgroup:/sys/fs/cgroup:rw",
             ])
             .args(["--device", "/dev/fuse"])
+            .args(match (systemd.keeps_store_across_restart, cgroup_v1()) {
+                (true, true) => vec![
+                    "-e",
+                    "SYSTEMD_PROC_CMDLINE=systemd.unified_cgroup_hierarchy=0 SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1",
+                ],
+                _ => vec![],
+            })
             .arg(format!("--volume={}:/test:ro", test.display()))
             .arg(format!("--volume={}:/out", out.display()))
-            .args([IMAGE, "/lib/systemd/systemd"]))?;
+            .args([&systemd.image(), "/lib/systemd/systemd"]))?;
         let machine = Machine { name };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -126,14 +175,25 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<T, String>) -> T {
 }
 
 #[test]
-fn under_systemd_crashes_kills_and_reloads_fail_no_load() {
+fn under_systemd_252_crashes_kills_and_reloads_fail_no_load() {
+    under_systemd(&BOOKWORM);
+}
+
+#[test]
+fn under_systemd_257_restarts_fail_no_load_either() {
+    under_systemd(&TRIXIE);
+}
+
+fn under_systemd(systemd: &Systemd) {
     common::require_fixture_tools();
     common::require_docker_engine();
-    if run(docker().args(["image", "inspect", IMAGE])).is_err() && !cache_dir().join("systemd-bookworm-1.tar").exists()
+    if run(docker().args(["image", "inspect", &systemd.image()])).is_err()
+        && !cache_dir().join(format!("{}.tar", systemd.cache_name())).exists()
     {
         common::require("debootstrap", "debootstrap");
     }
-    step("systemd image (cached)", image);
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    step("systemd image (cached)", || systemd.build());
     let dir = tempfile::tempdir().unwrap();
     let test = dir.path().join("test");
     let out = dir.path().join("out");
@@ -147,7 +207,7 @@ fn under_systemd_crashes_kills_and_reloads_fail_no_load() {
     build(&FixtureSpec::new(VERSION), &test.join("host")).expect("fixture builds");
     build_loader(&test).expect("loader builds");
 
-    let machine = step("boot systemd in a container", || Machine::boot(&test, &out));
+    let machine = step("boot systemd in a container", || Machine::boot(systemd, &test, &out));
     let unit =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/systemd/nvlibfs.service")).unwrap();
     let dropin = "[Service]\nExecStart=\nExecStart=/test/bin/nvlibfs mount --foreground --driver-root /test/host \
@@ -217,20 +277,58 @@ fn under_systemd_crashes_kills_and_reloads_fail_no_load() {
     assert_eq!(failed, 0, "{:#?}", outcomes.iter().map(|o| &o.text).collect::<Vec<_>>());
     assert!(slowest < 1000.0, "a load took {slowest:.0} ms");
 
-    // systemctl restart: a stop, which unmounts, then a start.
     let loaders: Vec<Child> = (0..4).map(|_| machine.loader(4000)).collect();
     std::thread::sleep(Duration::from_millis(1000));
     let started = Instant::now();
     step("systemctl restart nvlibfs", || machine.sh("systemctl restart nvlibfs"));
     let took = started.elapsed();
     let outcomes: Vec<Outcome> = loaders.into_iter().map(finish).collect();
-    let (_, failed, _) = totals(&outcomes);
-    eprintln!(
-        "systemd: systemctl restart took {:.0} ms; {failed} loads failed across 4 loaders (about one a ms each)",
-        took.as_secs_f64() * 1e3
-    );
-    let recovered = outcomes
-        .iter()
-        .all(|o| o.text.lines().last().is_some_and(|l| l.starts_with("count")));
-    assert!(recovered);
+    let (loads, failed, slowest) = totals(&outcomes);
+    if systemd.keeps_store_across_restart {
+        // The connection waited in the store; the new daemon took it over.
+        let restarted = step("served after the restart", || machine.wait_serving(1));
+        eprintln!(
+            "systemd ({}): systemctl restart took {:.0} ms; {loads} loads, {failed} failed, slowest {slowest:.1} ms; \
+             handovers: {}",
+            systemd.suite,
+            took.as_secs_f64() * 1e3,
+            handovers(&restarted)
+        );
+        assert_ne!(
+            restarted.supervisor_pid, reloaded.supervisor_pid,
+            "no new daemon: {restarted:?}"
+        );
+        assert_eq!(
+            restarted.handovers.last().map(|h| h.reason.as_str()),
+            Some("supervisor restart"),
+            "the new daemon did not take the kept connection over: {restarted:?}"
+        );
+        assert_eq!(failed, 0, "{:#?}", outcomes.iter().map(|o| &o.text).collect::<Vec<_>>());
+        // Left in the store drained, not killed with requests in hand.
+        let journal = step("journal", || machine.sh("journalctl -u nvlibfs --no-pager"));
+        assert!(
+            journal.contains("the connection waits in systemd's fd store"),
+            "the restart did not leave the connection drained:\n{journal}"
+        );
+
+        // A stop is still a stop.
+        step("systemctl stop nvlibfs", || machine.sh("systemctl stop nvlibfs"));
+        let mounts = step("mounts", || machine.sh("cat /proc/mounts"));
+        assert!(
+            !mounts.contains("/run/nvlibs/.live fuse"),
+            "still mounted after a stop:\n{mounts}"
+        );
+    } else {
+        // A stop, which unmounts, then a start.
+        eprintln!(
+            "systemd ({}): systemctl restart took {:.0} ms; {failed} loads failed across 4 loaders (about one a \
+             ms each)",
+            systemd.suite,
+            took.as_secs_f64() * 1e3
+        );
+        let recovered = outcomes
+            .iter()
+            .all(|o| o.text.lines().last().is_some_and(|l| l.starts_with("count")));
+        assert!(recovered);
+    }
 }

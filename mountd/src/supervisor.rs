@@ -195,6 +195,15 @@ enum Phase {
         step: Handing,
         since: Instant,
     },
+    /// `systemctl restart` where systemd keeps the fd store across it: the
+    /// server takes its final checkpoint into the store and drains, and
+    /// this daemon exits without unmounting; the one systemd starts next
+    /// takes the connection over from the store.
+    Leaving {
+        old: Server,
+        step: Handing,
+        since: Instant,
+    },
     /// Handed over: the old server, drained, is ending; nothing here
     /// serves or unmounts any more.
     HandedOver(Option<Server>),
@@ -217,6 +226,7 @@ impl Phase {
             Phase::Recovering { .. } => "recovering",
             Phase::HandingOver { .. } => "handing over",
             Phase::Joining { .. } => "taking over",
+            Phase::Leaving { .. } => "leaving for systemd's restart",
             Phase::HandedOver(_) => "handed over",
             Phase::Stopping(_) => "stopping",
             Phase::Moving => "moving",
@@ -542,7 +552,7 @@ impl Supervisor {
             Phase::Mounting(s) | Phase::Serving(s) => [Some(s), None],
             Phase::Restarting { old, step, .. } => [Some(old), step_server(step)],
             Phase::Recovering { new, .. } => [Some(new), None],
-            Phase::HandingOver { old, .. } => [Some(old), None],
+            Phase::HandingOver { old, .. } | Phase::Leaving { old, .. } => [Some(old), None],
             Phase::Joining { new, .. } => [Some(new), None],
             Phase::HandedOver(s) | Phase::Stopping(s) => [s.as_ref(), None],
             Phase::Moving => [None, None],
@@ -659,6 +669,20 @@ impl Supervisor {
                     return Ok(());
                 }
             },
+            Phase::Leaving {
+                old,
+                step: Handing::Freezing,
+                ..
+            } if old.pid == pid => {
+                // The final checkpoint is acknowledged, so it is in the
+                // store: what the next daemon takes over.
+                old.send(Tag::Drain, &[]);
+                Phase::Leaving {
+                    old,
+                    step: Handing::Draining,
+                    since: Instant::now(),
+                }
+            }
             Phase::HandingOver {
                 old,
                 peer,
@@ -784,6 +808,17 @@ impl Supervisor {
                 step: Step::Preparing(new),
                 ..
             } if new.pid == pid => self.give_up_restart(old, New::Running(&new), false, why),
+            // No final checkpoint, so nothing to leave in the store: the
+            // restart is a stop after all, which unmounts.
+            Phase::Leaving {
+                old,
+                step: Handing::Freezing,
+                ..
+            } if old.pid == pid => {
+                tracing::error!("cannot leave the connection to systemd's restart ({why}); unmounting");
+                old.kill(Signal::SIGTERM);
+                self.phase = Phase::Stopping(Some(old));
+            }
             // Our server could not take its final checkpoint; it has
             // thawed itself.
             Phase::HandingOver {
@@ -810,6 +845,15 @@ impl Supervisor {
                 binary,
                 ..
             } if old.pid == pid => self.restarted(old, new, binary),
+            Phase::Leaving {
+                old,
+                step: Handing::Draining,
+                ..
+            } if old.pid == pid => {
+                tracing::info!("drained; the connection waits in systemd's fd store for the next daemon");
+                self.stop_requested = true;
+                self.phase = Phase::HandedOver(Some(old));
+            }
             Phase::HandingOver {
                 old,
                 peer,
@@ -1090,6 +1134,25 @@ impl Supervisor {
                         peer.send(Tag::Refused, format!("the daemon taking over got {signal}").as_bytes());
                         return Err(DaemonError::new(format!("{signal} before the takeover was done")));
                     }
+                    // A restart, not a stop, and systemd keeps the store
+                    // across it: leave the connection to the next daemon.
+                    Phase::Serving(server) if self.kept.complete() && systemd::restarting_with_store() => {
+                        tracing::info!(
+                            "systemd restarts this unit and keeps its fd store: handing the connection to the next \
+                             daemon through it, without unmounting"
+                        );
+                        server.send(Tag::Freeze, &[]);
+                        self.phase = Phase::Leaving {
+                            old: server,
+                            step: Handing::Freezing,
+                            since: Instant::now(),
+                        };
+                        return Ok(None);
+                    }
+                    Phase::Leaving { old, step, since } => {
+                        self.phase = Phase::Leaving { old, step, since };
+                        return Ok(None);
+                    }
                     other => self.phase = other,
                 }
                 let (serving, extra) = match std::mem::replace(&mut self.phase, Phase::Moving) {
@@ -1103,9 +1166,11 @@ impl Supervisor {
                     ),
                     Phase::Recovering { new, .. } => (None, Some(new)),
                     Phase::Stopping(s) => (s, None),
-                    Phase::HandingOver { .. } | Phase::Joining { .. } | Phase::HandedOver(_) | Phase::Moving => {
-                        (None, None)
-                    }
+                    Phase::HandingOver { .. }
+                    | Phase::Joining { .. }
+                    | Phase::Leaving { .. }
+                    | Phase::HandedOver(_)
+                    | Phase::Moving => (None, None),
                 };
                 // Stopping means unmounting: a server that was not yet
                 // the one serving goes at once.
@@ -1167,6 +1232,17 @@ impl Supervisor {
         match &self.phase {
             Phase::HandingOver { since, .. } | Phase::Joining { since, .. } if since.elapsed() >= STEP_LIMIT => {
                 return self.takeover_too_slow();
+            }
+            Phase::Leaving { since, .. } if since.elapsed() >= STEP_LIMIT => {
+                // Stuck: what it holds is resent to the next daemon.
+                let Phase::Leaving { old, .. } = std::mem::replace(&mut self.phase, Phase::Moving) else {
+                    unreachable!("matched above")
+                };
+                tracing::error!("leaving for the restart took over {} s", STEP_LIMIT.as_secs());
+                old.kill(Signal::SIGKILL);
+                self.stop_requested = true;
+                self.phase = Phase::HandedOver(Some(old));
+                return Ok(None);
             }
             _ => {}
         }
@@ -1325,6 +1401,13 @@ impl Supervisor {
                 self.recover("crash", pid)?;
             }
             Phase::HandedOver(Some(s)) if s.pid == pid => return Ok(self.handed_over()),
+            // The store holds the last acknowledged checkpoint: the next
+            // daemon recovers from it as after any crash.
+            Phase::Leaving { old, .. } if old.pid == pid => {
+                tracing::error!("the server (pid {pid}) died while leaving for the restart: {status:?}");
+                self.stop_requested = true;
+                return Ok(self.handed_over());
+            }
             Phase::HandingOver { old, peer, step, .. } if old.pid == pid => match step {
                 // Before the other daemon's server read anything: a crash
                 // like any other, and the takeover ends with it.
