@@ -16,9 +16,10 @@
 //!   server: no failed load, no load hung, no generation number reused or
 //!   rolled back.
 //! - 200 generations held by the kernel at once, a supervisor started at
-//!   the usual soft limit of 1024 descriptors, and a SIGKILL of the
-//!   server: every held directory of every generation still reads its own
-//!   version's bytes; once they are let go, the supervisor holds no more
+//!   the usual soft limit of 1024 descriptors, a SIGKILL of the server,
+//!   then another daemon taking them all over at that limit too: every
+//!   held directory of every generation still reads its own version's
+//!   bytes; once they are let go, the supervisor holds no more
 //!   than the live generations' files.
 
 mod common;
@@ -473,6 +474,35 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
             "generation {i} ({version}) after the takeover"
         );
     }
+
+    // Another daemon takes them all over, started at the same soft limit
+    // (it receives every held file at once).
+    let out = Command::new("prlimit")
+        .arg(format!("--nofile=1024:{hard}"))
+        .arg("--")
+        .arg(mount.get_program())
+        .args(mount.get_args())
+        .arg("--take-over")
+        .arg(&mountpoint)
+        .output()
+        .unwrap();
+    ok(out, "nvlibfs mount --take-over at a soft limit of 1024");
+    let taken = status();
+    assert_ne!(taken.supervisor_pid, Some(supervisor), "{taken:?}");
+    let numbers: Vec<u32> = taken.generations.iter().map(|g| g.number).collect();
+    assert!(
+        (0..GENERATIONS as u32).all(|n| numbers.contains(&n)),
+        "generations after the takeover by another daemon: {numbers:?}"
+    );
+    drop_caches();
+    for (i, (dir, version)) in held.iter().enumerate() {
+        assert_eq!(
+            read_all(&dir_path(dir).join("libcuda.so.1")),
+            expected[version],
+            "generation {i} ({version}) after the takeover by another daemon"
+        );
+    }
+    let supervisor = taken.supervisor_pid.unwrap();
 
     // Let go of them all: the supervisor lets go too.
     drop(held);

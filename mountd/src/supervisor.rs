@@ -294,6 +294,9 @@ impl Supervisor {
         crate::privileges::check_can_mount()?;
         let mountpoint = crate::layout::absolute(&command.mountpoint).map_err(DaemonError::new)?;
         let takeover_path = crate::peer::path(&command.state_dir, &mountpoint);
+        // Every generation's files are held here too, and a takeover
+        // receives them all at once: a limit too low would truncate them.
+        crate::daemon::raise_file_limit();
         // Taking over: the running daemon hands the lock on with the rest.
         // With nothing to take over, --take-over mounts: what every pod of a
         // DaemonSet can run, the first on a node as well as the next.
@@ -317,8 +320,6 @@ impl Supervisor {
             }
             None => (MountLock::take(&mountpoint)?, None),
         };
-        // Every generation's files are held here too.
-        crate::daemon::raise_file_limit();
         lower_oom_score();
         let events = signal_thread()?;
         let (events, event) = events;
