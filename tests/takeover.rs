@@ -56,6 +56,25 @@ fn three_takeovers_in_a_row(extra: &[&str]) {
     let m = Mounted::with_binaries(FixtureSpec::new(VERSION), extra, Some(&bin));
     let first = m.status();
     let data_path = first.data_path.clone();
+    // The supervisor holds the connection: the OOM killer is asked to pass
+    // it over, as far as this machine lets a process ask (CAP_SYS_RESOURCE);
+    // its server is as killable as any process.
+    let adj = |pid: u32| -> i32 {
+        std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(adj(first.pid), 0, "the server's OOM score adjustment");
+    match adj(first.supervisor_pid.unwrap()) {
+        -1000 => {}
+        0 => {
+            let log = std::fs::read_to_string(nvlibfs::control::log_path(&m.state_dir, &m.mountpoint)).unwrap();
+            assert!(log.contains("could not lower the supervisor's OOM score"), "{log}");
+        }
+        other => panic!("the supervisor's OOM score adjustment is {other}"),
+    }
     let loaders: Vec<Child> = (0..4)
         .map(|i| {
             let bind = if i % 2 == 0 { Bind::Rslave } else { Bind::Private };
