@@ -458,22 +458,25 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
         nvlibfs::control::query(&state_dir, &mountpoint).is_ok_and(|t| t.pid != s.pid && t.handovers.len() == 1)
     });
     // All of them, and perhaps one more: a crash between a commit and its
-    // checkpoint makes the successor re-pin once itself.
-    let after = status();
-    let numbers: Vec<u32> = after.generations.iter().map(|g| g.number).collect();
-    assert!(
-        (0..GENERATIONS as u32).all(|n| numbers.contains(&n)),
-        "generations after the takeover: {numbers:?}"
-    );
-    drop_caches();
-    for (i, (dir, version)) in held.iter().enumerate() {
-        let libcuda = dir_path(dir).join("libcuda.so.1");
-        assert_eq!(
-            read_all(&libcuda),
-            expected[version],
-            "generation {i} ({version}) after the takeover"
+    // checkpoint makes the successor re-pin once itself. Every held
+    // directory reads its own version's bytes.
+    let all_there = |held: &[(std::fs::File, &str)], after: &str| {
+        let numbers: Vec<u32> = status().generations.iter().map(|g| g.number).collect();
+        assert!(
+            (0..GENERATIONS as u32).all(|n| numbers.contains(&n)),
+            "generations after {after}: {numbers:?}"
         );
-    }
+        drop_caches();
+        for (i, (dir, version)) in held.iter().enumerate() {
+            let libcuda = dir_path(dir).join("libcuda.so.1");
+            assert_eq!(
+                read_all(&libcuda),
+                expected[version],
+                "generation {i} ({version}) after {after}"
+            );
+        }
+    };
+    all_there(&held, "the crash");
 
     // Another daemon takes them all over, started at the same soft limit
     // (it receives every held file at once).
@@ -489,19 +492,7 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
     ok(out, "nvlibfs mount --take-over at a soft limit of 1024");
     let taken = status();
     assert_ne!(taken.supervisor_pid, Some(supervisor), "{taken:?}");
-    let numbers: Vec<u32> = taken.generations.iter().map(|g| g.number).collect();
-    assert!(
-        (0..GENERATIONS as u32).all(|n| numbers.contains(&n)),
-        "generations after the takeover by another daemon: {numbers:?}"
-    );
-    drop_caches();
-    for (i, (dir, version)) in held.iter().enumerate() {
-        assert_eq!(
-            read_all(&dir_path(dir).join("libcuda.so.1")),
-            expected[version],
-            "generation {i} ({version}) after the takeover by another daemon"
-        );
-    }
+    all_there(&held, "the takeover by another daemon");
     let supervisor = taken.supervisor_pid.unwrap();
 
     // Let go of them all: the supervisor lets go too.
