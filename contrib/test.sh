@@ -17,9 +17,12 @@ cd "$(dirname "$0")/.."
 # built from a debootstrapped Debian and cached in /var/cache/nvlibfs-test);
 # podman is the CDI consumer for tests/cdi.rs. apt and the archive's keyring
 # fetch Debian's real NVIDIA driver packages for tests/debian_packages.rs
-# (about 160 MB, once, cached with the images). bindfs, squashfuse and
+# (about 160 MB, once, cached with the images). rootlesskit and uidmap run
+# a rootless dockerd (docker.io's dockerd-rootless.sh) for tests/rootless.rs,
+# as a user it creates, nvlibfs-rootless. bindfs, squashfuse and
 # squashfs-tools are for the benchmarks only (cargo bench), not installed here.
-packages=(gcc libc6-dev libc-bin util-linux mount dpkg apt debian-archive-keyring docker.io debootstrap podman)
+packages=(gcc libc6-dev libc-bin util-linux mount dpkg apt debian-archive-keyring docker.io debootstrap podman
+    rootlesskit uidmap)
 # pip installs the Kubernetes client below; a python3 with pip of another
 # origin (pyenv, a venv) does as well as Debian's.
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3 python3-pip)

@@ -1,0 +1,280 @@
+//! Rootless Docker on the host: Debian's `rootlesskit` and the
+//! `dockerd-rootless.sh` docker.io ships, run by an unprivileged user, with
+//! the view (mounted by root before that daemon started) as a volume. Its
+//! containers load every library and run `nvidia-smi` from the view as the
+//! container's root and as uid 1000, though the view's files show as owned
+//! by the overflow user there; and a view mounted again after a whole
+//! daemon's stop reaches both a running container bound `rslave` and new
+//! ones, because the mount point's tmpfs (shared) outlived the daemon.
+//!
+//! The rootless daemon runs with RootlessKit's host network (no
+//! /dev/net/tun, no slirp4netns: the containers need no network).
+
+mod common;
+
+use common::images::{cache_dir, inner_rootfs};
+use common::{mount_command, ok, umount, SERIAL, VERSION};
+use nvlibfs_fixture::{build, build_loader, FixtureSpec};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const USER: &str = "nvlibfs-rootless";
+/// Its subordinate ids (`/etc/subuid`, `/etc/subgid`): far above any a
+/// distribution hands out.
+const SUBORDINATE: &str = "1500000:65536";
+const IMAGE: &str = "nvlibfs-test-inner";
+
+/// The unprivileged user the rootless daemon runs as, created once.
+fn user() -> (u32, u32) {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, USER]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        ok(
+            Command::new("useradd")
+                .args(["--create-home", "--shell", "/bin/sh", USER])
+                .output()
+                .unwrap(),
+            "useradd",
+        );
+    }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        let have = std::fs::read_to_string(file).unwrap_or_default();
+        if !have.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
+            std::fs::write(file, format!("{have}{USER}:{SUBORDINATE}\n")).unwrap();
+        }
+    }
+    (id("-u").unwrap(), id("-g").unwrap())
+}
+
+/// `program` run as the rootless user, with its runtime directory and
+/// daemon socket, and `vars` besides.
+fn as_user(uid: u32, vars: &[&str], program: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", USER, "--", "env"])
+        .arg(format!("XDG_RUNTIME_DIR=/run/user/{uid}"))
+        .arg(format!("DOCKER_HOST=unix:///run/user/{uid}/docker.sock"))
+        // Debian keeps dockerd-rootless.sh with docker.io's contrib.
+        .arg("PATH=/usr/share/docker.io/contrib:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .args(vars)
+        .arg(program);
+    c
+}
+
+/// A rootless dockerd of `USER`, stopped (with its RootlessKit) when dropped.
+struct RootlessDocker {
+    uid: u32,
+    child: Child,
+}
+
+impl RootlessDocker {
+    fn start(uid: u32, gid: u32, log: &Path) -> RootlessDocker {
+        let runtime = PathBuf::from(format!("/run/user/{uid}"));
+        std::fs::create_dir_all(&runtime).unwrap();
+        std::os::unix::fs::chown(&runtime, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Kept between runs, like the other test images.
+        let data_root = cache_dir().join("rootless-docker");
+        std::fs::create_dir_all(&data_root).unwrap();
+        std::os::unix::fs::chown(&data_root, Some(uid), Some(gid)).unwrap();
+        let vars = [
+            "DOCKERD_ROOTLESS_ROOTLESSKIT_NET=host",
+            "DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER=none",
+            "DOCKERD_ROOTLESS_ROOTLESSKIT_MTU=65520",
+        ];
+        let mut cmd = as_user(uid, &vars, "dockerd-rootless.sh");
+        cmd.args(["--bridge=none", "--iptables=false", "--data-root"])
+            .arg(&data_root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            // Its own process group, so that all of it can be stopped.
+            .process_group(0);
+        let child = cmd.spawn().unwrap();
+        let daemon = RootlessDocker { uid, child };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !daemon.docker(&["info"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "the rootless dockerd did not answer:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        daemon
+    }
+
+    fn docker(&self, args: &[&str]) -> std::process::Output {
+        as_user(self.uid, &[], "docker").args(args).output().unwrap()
+    }
+
+    fn run_ok(&self, args: &[&str], what: &str) -> String {
+        ok(self.docker(args), what)
+    }
+}
+
+impl Drop for RootlessDocker {
+    fn drop(&mut self) {
+        // SAFETY: signals the process group this test started.
+        unsafe { libc::killpg(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::killpg(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn rootless_docker_containers_load_the_view_as_root_and_as_a_user() {
+    common::require_fixture_tools();
+    common::require("rootlesskit", "rootlesskit");
+    common::require("newuidmap", "uidmap");
+    common::require("runuser", "util-linux");
+    common::require("docker", "docker.io");
+    common::images::require_image_tools();
+    assert!(
+        Path::new("/usr/share/docker.io/contrib/dockerd-rootless.sh").exists()
+            || common::find_program("dockerd-rootless.sh").is_some(),
+        "dockerd-rootless.sh is not installed: run {}, or apt-get install docker.io",
+        common::TEST_SCRIPT
+    );
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (uid, gid) = user();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    build_loader(dir.path()).unwrap();
+    let (view, state) = (dir.path().join("view"), dir.path().join("state"));
+
+    // The view first, then the rootless daemon: RootlessKit gives it a
+    // mount namespace of its own, copied at its start.
+    ok(
+        mount_command(&fixture, &state).arg(&view).output().unwrap(),
+        "nvlibfs mount",
+    );
+    let daemon = RootlessDocker::start(uid, gid, &dir.path().join("dockerd-rootless.log"));
+    if !daemon.docker(&["image", "inspect", IMAGE]).status.success() {
+        let tar = inner_rootfs().expect("the cached Debian root");
+        daemon.run_ok(&["import", tar.to_str().unwrap(), IMAGE], "docker import (rootless)");
+    }
+    let view_volume = format!("{}:/usr/local/nvidia:ro", view.display());
+    let loader = format!("{}:/loader:ro", dir.path().join("nvlibfs-load").display());
+    // Each library as the container names it, and the version it reports.
+    let expected: Vec<String> = fixture
+        .libraries
+        .iter()
+        .filter(|l| l.view_path.starts_with("lib64"))
+        .map(|l| {
+            format!(
+                "{} {}",
+                Path::new("/usr/local/nvidia").join(&l.view_path).display(),
+                l.version
+            )
+        })
+        .collect();
+    let libs: Vec<String> = expected
+        .iter()
+        .map(|l| l.split(' ').next().unwrap().to_owned())
+        .collect();
+    assert!(libs.len() >= 30, "{libs:?}");
+
+    for user in [None, Some("1000:1000")] {
+        let mut args = vec!["run", "--rm", "--network", "none", "-v", &view_volume, "-v", &loader];
+        if let Some(user) = user {
+            args.extend(["--user", user]);
+        }
+        args.push(IMAGE);
+        let mut load = args.clone();
+        load.push("/loader");
+        load.extend(libs.iter().map(String::as_str));
+        let loaded = daemon.run_ok(&load, &format!("loading the view (user {user:?})"));
+        assert_eq!(loaded.lines().collect::<Vec<_>>(), expected, "user {user:?}");
+        let mut smi = args.clone();
+        smi.push("/usr/local/nvidia/bin/nvidia-smi");
+        let said = daemon.run_ok(&smi, &format!("nvidia-smi from the view (user {user:?})"));
+        assert!(said.contains(&format!("Driver Version: {VERSION}")), "{said}");
+    }
+    // Owned by nobody there: nothing above depended on owners.
+    let mut ls = vec![
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &view_volume,
+        IMAGE,
+        "stat",
+        "-c",
+        "%u",
+    ];
+    let libcuda = format!("/usr/local/nvidia/lib64/libcuda.so.{VERSION}");
+    ls.push(&libcuda);
+    let owner = daemon.run_ok(&ls, "stat in a rootless container");
+    assert_eq!(owner.trim(), "65534", "the view's owner as the container sees it");
+
+    // The whole daemon stopped and mounted again: the tmpfs it keeps at
+    // the mount point is shared and predates the rootless daemon, so the
+    // new mount reaches it, in a running container bound rslave and in
+    // new ones.
+    let held = daemon.run_ok(
+        &[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "-v",
+            &format!("{}:/usr/local/nvidia:ro,rslave", view.display()),
+            "-v",
+            &loader,
+            IMAGE,
+            "sleep",
+            "120",
+        ],
+        "a long-running rootless container",
+    );
+    let held = held.trim().to_owned();
+    let status = nvlibfs::control::query(&state, &view).unwrap();
+    // SAFETY: signals the daemon this test started.
+    assert_eq!(
+        unsafe { libc::kill(status.supervisor_pid.unwrap() as i32, libc::SIGTERM) },
+        0
+    );
+    common::wait_for("the daemon to stop", || nvlibfs::control::query(&state, &view).is_err());
+    ok(
+        mount_command(&fixture, &state).arg(&view).output().unwrap(),
+        "nvlibfs mount again",
+    );
+    let libcuda1 = "/usr/local/nvidia/lib64/libcuda.so.1";
+    let again = daemon.run_ok(
+        &["exec", &held, "/loader", libcuda1],
+        "loading in the running container",
+    );
+    assert!(again.trim().ends_with(VERSION), "{again}");
+    let fresh = daemon.run_ok(
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            &view_volume,
+            "-v",
+            &loader,
+            IMAGE,
+            "/loader",
+            libcuda1,
+        ],
+        "loading in a new container",
+    );
+    assert!(fresh.trim().ends_with(VERSION), "{fresh}");
+    let _ = daemon.docker(&["rm", "-f", &held]);
+    drop(daemon);
+    umount(&view, &state);
+}
