@@ -133,7 +133,15 @@ struct CdiArgs {
 }
 
 fn cdi_generate(args: CdiArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let spec = nvlibfs::cdi::generate(&args.mountpoint, &args.dev);
+    // The spec's paths are the host's, read by a runtime in another working
+    // directory: never relative.
+    let absolute = |path: &std::path::Path, flag: &str| {
+        std::path::absolute(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let spec = nvlibfs::cdi::generate(
+        &absolute(&args.mountpoint, "--mountpoint")?,
+        &absolute(&args.dev, "--dev")?,
+    );
     // Only `all` and no GPU: a spec that gives files but no GPU would look
     // fine until a container finds no device.
     if spec.devices.len() < 2 {

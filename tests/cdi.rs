@@ -328,3 +328,30 @@ fn a_mount_carries_its_own_spec_and_keeps_it_in_step_with_the_nodes() {
     std::io::Read::read_to_string(&mut &held, &mut text).unwrap();
     assert!(text.starts_with('{'), "the spec held open reads whole: {text}");
 }
+
+/// A runtime reads the spec from its own working directory: every host
+/// path in it is absolute, whatever `cdi generate` was given.
+#[test]
+fn a_generated_spec_names_host_paths_absolutely() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = fake_dev(dir.path());
+    assert!(dev.starts_with(dir.path()));
+    let out = nvlibfs()
+        .current_dir(dir.path())
+        .args(["cdi", "generate", "--mountpoint", "view", "--dev", "dev"])
+        .output()
+        .unwrap();
+    let spec: Value = serde_json::from_str(&ok(out, "cdi generate with relative paths")).unwrap();
+    let text = spec.to_string();
+    let mut host_paths = 0;
+    for part in text.split("\"hostPath\":\"").skip(1) {
+        let path = &part[..part.find('"').unwrap()];
+        assert!(path.starts_with('/'), "a relative host path in the spec: {path}");
+        host_paths += 1;
+    }
+    assert!(host_paths >= 3, "{text}");
+    assert!(
+        text.contains(&format!("\"{}\"", dir.path().join("view").display())),
+        "{text}"
+    );
+}
