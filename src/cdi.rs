@@ -119,7 +119,14 @@ pub fn generate(mountpoint: &Path, dev: &Path) -> Spec {
                 container_path: target.to_owned(),
                 // rslave: a wholly new daemon's mount (its supervisor gone too)
                 // reaches running containers; a restarted serving process needs nothing.
-                options: ["ro", "nosuid", "nodev", "rbind", "rslave"].map(String::from).to_vec(),
+                // noexec: the mount point's own tmpfs has it (it holds only
+                // links), and in a user namespace (rootless podman) a
+                // runtime's read-only remount must repeat it or fail with
+                // EPERM; the programs themselves are on the FUSE mount below
+                // it, which rbind brings along with its own flags.
+                options: ["ro", "nosuid", "nodev", "noexec", "rbind", "rslave"]
+                    .map(String::from)
+                    .to_vec(),
             }],
         },
     }

@@ -278,3 +278,108 @@ fn rootless_docker_containers_load_the_view_as_root_and_as_a_user() {
     drop(daemon);
     umount(&view, &state);
 }
+
+/// Rootless podman with CDI: the spec the view's mount point gets from
+/// `nvlibfs cdi generate`, `--device nvidia.com/gpu=all`, as the
+/// container's root and as uid 1000. This machine has no NVIDIA device
+/// nodes: the whole run happens in a mount namespace whose /dev carries
+/// stand-ins (and the few nodes podman itself needs), so nothing is left
+/// on the host's /dev; the user's podman processes (its pause process
+/// holds the namespaces it made) are ended before and after, so that the
+/// run's podman is made in that namespace.
+#[test]
+fn rootless_podman_runs_the_view_from_its_cdi_spec() {
+    common::require_fixture_tools();
+    common::require("podman", "podman");
+    common::require("newuidmap", "uidmap");
+    common::require("runuser", "util-linux");
+    common::require("unshare", "util-linux");
+    common::images::require_image_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (uid, _) = user();
+    let nvidia_nodes = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir("/dev")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("nvidia"))
+            .collect();
+        names.sort();
+        names
+    };
+    let nodes_before = nvidia_nodes();
+    let end_users_processes = || {
+        let _ = Command::new("pkill").args(["-9", "-u", USER]).output();
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    end_users_processes();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    build_loader(dir.path()).unwrap();
+    let (view, state) = (dir.path().join("view"), dir.path().join("state"));
+    ok(
+        mount_command(&fixture, &state).arg(&view).output().unwrap(),
+        "nvlibfs mount",
+    );
+    let spec = PathBuf::from(format!(
+        "/var/run/cdi/nvlibfs-rootless-test-{}.json",
+        std::process::id()
+    ));
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _spec = Remove(&spec);
+    std::fs::create_dir_all("/var/run/cdi").unwrap();
+    let tar = inner_rootfs().expect("the cached Debian root");
+    let podman = format!(
+        "runuser -u {USER} -- env XDG_RUNTIME_DIR=/run/user/{uid} podman --cgroup-manager cgroupfs --events-backend file"
+    );
+    let runtime = PathBuf::from(format!("/run/user/{uid}"));
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::os::unix::fs::chown(&runtime, Some(uid), None).unwrap();
+    let libcuda = "/usr/local/nvidia/lib64/libcuda.so.1";
+    let script = format!(
+        r#"set -e
+nd=$(mktemp -d)
+mount -t tmpfs -o mode=755 nvlibfs-test-dev "$nd"
+for n in null zero full random urandom tty; do touch "$nd/$n"; mount --bind "/dev/$n" "$nd/$n"; done
+mkdir "$nd/shm" "$nd/pts" "$nd/nvidia-caps"
+mount -t tmpfs -o mode=1777 shm "$nd/shm"
+for n in nvidia0 nvidiactl nvidia-uvm nvidia-uvm-tools; do mknod -m 666 "$nd/$n" c 1 3; done
+mount --move "$nd" /dev
+'{nvlibfs}' cdi generate --mountpoint '{view}' --output '{spec}'
+{podman} image exists {IMAGE} || {podman} import --quiet '{tar}' {IMAGE} >/dev/null
+for user in 0:0 1000:1000; do
+    echo "as $user"
+    {podman} run --rm --network none --user $user --device nvidia.com/gpu=all -v '{work}:/work:ro' {IMAGE} \
+        sh -c 'id -u; ls /dev/nvidia0 /dev/nvidiactl /dev/nvidia-uvm; /work/nvlibfs-load {libcuda}; nvidia-smi'
+done"#,
+        nvlibfs = env!("CARGO_BIN_EXE_nvlibfs"),
+        view = view.display(),
+        spec = spec.display(),
+        tar = tar.display(),
+        work = dir.path().display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "slave", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    end_users_processes();
+    let text = ok(out, "rootless podman with the view's CDI spec");
+    for (user, id) in [("0:0", "0"), ("1000:1000", "1000")] {
+        let part = text
+            .split(&format!("as {user}\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("{text}"));
+        let part = part.split("as ").next().unwrap();
+        assert!(part.starts_with(&format!("{id}\n")), "not uid {id}:\n{part}");
+        assert!(part.contains(&format!("{libcuda} {VERSION}")), "{part}");
+        assert!(part.contains(&format!("Driver Version: {VERSION}")), "{part}");
+        assert!(part.contains("/dev/nvidia-uvm"), "{part}");
+    }
+    umount(&view, &state);
+    assert_eq!(nvidia_nodes(), nodes_before, "/dev/nvidia* nodes changed on the host");
+}
