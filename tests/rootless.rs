@@ -383,3 +383,134 @@ done"#,
     umount(&view, &state);
     assert_eq!(nvidia_nodes(), nodes_before, "/dev/nvidia* nodes changed on the host");
 }
+
+/// A dockerd with `userns-remap` (a second one, beside the host's, with
+/// its own socket, data root and containerd): its containers' root is an
+/// unprivileged user on the host (dockerd's own `dockremap` range), and
+/// they load every library and run `nvidia-smi` from the view, as root and
+/// as uid 1000 there, the files owned by the overflow user.
+#[test]
+fn a_userns_remap_dockerd_runs_the_view() {
+    common::require_fixture_tools();
+    common::require("dockerd", "docker.io");
+    common::require("docker", "docker.io");
+    common::images::require_image_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    build_loader(dir.path()).unwrap();
+    let (view, state) = (dir.path().join("view"), dir.path().join("state"));
+    ok(
+        mount_command(&fixture, &state).arg(&view).output().unwrap(),
+        "nvlibfs mount",
+    );
+
+    let run_dir = PathBuf::from(format!("/run/nvlibfs-test-userns-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let socket = format!("unix://{}/docker.sock", run_dir.display());
+    let data_root = cache_dir().join("userns-docker");
+    let log = dir.path().join("dockerd-userns.log");
+    let dockerd = Command::new("dockerd")
+        .arg("--userns-remap=default")
+        .arg("--data-root")
+        .arg(&data_root)
+        .arg("--exec-root")
+        .arg(run_dir.join("exec"))
+        .arg("--pidfile")
+        .arg(run_dir.join("docker.pid"))
+        .args([
+            "--host",
+            &socket,
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    struct Stop(Child, PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: signals the dockerd this test started.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // SAFETY: the process group this test started (its containerd).
+            unsafe { libc::killpg(self.0.id() as i32, libc::SIGKILL) };
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let _dockerd = Stop(dockerd, run_dir.clone());
+    let docker = |args: &[&str]| {
+        Command::new("docker")
+            .args(["-H", &socket])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !docker(&["info"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the userns-remap dockerd did not answer:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let info = ok(
+        docker(&["info", "--format", "{{json .SecurityOptions}}"]),
+        "docker info",
+    );
+    assert!(info.contains("userns"), "{info}");
+    if !docker(&["image", "inspect", IMAGE]).status.success() {
+        let tar = inner_rootfs().expect("the cached Debian root");
+        ok(
+            docker(&["import", tar.to_str().unwrap(), IMAGE]),
+            "docker import (userns-remap)",
+        );
+    }
+    let view_volume = format!("{}:/usr/local/nvidia:ro,rslave", view.display());
+    let loader = format!("{}:/loader:ro", dir.path().join("nvlibfs-load").display());
+    let libcuda = "/usr/local/nvidia/lib64/libcuda.so.1";
+    let script = format!("cat /proc/self/uid_map; /loader {libcuda}; nvidia-smi; stat -c %u {libcuda}");
+    for user in ["0:0", "1000:1000"] {
+        let said = ok(
+            docker(&[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--user",
+                user,
+                "-v",
+                &view_volume,
+                "-v",
+                &loader,
+                "-e",
+                "PATH=/usr/local/nvidia/bin:/usr/bin:/bin",
+                IMAGE,
+                "sh",
+                "-c",
+                &script,
+            ]),
+            &format!("a userns-remap container as {user}"),
+        );
+        let mapping: Vec<&str> = said.lines().next().unwrap_or_default().split_whitespace().collect();
+        assert!(
+            mapping.first() == Some(&"0") && mapping.get(1) != Some(&"0"),
+            "not remapped: {said}"
+        );
+        assert!(said.contains(&format!("{libcuda} {VERSION}")), "{said}");
+        assert!(said.contains(&format!("Driver Version: {VERSION}")), "{said}");
+        assert!(said.trim_end().ends_with("65534"), "{said}");
+    }
+    drop(_dockerd);
+    umount(&view, &state);
+}
