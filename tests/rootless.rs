@@ -385,7 +385,7 @@ done"#,
 }
 
 /// A dockerd with `userns-remap` (a second one, beside the host's, with
-/// its own socket, data root and containerd): its containers' root is an
+/// its own socket, data root, containerd and network namespace): its containers' root is an
 /// unprivileged user on the host (dockerd's own `dockremap` range), and
 /// they load every library and run `nvidia-smi` from the view, as root and
 /// as uid 1000 there, the files owned by the overflow user.
@@ -406,12 +406,17 @@ fn a_userns_remap_dockerd_runs_the_view() {
         "nvlibfs mount",
     );
 
+    let bridge = Path::new("/sys/class/net/docker0");
+    let had_bridge = bridge.exists();
     let run_dir = PathBuf::from(format!("/run/nvlibfs-test-userns-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir).unwrap();
     let socket = format!("unix://{}/docker.sock", run_dir.display());
     let data_root = cache_dir().join("userns-docker");
     let log = dir.path().join("dockerd-userns.log");
-    let dockerd = Command::new("dockerd")
+    // In a network namespace of its own: a dockerd without a bridge
+    // deletes docker0 where it runs, which is the host's dockerd's.
+    let dockerd = Command::new("unshare")
+        .args(["--net", "--", "dockerd"])
         .arg("--userns-remap=default")
         .arg("--data-root")
         .arg(&data_root)
@@ -513,4 +518,5 @@ fn a_userns_remap_dockerd_runs_the_view() {
     }
     drop(_dockerd);
     umount(&view, &state);
+    assert_eq!(bridge.exists(), had_bridge, "the host dockerd's bridge came or went");
 }
