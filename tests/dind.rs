@@ -36,27 +36,7 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<T, String>) -> T {
 /// The outer image: the same Debian with Debian's docker.io, imported into
 /// the host's dockerd once.
 fn outer_image(inner: &Path) -> Result<String, String> {
-    let tag = format!("nvlibfs-test-outer:{IMAGE_KEY}");
-    if run(docker().args(["image", "inspect", &tag])).is_ok() {
-        return Ok(tag);
-    }
-    let rootfs = cache_dir().join(format!("outer-{IMAGE_KEY}.tmp"));
-    let _ = std::fs::remove_dir_all(&rootfs);
-    std::fs::create_dir_all(&rootfs).map_err(|e| e.to_string())?;
-    run(Command::new("tar").arg("-C").arg(&rootfs).arg("-xf").arg(inner))?;
-    // No services start inside a chroot; name resolution as on the host.
-    std::fs::write(rootfs.join("usr/sbin/policy-rc.d"), "#!/bin/sh\nexit 101\n").map_err(|e| e.to_string())?;
-    run(Command::new("chmod").arg("+x").arg(rootfs.join("usr/sbin/policy-rc.d")))?;
-    std::fs::copy("/etc/resolv.conf", rootfs.join("etc/resolv.conf")).map_err(|e| e.to_string())?;
-    run(Command::new("chroot").arg(&rootfs).args([
-        "sh",
-        "-c",
-        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io",
-    ]))?;
-    let import = format!("tar -C '{}' -c . | docker import - {tag}", rootfs.display());
-    run(Command::new("sh").args(["-c", &import]))?;
-    let _ = std::fs::remove_dir_all(&rootfs);
-    Ok(tag)
+    common::images::debian_image(&format!("nvlibfs-test-outer:{IMAGE_KEY}"), inner, &["docker.io"], "")
 }
 
 /// The outer Docker-in-Docker container, removed with its storage on drop.

@@ -520,3 +520,121 @@ fn a_userns_remap_dockerd_runs_the_view() {
     umount(&view, &state);
     assert_eq!(bridge.exists(), had_bridge, "the host dockerd's bridge came or went");
 }
+
+/// Rootless Docker-in-Docker, the shape of `docker:dind-rootless`: an
+/// outer container whose dockerd runs rootless, as its uid 1000, given
+/// the view; its inner containers load the driver from it, as root and as
+/// uid 1000. Like the usual examples, the outer container needs
+/// privileges (here all but CAP_SYS_RESOURCE, which this machine lacks)
+/// for RootlessKit to make its namespaces.
+#[test]
+fn rootless_docker_in_docker_runs_the_view() {
+    common::require_fixture_tools();
+    common::require_docker_engine();
+    common::images::require_image_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let inner = inner_rootfs().expect("the cached Debian root");
+    let outer = common::images::debian_image(
+        &format!("nvlibfs-test-outer-rootless:{}", common::images::IMAGE_KEY),
+        &inner,
+        &["docker.io", "rootlesskit", "uidmap"],
+        // useradd gives the user its subordinate ids.
+        "useradd -m -u 1000 rootless && grep -q '^rootless:' /etc/subuid",
+    )
+    .expect("the rootless outer image");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    build_loader(dir.path()).unwrap();
+    let (view, state) = (dir.path().join("view"), dir.path().join("state"));
+    ok(
+        mount_command(&fixture, &state).arg(&view).output().unwrap(),
+        "nvlibfs mount",
+    );
+
+    let name = format!("nvlibfs-test-rootless-dind-{}", std::process::id());
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+        }
+    }
+    let entry = "mount -o remount,rw /sys; mkdir -p /run/user/1000 && chown rootless /run/user/1000; \
+        exec runuser -u rootless -- env XDG_RUNTIME_DIR=/run/user/1000 HOME=/home/rootless \
+        PATH=/usr/share/docker.io/contrib:/usr/bin:/bin:/usr/sbin:/sbin \
+        DOCKERD_ROOTLESS_ROOTLESSKIT_NET=host DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER=none \
+        DOCKERD_ROOTLESS_ROOTLESSKIT_MTU=65520 \
+        dockerd-rootless.sh --bridge=none --iptables=false --storage-driver vfs";
+    ok(
+        Command::new("docker")
+            .args(["run", "-d", "--name", &name, "--network", "none"])
+            .args(common::images::all_but_privileged())
+            .arg(format!("--volume={}:/nvlibs:ro,rslave", view.display()))
+            .arg(format!("--volume={}:/work:ro", dir.path().display()))
+            .arg(format!("--volume={}:/cache:ro", cache_dir().display()))
+            .args([&outer, "sh", "-c", entry])
+            .output()
+            .unwrap(),
+        "the rootless outer container",
+    );
+    let _outer = Remove(name.clone());
+    let inner_docker = |args: &[&str]| {
+        Command::new("docker")
+            .args(["exec", &name, "runuser", "-u", "rootless", "--", "env"])
+            .arg("DOCKER_HOST=unix:///run/user/1000/docker.sock")
+            .arg("docker")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !inner_docker(&["info"]).status.success() {
+        if Instant::now() > deadline {
+            let logs = Command::new("docker").args(["logs", &name]).output().unwrap();
+            panic!(
+                "the rootless dockerd in the outer container did not answer:\n{}",
+                String::from_utf8_lossy(&logs.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let info = ok(
+        inner_docker(&["info", "--format", "{{json .SecurityOptions}}"]),
+        "inner docker info",
+    );
+    assert!(info.contains("rootless"), "the inner dockerd is not rootless: {info}");
+    let tar = format!("/cache/{}", inner.file_name().unwrap().to_string_lossy());
+    ok(
+        inner_docker(&["import", &tar, IMAGE]),
+        "docker import (rootless, inside)",
+    );
+    let libcuda = "/usr/local/nvidia/lib64/libcuda.so.1";
+    let script = format!("id -u; /work/nvlibfs-load {libcuda}; /usr/local/nvidia/bin/nvidia-smi; stat -c %u {libcuda}");
+    for (user, id) in [("0:0", "0"), ("1000:1000", "1000")] {
+        let said = ok(
+            inner_docker(&[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--user",
+                user,
+                "-v",
+                "/nvlibs:/usr/local/nvidia:ro,rslave",
+                "-v",
+                "/work:/work:ro",
+                IMAGE,
+                "sh",
+                "-c",
+                &script,
+            ]),
+            &format!("an inner container as {user}"),
+        );
+        assert!(said.starts_with(&format!("{id}\n")), "{said}");
+        assert!(said.contains(&format!("{libcuda} {VERSION}")), "{said}");
+        assert!(said.contains(&format!("Driver Version: {VERSION}")), "{said}");
+        assert!(said.trim_end().ends_with("65534"), "{said}");
+    }
+    drop(_outer);
+    umount(&view, &state);
+}

@@ -1,7 +1,7 @@
 //! Container images for the tests, built from a debootstrapped Debian
 //! (no registry is reachable) and cached between runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump to rebuild the cached images.
@@ -102,6 +102,41 @@ fn debootstrap_tar_without(name: &str, suite: &str, include: &[&str], remove: &[
     std::fs::rename(&partial, &tar).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&rootfs);
     Ok(tar)
+}
+
+/// A docker image `tag` (imported into the host's dockerd once): the Debian
+/// root `inner` with `packages` installed from its archive and `setup` (a
+/// shell command) run in it.
+pub fn debian_image(tag: &str, inner: &Path, packages: &[&str], setup: &str) -> Result<String, String> {
+    if run(Command::new("docker").args(["image", "inspect", tag])).is_ok() {
+        return Ok(tag.to_owned());
+    }
+    let rootfs = cache_dir().join(format!("{}.tmp", tag.replace([':', '/'], "-")));
+    let _ = std::fs::remove_dir_all(&rootfs);
+    std::fs::create_dir_all(&rootfs).map_err(|e| e.to_string())?;
+    run(Command::new("tar").arg("-C").arg(&rootfs).arg("-xf").arg(inner))?;
+    // No services start inside a chroot; name resolution as on the host.
+    std::fs::write(rootfs.join("usr/sbin/policy-rc.d"), "#!/bin/sh\nexit 101\n").map_err(|e| e.to_string())?;
+    run(Command::new("chmod").arg("+x").arg(rootfs.join("usr/sbin/policy-rc.d")))?;
+    std::fs::copy("/etc/resolv.conf", rootfs.join("etc/resolv.conf")).map_err(|e| e.to_string())?;
+    run(Command::new("chroot").arg(&rootfs).args([
+        "sh",
+        "-c",
+        &format!(
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {} \
+             && rm -rf /var/lib/apt/lists/* {}",
+            packages.join(" "),
+            if setup.is_empty() {
+                String::new()
+            } else {
+                format!("&& {setup}")
+            }
+        ),
+    ]))?;
+    let import = format!("tar -C '{}' -c . | docker import - {tag}", rootfs.display());
+    run(Command::new("sh").args(["-c", &import]))?;
+    let _ = std::fs::remove_dir_all(&rootfs);
+    Ok(tag.to_owned())
 }
 
 /// `docker run` flags for a container that runs a dockerd or a systemd of
