@@ -65,6 +65,39 @@ fn as_user(uid: u32, vars: &[&str], program: &str) -> Command {
     c
 }
 
+/// A fixture driver mounted by root, with the fixture's loader beside it,
+/// all in a directory every user may enter.
+struct View {
+    fixture: nvlibfs_fixture::Fixture,
+    path: PathBuf,
+    state: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl View {
+    fn mount() -> View {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+        build_loader(dir.path()).unwrap();
+        let (path, state) = (dir.path().join("view"), dir.path().join("state"));
+        ok(
+            mount_command(&fixture, &state).arg(&path).output().unwrap(),
+            "nvlibfs mount",
+        );
+        View {
+            fixture,
+            path,
+            state,
+            dir,
+        }
+    }
+
+    fn umount(self) {
+        umount(&self.path, &self.state);
+    }
+}
+
 /// A rootless dockerd of `USER`, stopped (with its RootlessKit) when dropped.
 struct RootlessDocker {
     uid: u32,
@@ -147,18 +180,10 @@ fn rootless_docker_containers_load_the_view_as_root_and_as_a_user() {
     );
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (uid, gid) = user();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
-    build_loader(dir.path()).unwrap();
-    let (view, state) = (dir.path().join("view"), dir.path().join("state"));
-
     // The view first, then the rootless daemon: RootlessKit gives it a
     // mount namespace of its own, copied at its start.
-    ok(
-        mount_command(&fixture, &state).arg(&view).output().unwrap(),
-        "nvlibfs mount",
-    );
+    let v = View::mount();
+    let (fixture, view, state, dir) = (&v.fixture, &v.path, &v.state, &v.dir);
     let daemon = RootlessDocker::start(uid, gid, &dir.path().join("dockerd-rootless.log"));
     if !daemon.docker(&["image", "inspect", IMAGE]).status.success() {
         let tar = inner_rootfs().expect("the cached Debian root");
@@ -240,15 +265,15 @@ fn rootless_docker_containers_load_the_view_as_root_and_as_a_user() {
         "a long-running rootless container",
     );
     let held = held.trim().to_owned();
-    let status = nvlibfs::control::query(&state, &view).unwrap();
+    let status = nvlibfs::control::query(state, view).unwrap();
     // SAFETY: signals the daemon this test started.
     assert_eq!(
         unsafe { libc::kill(status.supervisor_pid.unwrap() as i32, libc::SIGTERM) },
         0
     );
-    common::wait_for("the daemon to stop", || nvlibfs::control::query(&state, &view).is_err());
+    common::wait_for("the daemon to stop", || nvlibfs::control::query(state, view).is_err());
     ok(
-        mount_command(&fixture, &state).arg(&view).output().unwrap(),
+        mount_command(fixture, state).arg(view).output().unwrap(),
         "nvlibfs mount again",
     );
     let libcuda1 = "/usr/local/nvidia/lib64/libcuda.so.1";
@@ -276,7 +301,7 @@ fn rootless_docker_containers_load_the_view_as_root_and_as_a_user() {
     assert!(fresh.trim().ends_with(VERSION), "{fresh}");
     let _ = daemon.docker(&["rm", "-f", &held]);
     drop(daemon);
-    umount(&view, &state);
+    v.umount();
 }
 
 /// Rootless podman with CDI: the spec the view's mount point gets from
@@ -312,15 +337,8 @@ fn rootless_podman_runs_the_view_from_its_cdi_spec() {
         std::thread::sleep(Duration::from_millis(300));
     };
     end_users_processes();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
-    build_loader(dir.path()).unwrap();
-    let (view, state) = (dir.path().join("view"), dir.path().join("state"));
-    ok(
-        mount_command(&fixture, &state).arg(&view).output().unwrap(),
-        "nvlibfs mount",
-    );
+    let v = View::mount();
+    let (view, dir) = (&v.path, &v.dir);
     let spec = PathBuf::from(format!(
         "/var/run/cdi/nvlibfs-rootless-test-{}.json",
         std::process::id()
@@ -380,7 +398,7 @@ done"#,
         assert!(part.contains(&format!("Driver Version: {VERSION}")), "{part}");
         assert!(part.contains("/dev/nvidia-uvm"), "{part}");
     }
-    umount(&view, &state);
+    v.umount();
     assert_eq!(nvidia_nodes(), nodes_before, "/dev/nvidia* nodes changed on the host");
 }
 
@@ -396,15 +414,8 @@ fn a_userns_remap_dockerd_runs_the_view() {
     common::require("docker", "docker.io");
     common::images::require_image_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
-    build_loader(dir.path()).unwrap();
-    let (view, state) = (dir.path().join("view"), dir.path().join("state"));
-    ok(
-        mount_command(&fixture, &state).arg(&view).output().unwrap(),
-        "nvlibfs mount",
-    );
+    let v = View::mount();
+    let (view, dir) = (&v.path, &v.dir);
 
     let bridge = Path::new("/sys/class/net/docker0");
     let had_bridge = bridge.exists();
@@ -517,7 +528,7 @@ fn a_userns_remap_dockerd_runs_the_view() {
         assert!(said.trim_end().ends_with("65534"), "{said}");
     }
     drop(_dockerd);
-    umount(&view, &state);
+    v.umount();
     assert_eq!(bridge.exists(), had_bridge, "the host dockerd's bridge came or went");
 }
 
@@ -542,15 +553,8 @@ fn rootless_docker_in_docker_runs_the_view() {
         "useradd -m -u 1000 rootless && grep -q '^rootless:' /etc/subuid",
     )
     .expect("the rootless outer image");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
-    build_loader(dir.path()).unwrap();
-    let (view, state) = (dir.path().join("view"), dir.path().join("state"));
-    ok(
-        mount_command(&fixture, &state).arg(&view).output().unwrap(),
-        "nvlibfs mount",
-    );
+    let v = View::mount();
+    let (view, dir) = (&v.path, &v.dir);
 
     let name = format!("nvlibfs-test-rootless-dind-{}", std::process::id());
     struct Remove(String);
@@ -636,5 +640,5 @@ fn rootless_docker_in_docker_runs_the_view() {
         assert!(said.trim_end().ends_with("65534"), "{said}");
     }
     drop(_outer);
-    umount(&view, &state);
+    v.umount();
 }
