@@ -14,7 +14,7 @@
 mod common;
 
 use common::packages::{self, RELEASES};
-use common::{nvlibfs, ok, wait_for, walk_files, SERIAL};
+use common::{nvidia_nodes, nvlibfs, ok, wait_for, walk_files, SERIAL};
 use nvlibfs::catalog;
 use nvlibfs::provenance::upstream;
 use serde_json::Value;
@@ -349,16 +349,6 @@ fn with_own_dev(cmd: &mut Command) -> Output {
         };
     }
     wrapped.output().unwrap()
-}
-
-/// The host's /dev/nvidia* nodes.
-fn nvidia_nodes() -> BTreeSet<String> {
-    std::fs::read_dir("/dev")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("nvidia"))
-        .collect()
 }
 
 fn chroot(root: &Path, args: &[&str]) -> String {

@@ -45,13 +45,6 @@ fn layout_variant() -> PathBuf {
     )
 }
 
-fn protocol_variant() -> PathBuf {
-    builds::variant(
-        "protocol",
-        &[("NVLIBFS_TEST_PROTOCOL", "1"), ("NVLIBFS_BUILD_ID", "another-protocol")],
-    )
-}
-
 fn spec() -> FixtureSpec {
     let mut spec = FixtureSpec::new(VERSION);
     spec.stale = Some(OTHER.into());
@@ -214,7 +207,7 @@ fn a_restart_that_cannot_be_exact_is_refused_and_the_old_server_serves_on() {
     let bytes = read_all(&libcuda);
 
     // Another protocol version: it says which, and refuses.
-    builds::install(&protocol_variant(), &bin);
+    builds::install(&builds::protocol_variant(), &bin);
     let out = nvlibfs_with(&bin, &m, &["restart"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");

@@ -322,16 +322,7 @@ fn rootless_podman_runs_the_view_from_its_cdi_spec() {
     common::images::require_image_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (uid, _) = user();
-    let nvidia_nodes = || -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir("/dev")
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("nvidia"))
-            .collect();
-        names.sort();
-        names
-    };
-    let nodes_before = nvidia_nodes();
+    let nodes_before = common::nvidia_nodes();
     let end_users_processes = || {
         let _ = Command::new("pkill").args(["-9", "-u", USER]).output();
         std::thread::sleep(Duration::from_millis(300));
@@ -399,7 +390,11 @@ done"#,
         assert!(part.contains("/dev/nvidia-uvm"), "{part}");
     }
     v.umount();
-    assert_eq!(nvidia_nodes(), nodes_before, "/dev/nvidia* nodes changed on the host");
+    assert_eq!(
+        common::nvidia_nodes(),
+        nodes_before,
+        "/dev/nvidia* nodes changed on the host"
+    );
 }
 
 /// A dockerd with `userns-remap` (a second one, beside the host's, with

@@ -184,13 +184,7 @@ fn a_takeover_that_cannot_be_exact_is_refused() {
     let before = m.status();
     let other = tempfile::tempdir().unwrap();
     let other_bin = builds::binaries(other.path());
-    builds::install(
-        &builds::variant(
-            "protocol",
-            &[("NVLIBFS_TEST_PROTOCOL", "1"), ("NVLIBFS_BUILD_ID", "another-protocol")],
-        ),
-        &other_bin,
-    );
+    builds::install(&builds::protocol_variant(), &other_bin);
     let loader = loaders::start(&m, 0, Bind::Private, 1500);
     let template = mount_command(&m.fixture, &m.state_dir);
     let out = Command::new(other_bin.join("nvlibfs"))

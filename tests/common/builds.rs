@@ -33,6 +33,16 @@ pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
     out
 }
 
+/// nvlibfs-mountd of another handover protocol version, as a release that
+/// changed the protocol would be: what a restart or a takeover must refuse.
+/// One definition, since every test process shares the build by its name.
+pub fn protocol_variant() -> PathBuf {
+    variant(
+        "protocol",
+        &[("NVLIBFS_TEST_PROTOCOL", "1"), ("NVLIBFS_BUILD_ID", "another-protocol")],
+    )
+}
+
 /// The binaries cargo built, copied where the test may replace them.
 pub fn binaries(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");

@@ -284,6 +284,17 @@ impl Drop for Mounted {
     }
 }
 
+/// The host's /dev/nvidia* nodes: NVIDIA's libraries create them when run
+/// as root where they are missing, and a test must leave none behind.
+pub fn nvidia_nodes() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/dev")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("nvidia"))
+        .collect()
+}
+
 /// Every regular file below `dir`, not following links.
 pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
