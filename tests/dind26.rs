@@ -1,13 +1,19 @@
-//! tests/dind26/run.sh, the Docker-in-Docker harness that runs on the GPU
+//! tests/dind26/run.sh, the Docker 26 harness that runs on the GPU
 //! machine with the real driver, run here against the fixture driver and
-//! stand-in device nodes: real Docker 26 (Debian 13's dockerd, containerd
-//! and runc) on the host and in the outer container, whose daemon.json
-//! has one line pointing CDI at the spec the view carries. Inner
-//! containers get the driver with `--device nvidia.com/gpu=all` alone,
-//! as root and as uid 1000, and with plain flags; a control gets nothing;
-//! and a device node added on the host reaches the inner dockerd's CDI
-//! with nothing restarted. The script checks each; this test also reads
-//! its report as a user would.
+//! stand-in device nodes, in both its forms (Debian 13's dockerd,
+//! containerd, runc and RootlessKit):
+//!
+//! - Docker-in-Docker: a dockerd on the host and one in the outer
+//!   container, whose daemon.json has one line pointing CDI at the spec
+//!   the view carries;
+//! - rootless Docker: `dockerd-rootless.sh` run by uid 1000, that same
+//!   line in its own `~/.config/docker/daemon.json`.
+//!
+//! Inner containers get the driver with `--device nvidia.com/gpu=all`
+//! alone, as root and as uid 1000, and with plain flags; a control gets
+//! nothing; and a device node added on the host reaches the CDI of the
+//! dockerd running them with nothing restarted. The script checks each;
+//! these tests also read its report as a user would.
 
 mod common;
 
@@ -19,6 +25,26 @@ use std::process::Command;
 
 #[test]
 fn one_flag_gpus_inside_docker_in_docker_with_docker_26() {
+    let report = run_harness("dind");
+    assert!(report.contains("outer daemon.json"), "{report}");
+}
+
+#[test]
+fn one_flag_gpus_in_rootless_docker_26_from_its_own_daemon_json() {
+    let report = run_harness("rootless");
+    assert!(
+        report.contains("run by uid 1000 through `dockerd-rootless.sh`"),
+        "{report}"
+    );
+    assert!(
+        report.contains("name=rootless"),
+        "the dockerd is not rootless:\n{report}"
+    );
+}
+
+/// Runs tests/dind26/run.sh in `form` and checks what both forms report;
+/// returns the report.
+fn run_harness(form: &str) -> String {
     require_fixture_tools();
     require_image_tools();
     require("unshare", "util-linux");
@@ -47,7 +73,7 @@ fn one_flag_gpus_inside_docker_in_docker_with_docker_26() {
         std::fs::copy(built.join(name), bin.join(name)).unwrap();
     }
     common::build_cuda_check(&bin);
-    let mountpoint = format!("/run/nvlibfs-test-dind26-{}", std::process::id());
+    let mountpoint = format!("/run/nvlibfs-test-{form}26-{}", std::process::id());
     let out = dir.path().join("out");
     let run = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dind26/run.sh"))
         .arg(&rootfs)
@@ -60,10 +86,12 @@ fn one_flag_gpus_inside_docker_in_docker_with_docker_26() {
         .env("NVLIBFS_DIND_MOUNTPOINT", &mountpoint)
         .env("NVLIBFS_DIND_DEV", &dev)
         .env("NVLIBFS_DIND_EXPECT", "fixture")
+        .env("NVLIBFS_DIND_FORM", form)
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&run.stderr);
-    let report = std::fs::read_to_string(out.join("dind26.md")).unwrap_or_default();
+    let name = if form == "dind" { "dind26.md" } else { "rootless26.md" };
+    let report = std::fs::read_to_string(out.join(name)).unwrap_or_default();
     assert!(run.status.success(), "run.sh failed ({}):\n{log}\n{report}", run.status);
     assert!(report.contains("All checks passed."), "{report}");
     let section = |title: &str| {
@@ -89,4 +117,5 @@ fn one_flag_gpus_inside_docker_in_docker_with_docker_26() {
     );
     // Unmounted: only the empty directory `nvlibfs mount` made is left.
     std::fs::remove_dir(&mountpoint).unwrap_or_else(|e| panic!("run.sh left {mountpoint} behind: {e}"));
+    report
 }

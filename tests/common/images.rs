@@ -41,14 +41,15 @@ pub fn inner_rootfs() -> Result<PathBuf, String> {
 }
 
 /// Debian 13 with Debian's Docker 26 (dockerd, containerd, runc, the
-/// CLI), for tests/dind26/run.sh: what the apt caches, documentation and
+/// CLI) and what runs it rootless (RootlessKit, newuidmap), for
+/// tests/dind26/run.sh: what the apt caches, documentation and
 /// locales take is left out, and so is what Docker's daemon never runs
 /// here, to keep the tarball small enough to carry to the GPU machine.
 pub fn docker26_rootfs() -> Result<PathBuf, String> {
     debootstrap_tar_without(
-        "dind26-trixie-1",
+        "dind26-trixie-2",
         "trixie",
-        &["docker.io", "docker-cli"],
+        &["docker.io", "docker-cli", "rootlesskit", "uidmap"],
         &[
             "var/cache/apt",
             "var/lib/apt/lists",

@@ -15,9 +15,19 @@
 #           the same with plain flags (`nvlibfs docker-flags`), and a
 #           control with neither, which must find no CUDA
 #
+# With NVLIBFS_DIND_FORM=rootless, the same containers are run instead by
+# a rootless dockerd on the host, the shape with the least setup:
+#
+#   host:   nvlibfs mount MOUNTPOINT; `dockerd-rootless.sh` (RootlessKit,
+#           newuidmap) run by uid 1000 from the Debian 13 file system, in a
+#           mount and PID namespace of its own, its ~/.config/docker/
+#           daemon.json that same one line; RootlessKit's host network
+#   inner:  the same four containers
+#
 # Each inner container runs `nvidia-smi -L` and the project's CUDA check
-# (contrib/cuda-check) from the view. Writes OUT_DIR/dind26.md and the
-# daemon's log there, and exits 1 if any check failed.
+# (contrib/cuda-check) from the view. Writes OUT_DIR/dind26.md (or
+# rootless26.md) and the daemon's log there, and exits 1 if any check
+# failed.
 #
 #   tests/dind26/run.sh ROOTFS BIN_DIR OUT_DIR [nvlibfs mount flags...]
 #
@@ -29,7 +39,8 @@
 # split it to fit what can be carried, and pass the parts joined by +.
 # Environment: NVLIBFS_DIND_MOUNTPOINT (default /run/nvlibs),
 #   NVLIBFS_DIND_DEV (where the device nodes are, default /dev),
-#   NVLIBFS_DIND_EXPECT=gpu (default: a real GPU and driver) or fixture.
+#   NVLIBFS_DIND_EXPECT=gpu (default: a real GPU and driver) or fixture,
+#   NVLIBFS_DIND_FORM=dind (default) or rootless.
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "dind26: needs root (it mounts, and runs dockerd)" >&2; exit 2; }
@@ -39,10 +50,13 @@ mount_flags=("$@")
 mp=${NVLIBFS_DIND_MOUNTPOINT:-/run/nvlibs}
 dev=${NVLIBFS_DIND_DEV:-/dev}
 expect=${NVLIBFS_DIND_EXPECT:-gpu}
+form=${NVLIBFS_DIND_FORM:-dind}
+case $form in dind | rootless) ;; *) echo "dind26: NVLIBFS_DIND_FORM is dind or rootless, not '$form'" >&2; exit 2 ;; esac
 image=nvlibfs-dind:26
 outer=nvlibfs-dind-outer-$$
 mkdir -p "$out"
 report=$out/dind26.md
+[ "$form" = rootless ] && report=$out/rootless26.md
 work=$(mktemp -d /var/tmp/nvlibfs-dind.XXXXXX)
 root=$work/root
 failures=()
@@ -50,16 +64,36 @@ say() { echo "dind26: $*" >&2; }
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 
 hd() { chroot "$root" docker -H unix:///run/nvlibfs-dind.sock "$@"; }
-od() { hd exec "$outer" docker "$@"; }
+# The dockerd that runs the inner containers: the outer container's, or
+# the rootless one (its socket in its user's runtime directory).
+if [ "$form" = dind ]; then
+    od() { hd exec "$outer" docker "$@"; }
+else
+    od() { chroot "$root" docker -H unix:///run/user/1000/docker.sock "$@"; }
+fi
+rootless_pid=
+# The view's CDI spec as the dockerd that reads it sees it: in the outer
+# container, or in the rootless dockerd's mount namespace.
+spec_seen() {
+    if [ "$form" = dind ]; then hd exec "$outer" cat "$mp/etc/cdi/nvlibfs.json"
+    else cat "/proc/$(pgrep -P "$rootless_pid")/root$mp/etc/cdi/nvlibfs.json"; fi
+}
 
 cleanup() {
     set +e
+    # The rootless dockerd's namespaces die with it: killing the PID
+    # namespace's first process kills every process in it.
+    if [ -n "$rootless_pid" ]; then
+        kill -KILL "$(pgrep -P "$rootless_pid")" 2>/dev/null
+        wait "$rootless_pid" 2>/dev/null
+    fi
     hd rm -f "$outer" >/dev/null 2>&1
     hd volume rm -f "$outer" >/dev/null 2>&1
     [ -f "$root/run/nvlibfs-dind.pid" ] && kill "$(cat "$root/run/nvlibfs-dind.pid")" 2>/dev/null
     for _ in $(seq 50); do [ -e "$root/run/nvlibfs-dind.pid" ] || break; sleep 0.2; done
     "$bin/nvlibfs" umount --state-dir "$work/state" "$mp" >/dev/null 2>&1
     cp "$work"/state/*.log "$out/" 2>/dev/null
+    cp "$work"/*dockerd.log "$out/" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -84,50 +118,111 @@ say "root file system and image ready (${t_rootfs} s)"
 # Its own state directory: the daemon's log ends up in OUT_DIR.
 "$bin/nvlibfs" mount "${mount_flags[@]}" --state-dir "$work/state" --dev "$dev" "$mp" >&2
 
+nodes=()
+while read -r n; do nodes+=("$n"); done < <(find "$dev" -maxdepth 2 -type c \( -name 'nvidia*' -o -path '*/nvidia-caps/*' \) | sort)
+# The daemon.json users are given, at this mount point.
+sed "s#/run/nvlibs#$mp#" "$here/../../contrib/compose/dind-daemon.json" >"$root/share/daemon.json"
+
 # 3. The host's dockerd: in a mount namespace of its own whose root is the
 #    Debian 13 file system, with the host's /proc, /sys, /dev, the device
 #    nodes and the view bound at their own paths (as slaves: a new mount
 #    of the view reaches it), and in a network namespace of its own: with
 #    --bridge=none it deletes any `docker0`, which may be another
 #    dockerd's.
-unshare --mount --net --propagation slave sh -c "
+start_host_and_outer_dockerds() {
+    unshare --mount --net --propagation slave sh -c "
+        set -e
+        mount --bind '$root' '$root'
+        for d in /proc /sys /dev '$dev' '$mp'; do mkdir -p '$root'\$d; mount --rbind \$d '$root'\$d; done
+        cd '$root'
+        mkdir -p .old-root
+        pivot_root . .old-root
+        umount -l /.old-root
+        rmdir /.old-root
+        exec dockerd -H unix:///run/nvlibfs-dind.sock --pidfile /run/nvlibfs-dind.pid \
+            --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs
+    " >"$work/host-dockerd.log" 2>&1 &
+    for _ in $(seq 120); do hd info >/dev/null 2>&1 && break; sleep 0.5; done
+    hd info >/dev/null || { tail -20 "$work/host-dockerd.log" >&2; exit 1; }
+    hd import /share/image.tar "$image" >/dev/null
+    say "host dockerd $(hd version -f '{{.Server.Version}}') up, image imported"
+
+    # 4. The outer container: privileged (Docker 26 grants what the bounding
+    #    set has), /sys and the cgroups remounted read-write inside (FACTS §6),
+    #    and /var/lib/docker on a volume.
+    device_flags=()
+    for n in "${nodes[@]}"; do device_flags+=(--device "$n:/dev/${n#"$dev"/}"); done
+    entry='mount -o remount,rw /sys
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then mount -o remount,rw /sys/fs/cgroup
+    else for d in /sys/fs/cgroup/*; do mount -o remount,bind,rw "$d"; done; fi
+    exec dockerd --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs'
+    hd run -d --name "$outer" --privileged \
+        -v "$outer:/var/lib/docker" -v "$mp:$mp:ro,rslave" -v /share:/share:ro \
+        -v /share/daemon.json:/etc/docker/daemon.json:ro \
+        "${device_flags[@]}" "$image" sh -c "$entry" >/dev/null
+    for _ in $(seq 120); do od info >/dev/null 2>&1 && break; sleep 0.5; done
+    od info >/dev/null || { hd logs --tail 20 "$outer" >&2; exit 1; }
+    od import /share/image.tar "$image" >/dev/null
+    say "outer dockerd $(od version -f '{{.Server.Version}}') up, image imported"
+}
+
+# 3. The rootless dockerd: run by uid 1000 from the Debian 13 file system
+#    (pivot_root, not chroot: a chrooted process may not make a user
+#    namespace), in a mount and PID namespace of its own (everything it
+#    starts ends with it), with the host's /sys, the view at its own path,
+#    and the host's /dev, or with stand-in nodes a /dev of its own: the
+#    daemon's CDI looks for the nodes the spec names at their /dev paths.
+rootless_root() { # ROOT MOUNTPOINT DEV: in the new namespaces; execs the daemon
     set -e
-    mount --bind '$root' '$root'
-    for d in /proc /sys /dev '$dev' '$mp'; do mkdir -p '$root'\$d; mount --rbind \$d '$root'\$d; done
-    cd '$root'
+    local root=$1 mp=$2 dev=$3 n
+    mount --bind "$root" "$root"
+    mount -t proc proc "$root/proc"
+    mount --rbind /sys "$root/sys"
+    mkdir -p "$root$mp"
+    mount --rbind "$mp" "$root$mp"
+    if [ "$dev" = /dev ]; then
+        mount --rbind /dev "$root/dev"
+    else
+        mount -t tmpfs -o mode=755 dev "$root/dev"
+        for n in /dev/* "$dev"/*; do
+            local to=$root/dev/${n##*/}
+            if [ -L "$n" ]; then cp -a "$n" "$to"
+            elif [ -d "$n" ]; then mkdir -p "$to"; mount --rbind "$n" "$to"
+            else touch "$to"; mount --bind "$n" "$to"; fi
+        done
+    fi
+    cd "$root"
     mkdir -p .old-root
     pivot_root . .old-root
     umount -l /.old-root
     rmdir /.old-root
-    exec dockerd -H unix:///run/nvlibfs-dind.sock --pidfile /run/nvlibfs-dind.pid \
-        --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs
-" >"$work/host-dockerd.log" 2>&1 &
-for _ in $(seq 120); do hd info >/dev/null 2>&1 && break; sleep 0.5; done
-hd info >/dev/null || { tail -20 "$work/host-dockerd.log" >&2; exit 1; }
-hd import /share/image.tar "$image" >/dev/null
-say "host dockerd $(hd version -f '{{.Server.Version}}') up, image imported"
+    # RootlessKit makes its child's mounts slaves of this root's.
+    mount --make-rshared /
+    # Not exec'd: this shell, the PID namespace's first process, reaps
+    # what the daemon orphans (containerd's shims).
+    setpriv --reuid 1000 --regid 1000 --init-groups env -i HOME=/home/rootless \
+        XDG_RUNTIME_DIR=/run/user/1000 PATH=/usr/share/docker.io/contrib:/usr/bin:/bin:/usr/sbin:/sbin \
+        DOCKERD_ROOTLESS_ROOTLESSKIT_NET=host DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER=none \
+        dockerd-rootless.sh --bridge=none --iptables=false --storage-driver=vfs &
+    wait $!
+}
+start_rootless_dockerd() {
+    chroot "$root" useradd -m -u 1000 rootless
+    grep -q '^rootless:' "$root/etc/subuid" || { echo "dind26: useradd gave no subordinate ids" >&2; exit 1; }
+    install -d -o 1000 -g 1000 -m 700 "$root/run/user/1000" "$root/home/rootless/.config/docker"
+    install -o 1000 -g 1000 -m 644 "$root/share/daemon.json" "$root/home/rootless/.config/docker/daemon.json"
+    export -f rootless_root
+    unshare --mount --pid --fork --propagation slave \
+        bash -c 'rootless_root "$@"' rootless_root "$root" "$mp" "$dev" >"$work/rootless-dockerd.log" 2>&1 &
+    rootless_pid=$!
+    for _ in $(seq 120); do od info >/dev/null 2>&1 && break; sleep 0.5; done
+    od info >/dev/null || { tail -20 "$work/rootless-dockerd.log" >&2; exit 1; }
+    grep -q rootless <<<"$(od info -f '{{json .SecurityOptions}}')" || { echo "dind26: that dockerd is not rootless" >&2; exit 1; }
+    od import /share/image.tar "$image" >/dev/null
+    say "rootless dockerd $(od version -f '{{.Server.Version}}') up as uid 1000, image imported"
+}
 
-# 4. The outer container: privileged (Docker 26 grants what the bounding
-#    set has), /sys and the cgroups remounted read-write inside (FACTS §6),
-#    and /var/lib/docker on a volume.
-nodes=()
-while read -r n; do nodes+=("$n"); done < <(find "$dev" -maxdepth 2 -type c \( -name 'nvidia*' -o -path '*/nvidia-caps/*' \) | sort)
-device_flags=()
-for n in "${nodes[@]}"; do device_flags+=(--device "$n:/dev/${n#"$dev"/}"); done
-# The daemon.json users are given, at this mount point.
-sed "s#/run/nvlibs#$mp#" "$here/../../contrib/compose/dind-daemon.json" >"$root/share/daemon.json"
-entry='mount -o remount,rw /sys
-if [ -f /sys/fs/cgroup/cgroup.controllers ]; then mount -o remount,rw /sys/fs/cgroup
-else for d in /sys/fs/cgroup/*; do mount -o remount,bind,rw "$d"; done; fi
-exec dockerd --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs'
-hd run -d --name "$outer" --privileged \
-    -v "$outer:/var/lib/docker" -v "$mp:$mp:ro,rslave" -v /share:/share:ro \
-    -v /share/daemon.json:/etc/docker/daemon.json:ro \
-    "${device_flags[@]}" "$image" sh -c "$entry" >/dev/null
-for _ in $(seq 120); do od info >/dev/null 2>&1 && break; sleep 0.5; done
-od info >/dev/null || { hd logs --tail 20 "$outer" >&2; exit 1; }
-od import /share/image.tar "$image" >/dev/null
-say "outer dockerd $(od version -f '{{.Server.Version}}') up, image imported"
+if [ "$form" = dind ]; then start_host_and_outer_dockerds; else start_rootless_dockerd; fi
 
 # 5. The inner containers.
 status_before=$("$bin/nvlibfs" status --state-dir "$work/state" "$mp")
@@ -183,38 +278,53 @@ check "control: no nvidia-smi" "$(has "$o" "nvidia-smi: not found")"
 check "control: the CUDA check finds no driver" "$(has "$o" "cuda-check exit 2")"
 
 # 6. With stand-in nodes only: a node added on the host reaches the spec
-#    the inner dockerd reads, with nothing restarted.
+#    the inner containers' dockerd reads, with nothing restarted.
 if [ "$expect" = fixture ]; then
     mknod "$dev/nvidia1" c 1 3
-    for _ in $(seq 20); do hd exec "$outer" grep -q /dev/nvidia1 "$mp/etc/cdi/nvlibfs.json" && break; sleep 0.25; done
+    for _ in $(seq 20); do spec_seen | grep -q /dev/nvidia1 && break; sleep 0.25; done
     check "the spec lists a node added on the host" \
-        "$(hd exec "$outer" grep -q '"name": "1"' "$mp/etc/cdi/nvlibfs.json" && echo ok || echo no)"
-    # What the docs warn of: the outer container lacks the new node.
-    o=$(od run --rm --network none --device nvidia.com/gpu=all "$image" true 2>&1) && o="(ran)"
-    printf '\n### the outer container lacks a node the spec names: --device nvidia.com/gpu=all\n\n```\n%s\n```\n' "$o" >>"$results"
-    check "gpu=all fails while the outer container lacks a node" "$([ "$o" != "(ran)" ] && echo ok || echo no)"
-    hd exec "$outer" mknod /dev/nvidia1 c 1 3
+        "$(spec_seen | grep -q '"name": "1"' && echo ok || echo no)"
+    if [ "$form" = dind ]; then
+        # What the docs warn of: the outer container lacks the new node.
+        o=$(od run --rm --network none --device nvidia.com/gpu=all "$image" true 2>&1) && o="(ran)"
+        printf '\n### the outer container lacks a node the spec names: --device nvidia.com/gpu=all\n\n```\n%s\n```\n' "$o" >>"$results"
+        check "gpu=all fails while the outer container lacks a node" "$([ "$o" != "(ran)" ] && echo ok || echo no)"
+        hd exec "$outer" mknod /dev/nvidia1 c 1 3
+    else
+        # The rootless dockerd's /dev of stand-ins gets it too (a host's
+        # own /dev would show it by itself).
+        mknod "/proc/$(pgrep -P "$rootless_pid")/root/dev/nvidia1" c 1 3
+    fi
     o=$(od run --rm --network none --device nvidia.com/gpu=1 "$image" sh -c 'ls /dev/nvidia1' 2>&1 || true)
     printf '\n### a node added on the host: --device nvidia.com/gpu=1\n\n```\n%s\n```\n' "$o" >>"$results"
-    check "the inner dockerd uses the new spec" "$([ "$o" = /dev/nvidia1 ] && echo ok || echo no)"
+    check "the inner containers' dockerd uses the new spec" "$([ "$o" = /dev/nvidia1 ] && echo ok || echo no)"
 fi
 status_after=$("$bin/nvlibfs" status --state-dir "$work/state" "$mp")
 
 {
-    echo "# Docker-in-Docker with Docker 26 and the view"
-    echo
-    echo "- $(uname -sr); $(nvidia-smi -L 2>/dev/null | head -1 || echo "no GPU"); driver $(cat /sys/module/nvidia/version 2>/dev/null || echo "(fixture)")"
-    echo "- host and outer dockerd $(od version -f '{{.Server.Version}}'), containerd $(chroot "$root" containerd --version | awk '{print $3}'), runc $(chroot "$root" runc --version | awk 'NR==1{print $3}')"
-    echo "- outer daemon.json: \`$(cat "$root/share/daemon.json")\`"
+    if [ "$form" = dind ]; then
+        echo "# Docker-in-Docker with Docker 26 and the view"
+        echo
+        echo "- $(uname -sr); $(nvidia-smi -L 2>/dev/null | head -1 || echo "no GPU"); driver $(cat /sys/module/nvidia/version 2>/dev/null || echo "(fixture)")"
+        echo "- host and outer dockerd $(od version -f '{{.Server.Version}}'), containerd $(chroot "$root" containerd --version | awk '{print $3}'), runc $(chroot "$root" runc --version | awk 'NR==1{print $3}')"
+        echo "- outer daemon.json: \`$(cat "$root/share/daemon.json")\`"
+    else
+        echo "# Rootless Docker 26 and the view"
+        echo
+        echo "- $(uname -sr); $(nvidia-smi -L 2>/dev/null | head -1 || echo "no GPU"); driver $(cat /sys/module/nvidia/version 2>/dev/null || echo "(fixture)")"
+        echo "- dockerd $(od version -f '{{.Server.Version}}') run by uid 1000 through \`dockerd-rootless.sh\` (RootlessKit $(chroot "$root" rootlesskit --version | awk '{print $3}')), containerd $(chroot "$root" containerd --version | awk '{print $3}'), runc $(chroot "$root" runc --version | awk 'NR==1{print $3}')"
+        echo "- its security options: $(od info -f '{{json .SecurityOptions}}')"
+        echo "- ~/.config/docker/daemon.json: \`$(cat "$root/share/daemon.json")\`"
+    fi
     echo "- device nodes: ${nodes[*]}"
     echo "- root file system and image: ${t_rootfs} s"
     echo
     echo "## Inner containers"
     cat "$results"
-    echo "## The view's CDI spec, as the outer container reads it"
+    echo "## The view's CDI spec, as the dockerd that reads it sees it"
     echo
     echo '```json'
-    hd exec "$outer" cat "$mp/etc/cdi/nvlibfs.json"
+    spec_seen
     echo '```'
     echo
     echo "## nvlibfs status before and after the inner containers"
