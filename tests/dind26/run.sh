@@ -203,7 +203,7 @@ rootless_root() { # ROOT MOUNTPOINT DEV: in the new namespaces; execs the daemon
     setpriv --reuid 1000 --regid 1000 --init-groups env -i HOME=/home/rootless \
         XDG_RUNTIME_DIR=/run/user/1000 PATH=/usr/share/docker.io/contrib:/usr/bin:/bin:/usr/sbin:/sbin \
         DOCKERD_ROOTLESS_ROOTLESSKIT_NET=host DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER=none \
-        dockerd-rootless.sh --bridge=none --iptables=false --storage-driver=vfs &
+        dockerd-rootless.sh --bridge=none --iptables=false --ip-forward=false --storage-driver=vfs &
     wait $!
 }
 start_rootless_dockerd() {
@@ -219,7 +219,9 @@ start_rootless_dockerd() {
     od info >/dev/null || { tail -20 "$work/rootless-dockerd.log" >&2; exit 1; }
     grep -q rootless <<<"$(od info -f '{{json .SecurityOptions}}')" || { echo "dind26: that dockerd is not rootless" >&2; exit 1; }
     od import /share/image.tar "$image" >/dev/null
-    say "rootless dockerd $(od version -f '{{.Server.Version}}') up as uid 1000, image imported"
+    # Not `docker version`: with RootlessKit's host network this dockerd's
+    # /version handler fails (the client reads EOF); `info` has the version.
+    say "rootless dockerd $(od info -f '{{.ServerVersion}}') up as uid 1000, image imported"
 }
 
 if [ "$form" = dind ]; then start_host_and_outer_dockerds; else start_rootless_dockerd; fi
@@ -312,7 +314,7 @@ status_after=$("$bin/nvlibfs" status --state-dir "$work/state" "$mp")
         echo "# Rootless Docker 26 and the view"
         echo
         echo "- $(uname -sr); $(nvidia-smi -L 2>/dev/null | head -1 || echo "no GPU"); driver $(cat /sys/module/nvidia/version 2>/dev/null || echo "(fixture)")"
-        echo "- dockerd $(od version -f '{{.Server.Version}}') run by uid 1000 through \`dockerd-rootless.sh\` (RootlessKit $(chroot "$root" rootlesskit --version | awk '{print $3}')), containerd $(chroot "$root" containerd --version | awk '{print $3}'), runc $(chroot "$root" runc --version | awk 'NR==1{print $3}')"
+        echo "- dockerd $(od info -f '{{.ServerVersion}}') run by uid 1000 through \`dockerd-rootless.sh\` (RootlessKit $(chroot "$root" rootlesskit --version | awk '{print $3}')), containerd $(chroot "$root" containerd --version | awk '{print $3}'), runc $(chroot "$root" runc --version | awk 'NR==1{print $3}')"
         echo "- its security options: $(od info -f '{{json .SecurityOptions}}')"
         echo "- ~/.config/docker/daemon.json: \`$(cat "$root/share/daemon.json")\`"
     fi
