@@ -284,6 +284,8 @@ impl Images {
             )
             .unwrap();
             let tag = format!("{IMAGE}:{n}");
+            // The last run's image of that tag, or it stays behind untagged.
+            let _ = run(Command::new("docker").args(["image", "rm", &tag]));
             run(Command::new("docker")
                 .args(["build", "-q", "-t", &tag])
                 .arg(context.path()))

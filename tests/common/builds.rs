@@ -10,7 +10,8 @@ use std::process::Command;
 /// process and name. All variants share one target directory of their
 /// own, so the binaries other tests use stay as they are (and a variant
 /// rebuilds only what its settings change); each is copied out before the
-/// next is built.
+/// next is built, under a lock that test processes running side by side
+/// share, and renamed into place (another may be running the last copy).
 pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
@@ -19,6 +20,10 @@ pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
     if built.iter().any(|b| b == name) {
         return out;
     }
+    std::fs::create_dir_all(&target).unwrap();
+    let lock = std::fs::File::create(target.join("build.lock")).unwrap();
+    let _building = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("locking the variants' build: {e}"));
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo
         .args(["build", "--quiet", "-p", "nvlibfs-mountd", "--bin", "nvlibfs-mountd"])
@@ -28,7 +33,9 @@ pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
     }
     cargo.envs(envs.iter().copied());
     super::ok(cargo.output().unwrap(), &format!("building nvlibfs-mountd ({name})"));
-    std::fs::copy(target.join("debug/nvlibfs-mountd"), &out).unwrap();
+    let partial = out.with_extension(format!("{}.partial", std::process::id()));
+    std::fs::copy(target.join("debug/nvlibfs-mountd"), &partial).unwrap();
+    std::fs::rename(&partial, &out).unwrap();
     built.push(name.to_owned());
     out
 }

@@ -13,6 +13,23 @@ pub fn cache_dir() -> PathBuf {
     std::env::var_os("NVLIBFS_TEST_CACHE").map_or_else(|| PathBuf::from("/var/cache/nvlibfs-test"), PathBuf::from)
 }
 
+/// Held while the cache entry `name` is made: test binaries run side by
+/// side (contrib/test.sh) and would otherwise build the same entry in the
+/// same temporary directory at once. The lock files stay, empty.
+pub fn cache_lock(name: &str) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    let cache = cache_dir();
+    std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    let path = cache.join(format!("{}.lock", name.replace([':', '/'], "-")));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("locking {}: {e}", path.display()))
+}
+
 /// Runs `cmd`; its stdout, or why it failed with the end of its stderr.
 pub fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
@@ -76,7 +93,10 @@ fn debootstrap_tar_without(name: &str, suite: &str, include: &[&str], remove: &[
     if tar.exists() {
         return Ok(tar);
     }
-    std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    let _building = cache_lock(name)?;
+    if tar.exists() {
+        return Ok(tar);
+    }
     let rootfs = cache.join(format!("rootfs-{name}.tmp"));
     let _ = std::fs::remove_dir_all(&rootfs);
     let mut debootstrap = Command::new("debootstrap");
@@ -109,7 +129,12 @@ fn debootstrap_tar_without(name: &str, suite: &str, include: &[&str], remove: &[
 /// root `inner` with `packages` installed from its archive and `setup` (a
 /// shell command) run in it.
 pub fn debian_image(tag: &str, inner: &Path, packages: &[&str], setup: &str) -> Result<String, String> {
-    if run(Command::new("docker").args(["image", "inspect", tag])).is_ok() {
+    let exists = || run(Command::new("docker").args(["image", "inspect", tag])).is_ok();
+    if exists() {
+        return Ok(tag.to_owned());
+    }
+    let _building = cache_lock(tag)?;
+    if exists() {
         return Ok(tag.to_owned());
     }
     let rootfs = cache_dir().join(format!("{}.tmp", tag.replace([':', '/'], "-")));

@@ -73,6 +73,10 @@ pub fn fetch() -> Result<PathBuf, String> {
     if dir.join("complete").exists() {
         return Ok(dir);
     }
+    let _fetching = super::images::cache_lock(PACKAGES_KEY)?;
+    if dir.join("complete").exists() {
+        return Ok(dir);
+    }
     let partial = cache_dir().join(format!("{PACKAGES_KEY}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
     let apt = partial.join("apt");
