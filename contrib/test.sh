@@ -1,12 +1,54 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh Debian or Ubuntu machine, as root: installs
-# what the tests need, starts dockerd if none runs, then runs
-# `cargo test --workspace --no-fail-fast` (arguments are passed on to it, e.g.
-# `contrib/test.sh --test cli`). Where those tools are there already, plain
-# `cargo test --workspace` does the same; a test whose tool is missing fails
-# at once, naming the tool and what installs it.
+# what the tests need, starts dockerd if none runs (and stops it again),
+# then runs every test binary of `cargo test --workspace`, several side by
+# side, the longest first. Arguments go to plain `cargo test --workspace
+# --no-fail-fast` instead, one binary after another (`contrib/test.sh
+# --test cli`). `contrib/test.sh --clean` removes what the tests leave.
+# Where those tools are there already, plain `cargo test --workspace` does
+# the same, serially; a test whose tool is missing fails at once, naming
+# the tool and what installs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+cache=${NVLIBFS_TEST_CACHE:-/var/cache/nvlibfs-test}
+# What the tests leave, for the notice below and for --clean: the image
+# and package cache, the docker images built from it, the rootless user,
+# and the packages this script installed (listed as it installs them).
+installed=$cache/installed-packages
+leftovers() {
+    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots)"
+    echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless and (dockerd's) dockremap"
+    if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
+}
+
+if [ "${1:-}" = --clean ]; then
+    echo "test.sh: removing what the tests left:" >&2
+    leftovers >&2
+    if docker info >/dev/null 2>&1; then
+        docker ps -aq --filter name=nvlibfs-test | xargs -r docker rm -f >/dev/null
+        docker images --format '{{.Repository}}:{{.Tag}}' | { grep '^nvlibfs-test' || true; } |
+            xargs -r docker rmi -f >/dev/null
+    fi
+    pkill -KILL -u nvlibfs-rootless 2>/dev/null || true
+    for user in nvlibfs-rootless dockremap; do
+        if id "$user" >/dev/null 2>&1; then userdel -r "$user" 2>/dev/null || userdel "$user"; fi
+    done
+    sed -i '/^\(nvlibfs-rootless\|dockremap\):/d' /etc/subuid /etc/subgid 2>/dev/null || true
+    # Of the packages this script installed, those still installed.
+    packages=()
+    if [ -s "$installed" ]; then
+        while read -r p; do
+            dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" && packages+=("$p")
+        done <"$installed"
+    fi
+    rm -rf "$cache"
+    if [ ${#packages[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get remove -y -q --autoremove "${packages[@]}"
+    fi
+    echo "test.sh: done (Rust's toolchain and target/ are yours to keep)" >&2
+    exit 0
+fi
 
 # cc + libc headers build the fixture drivers and the test loader; ldconfig
 # writes their ld.so.cache; util-linux brings setpriv, unshare and prlimit,
@@ -30,11 +72,22 @@ missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+
+{
+    echo "test.sh: the tests leave behind (contrib/test.sh --clean removes it):"
+    leftovers
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "  and now installs ${missing[*]} with apt, which may upgrade packages they depend on"
+        echo "  (podman's brought newer login and passwd to Debian 12)"
+    fi
+} >&2
+
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "test.sh: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+    mkdir -p "$cache"
+    printf '%s\n' "${missing[@]}" >>"$installed"
 fi
 if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
     . "$HOME/.cargo/env"
@@ -50,11 +103,22 @@ fi
 
 [ -e /dev/fuse ] || modprobe fuse || echo "test.sh: warning: no /dev/fuse; the mount tests will fail" >&2
 
-# The host's Docker engine, for tests/dind.rs.
+# The host's Docker engine: started here only if none runs, and stopped
+# again when the tests end.
+dockerd_pid=
+stop_dockerd() {
+    if [ -n "$dockerd_pid" ]; then
+        echo "test.sh: stopping the dockerd it started" >&2
+        kill "$dockerd_pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.2; done
+    fi
+}
+trap stop_dockerd EXIT
 if ! docker info >/dev/null 2>&1; then
     log=/var/log/nvlibfs-test-dockerd.log
     echo "test.sh: starting dockerd (log: $log)" >&2
     dockerd >"$log" 2>&1 &
+    dockerd_pid=$!
     for _ in $(seq 1 60); do
         docker info >/dev/null 2>&1 && break
         sleep 1
@@ -62,5 +126,10 @@ if ! docker info >/dev/null 2>&1; then
     docker info >/dev/null 2>&1 || { echo "test.sh: dockerd did not start:" >&2; tail -20 "$log" >&2; exit 1; }
 fi
 
-# --no-fail-fast: a failing test binary hides none of the others.
-exec cargo test --workspace --no-fail-fast "$@"
+if [ $# -gt 0 ]; then
+    # --no-fail-fast: a failing test binary hides none of the others.
+    cargo test --workspace --no-fail-fast "$@"
+    exit
+fi
+# Every test binary, several at once (tests/parallel.py says why and how).
+python3 tests/parallel.py
