@@ -151,13 +151,13 @@ pub fn check(args: CheckArgs, driver_flags_given: bool) -> Result<bool, Box<dyn 
         }
         Ok(s) => {
             println!(
-                "nvlibfs         serving {} at {} (generation {}, {} files, {}; daemon pid {})",
+                "nvlibfs         serving {} at {} (generation {}, {} files, {}; {})",
                 s.driver_version,
                 s.mountpoint.display(),
                 s.generation,
                 s.files,
                 s.data_path,
-                s.pid
+                s.pids()
             );
             if s.held_files_replaced_on_disk > 0 {
                 println!(

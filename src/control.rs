@@ -11,6 +11,9 @@ use std::time::Duration;
 
 pub const DEFAULT_STATE_DIR: &str = "/run/nvlibfs";
 
+/// Where the view is mounted unless told otherwise.
+pub const DEFAULT_MOUNTPOINT: &str = "/run/nvlibs";
+
 /// Below a mount point: where the FUSE mount itself sits, and the file that
 /// marks the mount point as set up by nvlibfs (see mountd's layout).
 pub const LIVE_DIR: &str = ".live";
@@ -181,6 +184,15 @@ pub struct GenerationStatus {
 }
 
 impl Status {
+    /// The two processes, named the same way wherever they are shown:
+    /// `server pid N, supervisor pid M` (signals go to the supervisor).
+    pub fn pids(&self) -> String {
+        match self.supervisor_pid {
+            Some(supervisor) => format!("server pid {}, supervisor pid {supervisor}", self.pid),
+            None => format!("server pid {}", self.pid),
+        }
+    }
+
     /// Before the first view is installed.
     pub fn starting(mountpoint: PathBuf) -> Status {
         Status {
@@ -242,10 +254,10 @@ pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
             )
         } else {
             format!(
-                "no nvlibfs daemon serves {}: nothing answers at {} ({e}); mount it with `nvlibfs mount`, \
-                 or pass the --state-dir it was mounted with",
+                "no nvlibfs daemon serves {}: nothing answers at {} ({e}); {}",
                 mountpoint.display(),
-                path.display()
+                path.display(),
+                unserved_advice(mountpoint)
             )
         };
         io::Error::new(e.kind(), text)
@@ -255,6 +267,35 @@ pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
     stream.read_to_string(&mut text)?;
     serde_json::from_str(&text)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+}
+
+/// What to tell a user who named a mount point no daemon answers for,
+/// from what this mount namespace shows: a mount left by a daemon that is
+/// gone, one served by a daemon of another state directory, or the mount
+/// points nvlibfs serves instead.
+pub fn unserved_advice(mountpoint: &Path) -> String {
+    let mounts = crate::mountinfo::read().unwrap_or_default();
+    let mp = mountpoint.display();
+    if crate::mountinfo::is_served(&mounts, mountpoint) {
+        return "a daemon serves it, but not one of this state directory: pass the --state-dir it was mounted with"
+            .into();
+    }
+    if crate::mountinfo::is_nvlibfs_top(&mounts, mountpoint) {
+        return format!(
+            "its mount is left from a daemon that is gone: `nvlibfs umount {mp}` removes it, `nvlibfs mount {mp}` \
+             serves it again"
+        );
+    }
+    let served = crate::mountinfo::served(&mounts);
+    if served.is_empty() {
+        return format!("nothing is mounted there; mount it with `nvlibfs mount {mp}`");
+    }
+    let names: Vec<String> = served.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "nvlibfs serves {} here: name {}, or mount this one with `nvlibfs mount {mp}`",
+        names.join(", "),
+        if served.len() == 1 { "that" } else { "one of those" }
+    )
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use crate::{command_line, human};
 use clap::Args;
 use nvlibfs::args::{DriverArgs, ServeArgs};
 use nvlibfs::control::{self, Status};
-use nvlibfs::mountinfo::{self, MountEntry};
+use nvlibfs::mountinfo::{self, is_nvlibfs_fuse, is_nvlibfs_top, mount_at, MountEntry};
 use std::error::Error;
 use std::ffi::OsString;
 use std::io::Read;
@@ -118,9 +118,10 @@ pub enum StatusFormat {
 
 #[derive(Args)]
 pub struct DockerFlagsArgs {
-    /// Where the view is mounted where `docker run` runs
-    #[arg(long, value_name = "DIR", default_value = "/run/nvlibs")]
-    mountpoint: PathBuf,
+    /// Where the view is mounted where `docker run` runs [default:
+    /// /run/nvlibs, which must then be served here]
+    #[arg(long, value_name = "DIR")]
+    mountpoint: Option<PathBuf>,
 
     /// Where containers see it: /usr/local/nvidia is what CUDA images expect
     #[arg(long, value_name = "DIR", default_value = "/usr/local/nvidia")]
@@ -228,13 +229,13 @@ pub fn mount(args: MountArgs, verbose: u8) -> Result<()> {
         "ready" => {
             let status = control::query(&args.serve.state_dir, &mountpoint)?;
             println!(
-                "nvlibfs: serving NVIDIA driver {} at {} ({} files, {}, {}; daemon pid {}, log {})",
+                "nvlibfs: serving NVIDIA driver {} at {} ({} files, {}, {}; {}, log {})",
                 status.driver_version,
                 mountpoint.display(),
                 status.files,
                 human(status.bytes),
                 status.data_path,
-                status.pid,
+                status.pids(),
                 log.display()
             );
             if let Some(reason) = status.fallback_reason {
@@ -348,26 +349,23 @@ pub fn umount(args: UmountArgs) -> Result<()> {
         }
     }
     unmount(&mountpoint, lazy).map_err(|e| explain(&mountpoint, e))?;
+    remove_unheld_lock(&mountpoint);
     println!("nvlibfs: unmounted {}", mountpoint.display());
     Ok(())
 }
 
-/// The mount on top at `path`, from `mounts` (mount order).
-fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
-    mounts.iter().rev().find(|m| m.mount_point == path)
-}
-
-/// The small tmpfs `nvlibfs mount` puts at a mount point: its fsname, and
-/// the marker file inside.
-fn is_nvlibfs_top(mounts: &[MountEntry], path: &Path) -> bool {
-    mount_at(mounts, path).is_some_and(|m| m.source == "nvlibfs" && m.fs_type == "tmpfs")
-        && path.join(control::MARKER).exists()
-}
-
-/// nvlibfs's FUSE mount: fsname `nvlibfs`, of type `fuse.nvlibfs`, or plain
-/// `fuse` where the kernel was not given the subtype (fuser's own mount(2)).
-fn is_nvlibfs_fuse(m: &MountEntry) -> bool {
-    m.source == "nvlibfs" && (m.fs_type == "fuse.nvlibfs" || m.fs_type == "fuse")
+/// The lock file of a daemon that did not end by itself (killed): removed
+/// where nobody holds it. A daemon that opened it just now finds, once it
+/// holds it, that the path names another file, and takes the lock again.
+fn remove_unheld_lock(mountpoint: &Path) {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = control::lock_path(mountpoint);
+    let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&path) else {
+        return;
+    };
+    if let Ok(_unheld) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Why `nvlibfs umount` leaves a path alone.
@@ -449,6 +447,16 @@ fn explain(mountpoint: &Path, e: std::io::Error) -> Box<dyn Error> {
 const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn restart(args: RestartArgs) -> Result<()> {
+    // The supervisor is root's: only root may signal it (or ask it).
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(format!(
+            "restarting needs root: it signals the daemon's supervisor, which runs as root; run it as root, e.g. \
+             sudo {}",
+            command_line(std::env::args_os().skip(1))
+        )
+        .into());
+    }
     let mountpoint =
         std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
     let before = control::query(&args.state_dir, &mountpoint)?;
@@ -652,12 +660,9 @@ fn escape_label(v: &str) -> String {
 fn print_status(s: &Status) {
     let c = &s.counters;
     println!(
-        "Mount point  {} (server pid {}{}, nvlibfs {}, up {})",
+        "Mount point  {} ({}, nvlibfs {}, server up {})",
         s.mountpoint.display(),
-        s.pid,
-        s.supervisor_pid
-            .map(|p| format!(", supervisor pid {p}"))
-            .unwrap_or_default(),
+        s.pids(),
         s.version,
         uptime(s.uptime_s)
     );
@@ -692,8 +697,9 @@ fn print_status(s: &Status) {
     if let Some(problem) = &s.pin_problem {
         println!("Problem      {problem}");
     }
+    let (done, refused): (Vec<_>, Vec<_>) = s.handovers.iter().partition(|h| h.refused.is_none());
     println!(
-        "Requests     {} lookups, {} getattrs, {} readlinks, {} opens, {} readdirs, {} reads ({}), {} refused writes",
+        "Requests     {} lookups, {} getattrs, {} readlinks, {} opens, {} readdirs, {} reads ({}), {} refused writes{}",
         c.lookups,
         c.getattrs,
         c.readlinks,
@@ -701,7 +707,13 @@ fn print_status(s: &Status) {
         c.readdirs,
         c.reads,
         human(c.bytes_read),
-        c.write_attempts
+        c.write_attempts,
+        // Each server counts its own.
+        if done.is_empty() {
+            ""
+        } else {
+            ", since the last handover"
+        }
     );
     if c.warmed_bytes > 0 {
         println!("Warmed       {} into the kernel's page cache", human(c.warmed_bytes));
@@ -709,7 +721,6 @@ fn print_status(s: &Status) {
     if let Some(rss) = s.rss_bytes {
         println!("Daemon RSS   {}", human(rss));
     }
-    let (done, refused): (Vec<_>, Vec<_>) = s.handovers.iter().partition(|h| h.refused.is_none());
     if let Some(last) = done.last() {
         let worst = done.iter().map(|h| h.waited_ms).fold(0.0, f64::max);
         println!(
@@ -730,6 +741,13 @@ fn print_status(s: &Status) {
     }
 }
 
+/// Whether a daemon serves the nvlibfs mount point `path` in this mount
+/// namespace.
+fn served_here(path: &Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    mountinfo::read().is_ok_and(|mounts| mountinfo::is_served(&mounts, &path))
+}
+
 fn uptime(seconds: f64) -> String {
     let s = seconds as u64;
     match s {
@@ -740,13 +758,39 @@ fn uptime(seconds: f64) -> String {
 }
 
 pub fn docker_flags(args: DockerFlagsArgs) -> Result<()> {
+    let mountpoint = match &args.mountpoint {
+        Some(given) => {
+            // Maybe served where docker runs (an outer container), not here.
+            if !served_here(given) {
+                eprintln!(
+                    "nvlibfs: note: nvlibfs serves nothing at {} in this mount namespace; these flags are for \
+                     a docker that sees the view there (an outer container's, say)",
+                    given.display()
+                );
+            }
+            given.clone()
+        }
+        None => {
+            let default = PathBuf::from(control::DEFAULT_MOUNTPOINT);
+            if !served_here(&default) {
+                return Err(format!(
+                    "nothing is served at {} (the default --mountpoint): {}; for a view mounted where \
+                     this machine does not see it, pass --mountpoint DIR",
+                    default.display(),
+                    control::unserved_advice(&default)
+                )
+                .into());
+            }
+            default
+        }
+    };
     for node in nvlibfs::devices::nvidia_device_nodes(Path::new("/dev")) {
         println!("--device={}", node.display());
     }
     let t = args.target.display();
     // rslave: a wholly new daemon's mount (its supervisor gone too) reaches
     // running containers; a restarted serving process needs nothing.
-    println!("--volume={}:{t}:ro,rslave", args.mountpoint.display());
+    println!("--volume={}:{t}:ro,rslave", mountpoint.display());
     // Searched before the image's ld.so.cache and default directories.
     println!("--env=LD_LIBRARY_PATH={t}/lib64:{t}/lib");
     println!("--env=PATH={t}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");

@@ -29,6 +29,48 @@ pub fn at(path: &Path) -> Option<MountEntry> {
     read().ok()?.into_iter().rev().find(|m| m.mount_point == path)
 }
 
+/// The mount on top at `path` in `mounts`.
+pub fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
+/// The small tmpfs `nvlibfs mount` puts at a mount point: its fsname, and
+/// the marker file inside.
+pub fn is_nvlibfs_top(mounts: &[MountEntry], path: &Path) -> bool {
+    mount_at(mounts, path).is_some_and(|m| m.source == "nvlibfs" && m.fs_type == "tmpfs")
+        && path.join(crate::control::MARKER).exists()
+}
+
+/// nvlibfs's FUSE mount: fsname `nvlibfs`, of type `fuse.nvlibfs`, or plain
+/// `fuse` where the kernel was not given the subtype (fuser's own mount(2)).
+pub fn is_nvlibfs_fuse(m: &MountEntry) -> bool {
+    m.source == "nvlibfs" && (m.fs_type == "fuse.nvlibfs" || m.fs_type == "fuse")
+}
+
+/// Whether a daemon serves the nvlibfs mount point `top`: its FUSE mount
+/// is there and answers. statfs always asks the daemon (a stat may be
+/// answered from the kernel's cache); one whose daemon is gone fails with
+/// ENOTCONN.
+pub fn is_served(mounts: &[MountEntry], top: &Path) -> bool {
+    let live = top.join(crate::control::LIVE_DIR);
+    is_nvlibfs_top(mounts, top)
+        && mount_at(mounts, &live).is_some_and(is_nvlibfs_fuse)
+        && nix::sys::statfs::statfs(&live).is_ok()
+}
+
+/// The nvlibfs mount points a daemon serves in `mounts`, sorted.
+pub fn served(mounts: &[MountEntry]) -> Vec<PathBuf> {
+    let mut tops: Vec<PathBuf> = mounts
+        .iter()
+        .filter(|m| m.source == "nvlibfs" && m.fs_type == "tmpfs")
+        .map(|m| m.mount_point.clone())
+        .filter(|top| is_served(mounts, top))
+        .collect();
+    tops.sort();
+    tops.dedup();
+    tops
+}
+
 /// Parses mountinfo text; malformed lines are skipped.
 pub fn parse(text: &[u8]) -> Vec<MountEntry> {
     text.split(|&b| b == b'\n').filter_map(parse_line).collect()

@@ -159,7 +159,13 @@ fn every_command_argument_and_option_is_described() {
 
 #[test]
 fn help_readme_and_docker_flags_give_the_same_examples() {
-    let flags = ok(nvlibfs().arg("docker-flags").output().unwrap(), "docker-flags");
+    let flags = ok(
+        nvlibfs()
+            .args(["docker-flags", "--mountpoint", "/run/nvlibs"])
+            .output()
+            .unwrap(),
+        "docker-flags",
+    );
     let volume = "/run/nvlibs:/usr/local/nvidia:ro,rslave";
     assert!(flags.contains(&format!("--volume={volume}\n")), "{flags}");
     let mount_help = ok(nvlibfs().args(["mount", "--help"]).output().unwrap(), "mount --help");
@@ -237,7 +243,7 @@ fn every_command_ends_quietly_on_a_closed_pipe() {
         &scan_json,
         &["manpage"],
         &["completions", "bash"],
-        &["docker-flags"],
+        &["docker-flags", "--mountpoint", "/"],
         &["cdi", "generate", "--dev", dev],
         &["--help"],
     ];
@@ -415,6 +421,22 @@ fn without_root_each_command_says_that_root_is_needed() {
         "{report}"
     );
     assert!(!report.contains("no nvlibfs daemon"), "{report}");
+
+    // Restart signals root's supervisor: it says that, not that status
+    // names host paths.
+    let out = nvlibfs_as_nobody(&[
+        "restart".as_ref(),
+        "--state-dir".as_ref(),
+        state_dir,
+        m.mountpoint.as_os_str(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("restarting needs root: it signals the daemon's supervisor") && err.contains("sudo "),
+        "{err}"
+    );
+    assert!(!err.contains("host paths"), "{err}");
 
     // As root, where nothing serves: the other message.
     let out = nvlibfs()
@@ -668,4 +690,313 @@ fn the_demos_closing_hints_run_as_printed() {
         .unwrap_or_else(|| panic!("no docker hint:\n{hints}"));
     let printed = ok(Command::new("sh").arg("-c").arg(&flags).output().unwrap(), &flags);
     assert!(printed.contains(":/usr/local/nvidia:ro,rslave"), "{printed}");
+}
+
+fn status_json(state: &Path, mountpoint: &Path) -> nvlibfs::control::Status {
+    let out = ok(
+        nvlibfs()
+            .args(["status", "--json", "--state-dir"])
+            .arg(state)
+            .arg(mountpoint)
+            .output()
+            .unwrap(),
+        "status --json",
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The server and the supervisor are named the same way everywhere (the
+/// mount's message, `status`, `check`, a refused second mount); the
+/// counts of `scan` and `mount` agree; the counters say they are the
+/// server's; and where nothing answers for a mount point, `check`,
+/// `status` and `docker-flags` say what is served instead, or that a
+/// mount was left by a daemon that is gone, and no lock file is left.
+#[test]
+fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let state = dir.path().join("state");
+    let mountpoint = std::fs::canonicalize(dir.path()).unwrap().join("mnt");
+    let other = mountpoint.with_file_name("not-mounted");
+    let lock = nvlibfs::control::lock_path(&mountpoint);
+
+    // A mount that fails (a mount point that is not empty) leaves no lock.
+    std::fs::create_dir_all(mountpoint.join("something")).unwrap();
+    let out = mount_command(&fixture, &state).arg(&mountpoint).output().unwrap();
+    assert!(!out.status.success(), "mounted on a non-empty directory");
+    assert!(!lock.exists(), "a failed mount left {}", lock.display());
+    std::fs::remove_dir(mountpoint.join("something")).unwrap();
+
+    let said = ok(
+        mount_command(&fixture, &state).arg(&mountpoint).output().unwrap(),
+        "mount",
+    );
+    let _cleanup = UnmountOnDrop(mountpoint.clone(), state.clone());
+    let s = status_json(&state, &mountpoint);
+    let supervisor = s.supervisor_pid.expect("a supervisor");
+    let pids = format!("server pid {}, supervisor pid {supervisor}", s.pid);
+    assert!(said.contains(&pids), "{said}");
+    let scanned = ok(
+        nvlibfs()
+            .arg("scan")
+            .arg("--driver-root")
+            .arg(&fixture.root)
+            .arg("--module-version-file")
+            .arg(fixture.module_version_file())
+            .output()
+            .unwrap(),
+        "scan",
+    );
+    assert!(scanned.contains(&format!("Files ({}, ", s.files)), "{scanned}");
+    assert!(said.contains(&format!("({} files, ", s.files)), "{said}");
+
+    let shown = ok(
+        nvlibfs()
+            .arg("status")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(&mountpoint)
+            .output()
+            .unwrap(),
+        "status",
+    );
+    assert!(
+        shown.contains(&format!("({pids}, nvlibfs ")) && shown.contains("server up "),
+        "{shown}"
+    );
+    let checked = text(
+        &nvlibfs()
+            .arg("check")
+            .arg("--mountpoint")
+            .arg(&mountpoint)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(checked.contains(&pids), "{checked}");
+    let refused = mount_command(&fixture, &state).arg(&mountpoint).output().unwrap();
+    let err = text(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains(&format!("(supervisor pid {supervisor})")),
+        "{err}"
+    );
+
+    // Counters are the server's: after a restart, status says so.
+    ok(
+        nvlibfs()
+            .arg("restart")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(&mountpoint)
+            .output()
+            .unwrap(),
+        "restart",
+    );
+    let shown = ok(
+        nvlibfs()
+            .arg("status")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(&mountpoint)
+            .output()
+            .unwrap(),
+        "status",
+    );
+    assert!(shown.contains("refused writes, since the last handover"), "{shown}");
+
+    // Where nothing answers: what is served instead.
+    let out = nvlibfs()
+        .arg("check")
+        .arg("--mountpoint")
+        .arg(&other)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains(&format!("no nvlibfs daemon serves {}", other.display()))
+            && report.contains("nvlibfs serves ")
+            && report.contains(&mountpoint.display().to_string()),
+        "{report}"
+    );
+    let flags = |given: Option<&Path>| {
+        let mut c = nvlibfs();
+        c.arg("docker-flags");
+        if let Some(given) = given {
+            c.arg("--mountpoint").arg(given);
+        }
+        c.output().unwrap()
+    };
+    let out = flags(Some(&mountpoint));
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", text(&out.stderr));
+    let out = flags(Some(&other));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("serves nothing at {}", other.display())), "{err}");
+    assert!(text(&out.stdout).contains(&format!("--volume={}:", other.display())));
+    if nvlibfs::mountinfo::at(Path::new("/run/nvlibs")).is_none() {
+        let out = flags(None);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("nothing is served at /run/nvlibs (the default --mountpoint)")
+                && err.contains(&mountpoint.display().to_string())
+                && err.contains("--mountpoint DIR"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+
+    // Both processes killed: a mount left behind, and what removes it.
+    let s = status_json(&state, &mountpoint);
+    for pid in [supervisor, s.pid] {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while [supervisor, s.pid]
+        .iter()
+        .any(|&p| nvlibfs::control::process_running(p))
+    {
+        assert!(std::time::Instant::now() < deadline, "the daemon outlived SIGKILL");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = nvlibfs()
+        .arg("status")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg(&mountpoint)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("left from a daemon that is gone")
+            && err.contains(&format!("`nvlibfs umount {}`", mountpoint.display())),
+        "{err}"
+    );
+    assert!(lock.exists(), "a killed daemon cannot remove its lock file");
+    ok(
+        nvlibfs()
+            .arg("umount")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(&mountpoint)
+            .output()
+            .unwrap(),
+        "umount",
+    );
+    assert!(!lock.exists(), "umount left the killed daemon's lock file");
+}
+
+/// SIGINT to a foreground daemon is logged as SIGINT, and the daemon
+/// ends having removed its lock file.
+#[test]
+fn sigint_is_logged_as_sigint() {
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let state = dir.path().join("state");
+    let mountpoint = std::fs::canonicalize(dir.path()).unwrap().join("mnt");
+    let log = std::fs::File::create(dir.path().join("stderr")).unwrap();
+    let mut daemon = mount_command(&fixture, &state)
+        .arg("--foreground")
+        .arg(&mountpoint)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _cleanup = UnmountOnDrop(mountpoint.clone(), state.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let supervisor = loop {
+        if let Ok(s) = nvlibfs::control::query(&state, &mountpoint) {
+            break s.supervisor_pid.expect("a supervisor");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the foreground daemon never served"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor as i32), nix::sys::signal::SIGINT).unwrap();
+    let status = daemon.wait().unwrap();
+    let logged = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert!(status.success(), "{status}:\n{logged}");
+    assert!(logged.contains("SIGINT: unmounting"), "{logged}");
+    assert!(!logged.contains("SIGTERM"), "{logged}");
+    assert!(
+        !nvlibfs::control::lock_path(&mountpoint).exists(),
+        "the lock file stayed"
+    );
+}
+
+/// `contrib/test.sh --clean` removes what the tests leave: the cache, the
+/// users the rootless tests made (and their subordinate ids), and of the
+/// packages the script installed those still there; it says what before it
+/// starts, in the words the test command's notice uses. Run in namespaces
+/// of its own (a copy of /etc, an empty /home, its own PIDs, no Docker
+/// engine), so that the machine's users, caches and images stay.
+#[test]
+fn test_sh_clean_removes_what_the_tests_leave() {
+    common::require("unshare", "util-linux");
+    common::require("useradd", "passwd");
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(cache.join("rootless-docker")).unwrap();
+    std::fs::write(cache.join("inner-bookworm-minbase-1.tar"), "a cached root").unwrap();
+    std::fs::write(cache.join("installed-packages"), "nvlibfs-no-such-package\n").unwrap();
+    let script = format!(
+        r#"set -e
+        mount --make-rprivate /
+        cp -a /etc {d}/etc && mount --bind {d}/etc /etc
+        mkdir {d}/home {d}/mail && mount --bind {d}/home /home && mount --bind {d}/mail /var/mail
+        for user in nvlibfs-rootless dockremap; do
+            id "$user" >/dev/null 2>&1 || useradd -m "$user"
+            grep -q "^$user:" /etc/subuid || echo "$user:1500000:65536" >>/etc/subuid
+        done
+        {root}/contrib/test.sh --clean
+        for user in nvlibfs-rootless dockremap; do
+            if id "$user" >/dev/null 2>&1; then echo "user $user stayed"; fi
+            if grep "^$user:" /etc/subuid /etc/subgid; then echo "$user's ids stayed"; fi
+        done
+        [ ! -e {cache} ] || echo "the cache stayed"
+        echo checked"#,
+        d = dir.path().display(),
+        root = env!("CARGO_MANIFEST_DIR"),
+        cache = cache.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--pid", "--fork", "--mount-proc", "bash", "-c", &script])
+        .env("NVLIBFS_TEST_CACHE", &cache)
+        .env("DOCKER_HOST", format!("unix://{}/no-docker.sock", dir.path().display()))
+        .output()
+        .unwrap();
+    let (said, err) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{said}\n{err}");
+    assert_eq!(said.trim(), "checked", "{err}");
+    for named in [
+        format!("{} (", cache.display()),
+        "docker images nvlibfs-test-*".into(),
+        "users nvlibfs-rootless and (dockerd's) dockremap".into(),
+        "packages this script installed: nvlibfs-no-such-package".into(),
+    ] {
+        assert!(err.contains(&named), "--clean does not name {named:?}:\n{err}");
+    }
+    assert!(
+        !err.contains("apt-get"),
+        "removed a package that is not installed:\n{err}"
+    );
+    // The test command's notice is the same list.
+    let notice = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/test.sh")).unwrap();
+    assert!(
+        notice
+            .contains("echo \"test.sh: the tests leave behind (contrib/test.sh --clean removes it):\"\n    leftovers"),
+        "test.sh no longer prints what the tests leave before it starts"
+    );
 }

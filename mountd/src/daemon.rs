@@ -106,6 +106,7 @@ pub enum Start {
 /// holds while any of them lives.
 pub struct MountLock {
     file: nix::fcntl::Flock<std::fs::File>,
+    path: std::path::PathBuf,
 }
 
 impl MountLock {
@@ -115,42 +116,79 @@ impl MountLock {
             std::fs::create_dir_all(dir)
                 .map_err(|e| DaemonError(format!("creating lock directory {}: {e}", dir.display())))?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| DaemonError(format!("lock file {}: {e}", path.display())))?;
-        let file =
-            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        // A daemon that ends removes its lock file (`remove`): one opened
+        // just before that, and locked just after, is a file nobody else
+        // will meet. Locked, the path must still name it; else again.
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| DaemonError(format!("lock file {}: {e}", path.display())))?;
+            let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
                 Ok(locked) => locked,
                 Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
                     drop(file);
                     let holder = holder.trim();
                     return fail(format!(
-                    "{} is already served by nvlibfs{}; `nvlibfs status {0}` shows it, `nvlibfs umount {0}` stops it",
-                    mountpoint.display(),
-                    if holder.is_empty() { String::new() } else { format!(" (daemon pid {holder})") }
-                ));
+                        "{} is already served by nvlibfs{}; `nvlibfs status {0}` shows it, `nvlibfs umount {0}` stops it",
+                        mountpoint.display(),
+                        if holder.is_empty() { String::new() } else { format!(" (supervisor pid {holder})") }
+                    ));
                 }
                 Err((_, e)) => return fail(format!("locking {}: {e}", path.display())),
             };
-        // The pid, for the message a refused daemon prints.
-        let _ = file.set_len(0);
-        let _ = write!(&*file, "{}", std::process::id());
-        Ok(MountLock { file })
+            let lock = MountLock {
+                file,
+                path: path.clone(),
+            };
+            if !lock.names_this_file() {
+                continue;
+            }
+            // The pid, for the message a refused daemon prints.
+            let _ = lock.file.set_len(0);
+            let _ = write!(&*lock.file, "{}", std::process::id());
+            return Ok(lock);
+        }
+    }
+
+    /// Whether the lock's path still names the file this lock holds.
+    fn names_this_file(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(held), Ok(named)) => (held.dev(), held.ino()) == (named.dev(), named.ino()),
+            _ => false,
+        }
+    }
+
+    /// Ends the lock and removes its file, so that a mount that failed or
+    /// ended leaves nothing in the lock directory; where a child of this
+    /// process lives (a server inherits the lock), the lock still holds
+    /// through it and the file stays.
+    pub fn remove(self) {
+        let alone = matches!(
+            nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+            Err(nix::errno::Errno::ECHILD)
+        );
+        if alone && self.names_this_file() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 
     /// The lock a daemon taken over handed on: the same open file, so
     /// the lock held since that daemon took it is this one's now.
-    pub fn handed_on(fd: OwnedFd) -> Result<MountLock, DaemonError> {
+    pub fn handed_on(fd: OwnedFd, mountpoint: &Path) -> Result<MountLock, DaemonError> {
         let file = nix::fcntl::Flock::lock(std::fs::File::from(fd), nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| DaemonError(format!("the mount point's lock, as handed on: {e}")))?;
         let _ = file.set_len(0);
         let _ = write!(&*file, "{}", std::process::id());
-        Ok(MountLock { file })
+        Ok(MountLock {
+            file,
+            path: control::lock_path(mountpoint),
+        })
     }
 
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {

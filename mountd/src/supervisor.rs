@@ -312,7 +312,7 @@ impl Supervisor {
         }
         let (lock, joining) = match offered {
             Some(sock) => {
-                let handed = join(sock)?;
+                let handed = join(sock, &mountpoint)?;
                 (
                     handed.lock,
                     Some((handed.sock, handed.pid, handed.kept, handed.history)),
@@ -419,6 +419,16 @@ impl Supervisor {
     }
 
     fn run(mut self, ready: &mut Readiness) -> Result<i32, DaemonError> {
+        let ended = self.serve(ready);
+        // Not handed on: nothing of this daemon holds the mount point once
+        // its servers are gone, and the lock file goes with it.
+        if let Some(lock) = self.lock.take() {
+            lock.remove();
+        }
+        ended
+    }
+
+    fn serve(&mut self, ready: &mut Readiness) -> Result<i32, DaemonError> {
         loop {
             let timeout = if self.exited.is_empty() {
                 Duration::from_millis(500)
@@ -1180,7 +1190,7 @@ impl Supervisor {
                     let _ = waitpid(extra.pid, None);
                 }
                 let Some(server) = serving else { return Ok(Some(0)) };
-                server.kill(Signal::SIGTERM);
+                server.kill(signal);
                 self.phase = Phase::Stopping(Some(server));
             }
             Signal::SIGHUP => {
@@ -1702,14 +1712,14 @@ struct HandedOn {
 /// `--take-over`: having offered over `sock`, receives in order the mount
 /// point's lock, the handovers so far and everything the daemon taken over
 /// keeps, checked as any checkpoint is.
-fn join(sock: OwnedFd) -> Result<HandedOn, DaemonError> {
+fn join(sock: OwnedFd, mountpoint: &Path) -> Result<HandedOn, DaemonError> {
     let first = crate::peer::answer(&sock, "handing over its lock")?;
     let pid = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
         .map(|c| c.pid() as u32)
         .unwrap_or(0);
     let lock = match first.tag {
         Tag::Lock if first.fds.len() == 1 => {
-            MountLock::handed_on(first.fds.into_iter().next().expect("one descriptor"))?
+            MountLock::handed_on(first.fds.into_iter().next().expect("one descriptor"), mountpoint)?
         }
         Tag::Refused => {
             return Err(DaemonError::new(format!(
