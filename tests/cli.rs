@@ -393,14 +393,19 @@ fn without_root_each_command_says_that_root_is_needed() {
 
     // Status and check: "may not ask" is not "nothing is served".
     let state_dir = m.state_dir.as_os_str();
-    let out = nvlibfs_as_nobody(&[
-        "status".as_ref(),
-        "--state-dir".as_ref(),
-        state_dir,
-        m.mountpoint.as_os_str(),
-    ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    // `command --state-dir STATE MOUNTPOINT` as nobody: fails, and says why.
+    let refused = |command: &str| {
+        let out = nvlibfs_as_nobody(&[
+            command.as_ref(),
+            "--state-dir".as_ref(),
+            state_dir,
+            m.mountpoint.as_os_str(),
+        ]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+        err
+    };
+    let err = refused("status");
     assert!(
         err.contains("only root may ask the daemon") && err.contains("names host paths"),
         "{err}"
@@ -424,14 +429,7 @@ fn without_root_each_command_says_that_root_is_needed() {
 
     // Restart signals root's supervisor: it says that, not that status
     // names host paths.
-    let out = nvlibfs_as_nobody(&[
-        "restart".as_ref(),
-        "--state-dir".as_ref(),
-        state_dir,
-        m.mountpoint.as_os_str(),
-    ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused("restart");
     assert!(
         err.contains("restarting needs root: it signals the daemon's supervisor") && err.contains("sudo "),
         "{err}"
@@ -548,16 +546,7 @@ fn check_asks_the_daemon_and_suggests_commands_that_run() {
     let vf = root.join("sys/module/nvidia/version");
     let state = dir.path().join("state");
     let mountpoint = dir.path().join("mnt");
-    let check = || {
-        nvlibfs()
-            .arg("check")
-            .arg("--mountpoint")
-            .arg(&mountpoint)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap()
-    };
+    let check = || check(&mountpoint, &state);
 
     // Not served yet: given the driver flags, check suggests a mount that
     // carries all of them, and it runs as printed.
@@ -705,6 +694,28 @@ fn status_json(state: &Path, mountpoint: &Path) -> nvlibfs::control::Status {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// `nvlibfs check` of `mountpoint`, asking daemons of `state`.
+fn check(mountpoint: &Path, state: &Path) -> Output {
+    nvlibfs()
+        .arg("check")
+        .arg("--mountpoint")
+        .arg(mountpoint)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap()
+}
+
+/// A fixture driver, and a state directory and a mount point (canonical,
+/// as messages name it) for it, in a directory of their own.
+fn fixture_to_mount() -> (tempfile::TempDir, nvlibfs_fixture::Fixture, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let state = dir.path().join("state");
+    let mountpoint = std::fs::canonicalize(dir.path()).unwrap().join("mnt");
+    (dir, fixture, state, mountpoint)
+}
+
 /// The server and the supervisor are named the same way everywhere (the
 /// mount's message, `status`, `check`, a refused second mount); the
 /// counts of `scan` and `mount` agree; the counters say they are the
@@ -715,10 +726,7 @@ fn status_json(state: &Path, mountpoint: &Path) -> nvlibfs::control::Status {
 fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
     common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
-    let state = dir.path().join("state");
-    let mountpoint = std::fs::canonicalize(dir.path()).unwrap().join("mnt");
+    let (_dir, fixture, state, mountpoint) = fixture_to_mount();
     let other = mountpoint.with_file_name("not-mounted");
     let lock = nvlibfs::control::lock_path(&mountpoint);
 
@@ -734,6 +742,16 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
         "mount",
     );
     let _cleanup = UnmountOnDrop(mountpoint.clone(), state.clone());
+    // `nvlibfs COMMAND --state-dir STATE MOUNTPOINT`.
+    let on_mount = |command: &str| {
+        nvlibfs()
+            .arg(command)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(&mountpoint)
+            .output()
+            .unwrap()
+    };
     let s = status_json(&state, &mountpoint);
     let supervisor = s.supervisor_pid.expect("a supervisor");
     let pids = format!("server pid {}, supervisor pid {supervisor}", s.pid);
@@ -752,31 +770,12 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
     assert!(scanned.contains(&format!("Files ({}, ", s.files)), "{scanned}");
     assert!(said.contains(&format!("({} files, ", s.files)), "{said}");
 
-    let shown = ok(
-        nvlibfs()
-            .arg("status")
-            .arg("--state-dir")
-            .arg(&state)
-            .arg(&mountpoint)
-            .output()
-            .unwrap(),
-        "status",
-    );
+    let shown = ok(on_mount("status"), "status");
     assert!(
         shown.contains(&format!("({pids}, nvlibfs ")) && shown.contains("server up "),
         "{shown}"
     );
-    let checked = text(
-        &nvlibfs()
-            .arg("check")
-            .arg("--mountpoint")
-            .arg(&mountpoint)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap()
-            .stdout,
-    );
+    let checked = text(&check(&mountpoint, &state).stdout);
     assert!(checked.contains(&pids), "{checked}");
     let refused = mount_command(&fixture, &state).arg(&mountpoint).output().unwrap();
     let err = text(&refused.stderr);
@@ -786,37 +785,12 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
     );
 
     // Counters are the server's: after a restart, status says so.
-    ok(
-        nvlibfs()
-            .arg("restart")
-            .arg("--state-dir")
-            .arg(&state)
-            .arg(&mountpoint)
-            .output()
-            .unwrap(),
-        "restart",
-    );
-    let shown = ok(
-        nvlibfs()
-            .arg("status")
-            .arg("--state-dir")
-            .arg(&state)
-            .arg(&mountpoint)
-            .output()
-            .unwrap(),
-        "status",
-    );
+    ok(on_mount("restart"), "restart");
+    let shown = ok(on_mount("status"), "status");
     assert!(shown.contains("refused writes, since the last handover"), "{shown}");
 
     // Where nothing answers: what is served instead.
-    let out = nvlibfs()
-        .arg("check")
-        .arg("--mountpoint")
-        .arg(&other)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
+    let out = check(&other, &state);
     let report = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(
@@ -866,13 +840,7 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
         assert!(std::time::Instant::now() < deadline, "the daemon outlived SIGKILL");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let out = nvlibfs()
-        .arg("status")
-        .arg("--state-dir")
-        .arg(&state)
-        .arg(&mountpoint)
-        .output()
-        .unwrap();
+    let out = on_mount("status");
     let err = text(&out.stderr);
     assert!(
         !out.status.success()
@@ -881,16 +849,7 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
         "{err}"
     );
     assert!(lock.exists(), "a killed daemon cannot remove its lock file");
-    ok(
-        nvlibfs()
-            .arg("umount")
-            .arg("--state-dir")
-            .arg(&state)
-            .arg(&mountpoint)
-            .output()
-            .unwrap(),
-        "umount",
-    );
+    ok(on_mount("umount"), "umount");
     assert!(!lock.exists(), "umount left the killed daemon's lock file");
 }
 
@@ -900,10 +859,7 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
 fn sigint_is_logged_as_sigint() {
     common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
-    let state = dir.path().join("state");
-    let mountpoint = std::fs::canonicalize(dir.path()).unwrap().join("mnt");
+    let (dir, fixture, state, mountpoint) = fixture_to_mount();
     let log = std::fs::File::create(dir.path().join("stderr")).unwrap();
     let mut daemon = mount_command(&fixture, &state)
         .arg("--foreground")
