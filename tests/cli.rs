@@ -735,6 +735,8 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
     let out = mount_command(&fixture, &state).arg(&mountpoint).output().unwrap();
     assert!(!out.status.success(), "mounted on a non-empty directory");
     assert!(!lock.exists(), "a failed mount left {}", lock.display());
+    let takeover = nvlibfs::control::takeover_path(&state, &mountpoint);
+    assert!(!takeover.exists(), "a failed mount left {}", takeover.display());
     std::fs::remove_dir(mountpoint.join("something")).unwrap();
 
     let said = ok(
@@ -854,7 +856,7 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
 }
 
 /// SIGINT to a foreground daemon is logged as SIGINT, and the daemon
-/// ends having removed its lock file.
+/// ends having removed its lock file and its takeover socket.
 #[test]
 fn sigint_is_logged_as_sigint() {
     common::require_fixture_tools();
@@ -889,6 +891,8 @@ fn sigint_is_logged_as_sigint() {
         !nvlibfs::control::lock_path(&mountpoint).exists(),
         "the lock file stayed"
     );
+    let takeover = nvlibfs::control::takeover_path(&state, &mountpoint);
+    assert!(!takeover.exists(), "{} stayed", takeover.display());
 }
 
 /// `contrib/test.sh --clean` removes what the tests leave: the cache, the

@@ -74,6 +74,15 @@ fn run_harness(form: &str) -> String {
     }
     common::build_cuda_check(&bin);
     let mountpoint = format!("/run/nvlibfs-test-{form}26-{}", std::process::id());
+    // run.sh unmounts whatever happens; the directory `nvlibfs mount` made
+    // goes too, even when the test fails.
+    struct RemoveDir(String);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _made = RemoveDir(mountpoint.clone());
     let out = dir.path().join("out");
     let run = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dind26/run.sh"))
         .arg(&rootfs)

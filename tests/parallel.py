@@ -85,8 +85,8 @@ def main():
             print(f"\n===== {name} ({log}) =====\n{f.read()}", flush=True)
     passed = sum(r[2] for r in results)
     failed = sum(r[3] for r in results)
-    say(f"{passed} tests passed, {failed} failed, in {len(failures)} of {len(results)} binaries failing; "
-        f"{time.monotonic() - start:.0f} s")
+    say(f"{passed} tests passed, {failed} failed; {len(results) - len(failures)} of {len(results)} binaries "
+        f"passed; {time.monotonic() - start:.0f} s")
     if failures:
         say("failed: " + ", ".join(r[0] for r in failures))
         sys.exit(1)

@@ -205,6 +205,18 @@ fn a_takeover_that_cannot_be_exact_is_refused() {
     let outcome = loaders::finish(loader);
     assert_eq!(outcome.report.failed, 0, "{}", outcome.text);
 
+    // The running daemon still listens: a daemon of this build takes it over.
+    common::ok(
+        Command::new(bin.join("nvlibfs"))
+            .args(template.get_args())
+            .arg("--take-over")
+            .arg(&m.mountpoint)
+            .output()
+            .unwrap(),
+        "a takeover after a refused one",
+    );
+    assert_ne!(m.status().supervisor_pid, before.supervisor_pid);
+
     // No --take-over: refused at once, naming the daemon.
     let out = mount_command(&m.fixture, &m.state_dir)
         .arg(&m.mountpoint)

@@ -107,6 +107,10 @@ pub enum Start {
 pub struct MountLock {
     file: nix::fcntl::Flock<std::fs::File>,
     path: std::path::PathBuf,
+    /// Handed on by a daemon that serves until the takeover is done (the
+    /// lock is one open file, theirs as much as ours): its file is not
+    /// ours to remove until then.
+    shared: bool,
 }
 
 impl MountLock {
@@ -144,6 +148,7 @@ impl MountLock {
             let lock = MountLock {
                 file,
                 path: path.clone(),
+                shared: false,
             };
             if !lock.names_this_file() {
                 continue;
@@ -167,8 +172,12 @@ impl MountLock {
     /// Ends the lock and removes its file, so that a mount that failed or
     /// ended leaves nothing in the lock directory; where a child of this
     /// process lives (a server inherits the lock), the lock still holds
-    /// through it and the file stays.
+    /// through it and the file stays, and so it does while the daemon that
+    /// handed it on may still serve (a takeover not done).
     pub fn remove(self) {
+        if self.shared {
+            return;
+        }
         let alone = matches!(
             nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
             Err(nix::errno::Errno::ECHILD)
@@ -188,12 +197,19 @@ impl MountLock {
         Ok(MountLock {
             file,
             path: control::lock_path(mountpoint),
+            shared: true,
         })
     }
 
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.file.as_fd()
+    }
+
+    /// The takeover that handed this lock on is done: this daemon serves,
+    /// and the one taken over never will again.
+    pub fn take_sole(&mut self) {
+        self.shared = false;
     }
 
     /// This daemon handed the lock on: going, it must not unlock what is

@@ -287,6 +287,9 @@ struct Supervisor {
     stop_requested: bool,
     exited: Vec<(Pid, WaitStatus, Instant)>,
     closed: HashSet<Pid>,
+    /// Where this supervisor listens for a takeover, and that file's inode:
+    /// removed when it ends, unless a successor listens there now.
+    takeover_socket: Option<(PathBuf, u64)>,
 }
 
 impl Supervisor {
@@ -345,6 +348,7 @@ impl Supervisor {
             stop_requested: false,
             exited: Vec::new(),
             closed: HashSet::new(),
+            takeover_socket: None,
         };
         supervisor.phase = match (joining, fdstore::restore()) {
             (Some((sock, pid, kept, history)), _) => {
@@ -383,20 +387,33 @@ impl Supervisor {
                 Phase::Mounting(supervisor.spawn(&supervisor.binary.clone(), false, ready.fd())?)
             }
         };
-        let listener = crate::peer::listen_at(&takeover_path)?;
-        let events = supervisor.events.clone();
+        // The first server answers `nvlibfs mount` itself; a takeover is
+        // answered once it is done.
+        if !matches!(supervisor.phase, Phase::Joining { .. }) {
+            supervisor.listen_for_takeovers()?;
+            ready.close();
+        }
+        Ok(supervisor)
+    }
+
+    /// Listens for a daemon that would take this one over. A daemon that is
+    /// taking another over listens only once that is done: until then the
+    /// other may go on serving (a takeover given up), and its socket, which
+    /// this one's would replace, must stay where the next daemon looks.
+    fn listen_for_takeovers(&mut self) -> Result<(), DaemonError> {
+        let path = crate::peer::path(&self.command.state_dir, &self.mountpoint);
+        let listener = crate::peer::listen_at(&path)?;
+        self.takeover_socket = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| (path.clone(), std::os::unix::fs::MetadataExt::ino(&m)));
+        let events = self.events.clone();
         crate::peer::accept_loop(listener, move |sock| match read_offer(&sock) {
             Ok(offer) => {
                 let _ = events.send(Event::Offered(sock, offer));
             }
             Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
         });
-        // The first server answers `nvlibfs mount` itself; a takeover is
-        // answered once it is done.
-        if !matches!(supervisor.phase, Phase::Joining { .. }) {
-            ready.close();
-        }
-        Ok(supervisor)
+        Ok(())
     }
 
     /// A peer of a takeover, read by a thread of its own.
@@ -421,9 +438,17 @@ impl Supervisor {
     fn run(mut self, ready: &mut Readiness) -> Result<i32, DaemonError> {
         let ended = self.serve(ready);
         // Not handed on: nothing of this daemon holds the mount point once
-        // its servers are gone, and the lock file goes with it.
+        // its servers are gone, and the lock file goes with it, and the
+        // takeover socket (a successor's would be another file).
         if let Some(lock) = self.lock.take() {
             lock.remove();
+            if let Some((path, ino)) = self.takeover_socket.take() {
+                let ours =
+                    std::fs::symlink_metadata(&path).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino);
+                if ours {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
         }
         ended
     }
@@ -1058,6 +1083,12 @@ impl Supervisor {
         self.binary = new.binary.clone();
         crate::privileges::drop_for_supervisor();
         self.phase = Phase::Serving(new);
+        if let Some(lock) = &mut self.lock {
+            lock.take_sole();
+        }
+        if let Err(e) = self.listen_for_takeovers() {
+            tracing::error!("{e}; a later --take-over will not find this daemon");
+        }
         self.joined = true;
         self.send_history();
     }
