@@ -395,7 +395,7 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
         .output()
         .unwrap();
     ok(out, "nvlibfs mount at a soft limit of 1024");
-    let status = || nvlibfs::control::query(&state_dir, &mountpoint).unwrap();
+    let status = || common::status_of(&state_dir, &mountpoint);
     let supervisor = status().supervisor_pid.unwrap();
     let libcuda_of = |version: &str| {
         read_all(

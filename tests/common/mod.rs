@@ -113,6 +113,22 @@ pub fn nvlibfs() -> Command {
     c
 }
 
+/// The status of the daemon serving `mountpoint`. A daemon that takes
+/// longer than the client's 5 s to answer (this machine's two cores under
+/// every test binary at once) is asked again, for up to a minute.
+pub fn status_of(state_dir: &Path, mountpoint: &Path) -> Status {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match nvlibfs::control::query(state_dir, mountpoint) {
+            Ok(status) => return status,
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) => panic!("the status of {}: {e}", mountpoint.display()),
+        }
+    }
+}
+
 pub fn ok(out: Output, what: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -200,13 +216,7 @@ impl Mounted {
     }
 
     pub fn status(&self) -> Status {
-        let out = nvlibfs()
-            .args(["status", "--json", "--state-dir"])
-            .arg(&self.state_dir)
-            .arg(&self.mountpoint)
-            .output()
-            .unwrap();
-        serde_json::from_str(&ok(out, "nvlibfs status")).expect("status --json is JSON")
+        status_of(&self.state_dir, &self.mountpoint)
     }
 
     /// The pinned libcuda: (its host file, its path through the mount).
