@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{mount_command, nvlibfs, ok, Mounted, SERIAL, VERSION};
+use common::{mount_command, nvlibfs, ok, Mounted, UnmountOnDrop, SERIAL, VERSION};
 use nvlibfs_fixture::{build, FixtureSpec};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -250,20 +250,6 @@ fn every_command_ends_quietly_on_a_closed_pipe() {
     for args in commands {
         let out = into_closed_pipe(nvlibfs().args(args));
         assert_quiet_on_closed_pipe(&args.join(" "), &out);
-    }
-}
-
-/// Unmounts (mount point, state directory) however the test ends.
-struct UnmountOnDrop(PathBuf, PathBuf);
-
-impl Drop for UnmountOnDrop {
-    fn drop(&mut self) {
-        let _ = nvlibfs()
-            .arg("umount")
-            .arg("--state-dir")
-            .arg(&self.1)
-            .arg(&self.0)
-            .output();
     }
 }
 

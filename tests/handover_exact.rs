@@ -395,6 +395,7 @@ fn two_hundred_held_generations_survive_a_crash_under_a_supervisor_started_at_10
         .output()
         .unwrap();
     ok(out, "nvlibfs mount at a soft limit of 1024");
+    let _unmount = common::UnmountOnDrop(mountpoint.clone(), state_dir.clone());
     let status = || common::status_of(&state_dir, &mountpoint);
     let supervisor = status().supervisor_pid.unwrap();
     let libcuda_of = |version: &str| {

@@ -280,6 +280,20 @@ impl Mounted {
     }
 }
 
+/// Unmounts (mount point, state directory) however the test ends.
+pub struct UnmountOnDrop(pub PathBuf, pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = nvlibfs()
+            .arg("umount")
+            .arg("--state-dir")
+            .arg(&self.1)
+            .arg(&self.0)
+            .output();
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         let out = nvlibfs()
