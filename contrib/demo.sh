@@ -15,10 +15,10 @@ if [ -n "${NVLIBFS_DEMO_BIN:-}" ]; then
     bin=$(cd "$NVLIBFS_DEMO_BIN" && pwd)
 else
     if [ ! -x target/debug/nvlibfs ]; then
-        # The test suite's build (cargo's dev profile, the whole
-        # workspace): either one made first makes the other quick.
+        # The test suite's profile (cargo's dev profile, the whole
+        # workspace): either one made first leaves the other little to do.
         echo "== Building nvlibfs. The first build compiles about 85 crates: 35 s on 2 cores,"
-        echo "   plus downloading them; after that (or after contrib/test.sh) it takes seconds."
+        echo "   plus downloading them."
     fi
     cargo build --workspace
     bin=$PWD/target/debug
