@@ -305,7 +305,6 @@ fn a_mount_carries_its_own_spec_and_keeps_it_in_step_with_the_nodes() {
     // tells docker to read the spec again); the next read finds the new one.
     common::wait_for("the spec to drop GPU 1", || {
         std::fs::read_to_string(&path)
-            .inspect_err(|e| eprintln!("EXPERIMENT {e}"))
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
             .is_some_and(|spec: Value| names(&spec) == ["0", "all"])
@@ -327,6 +326,43 @@ fn a_mount_carries_its_own_spec_and_keeps_it_in_step_with_the_nodes() {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut &held, &mut text).unwrap();
     assert!(text.starts_with('{'), "the spec held open reads whole: {text}");
+}
+
+/// A runtime watching the spec's directory with inotify (docker's CDI
+/// cache) hears that the spec changed even after the kernel dropped the
+/// names it had cached (memory pressure; here drop_caches): the directory
+/// it watches goes, as it does when the names are cached. A deletion the
+/// kernel is told of reaches watchers only through a cached name, and
+/// inotify holds the directory's inode, not its name.
+#[test]
+fn a_watcher_of_the_spec_hears_it_change_after_the_kernel_dropped_its_names() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let dev = fake_dev(dir.path());
+    let m = Mounted::new(FixtureSpec::new(VERSION), &["--dev", dev.to_str().unwrap()]);
+    let spec_dir = m.mountpoint.join("etc/cdi");
+    let spec = spec_dir.join("nvlibfs.json");
+    std::fs::read(&spec).unwrap();
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+    inotify.add_watch(&spec_dir, AddWatchFlags::IN_ALL_EVENTS).unwrap();
+    common::drop_caches();
+    std::fs::remove_file(dev.join("nvidia1")).unwrap();
+    let supervisor = m.status().supervisor_pid.expect("a supervisor");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor as i32), nix::sys::signal::SIGHUP).unwrap();
+    // Nothing here looks anything up in the mount until the watcher has
+    // heard (a lookup would cache the names again).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut heard = Vec::new();
+    let gone = |heard: &[AddWatchFlags]| heard.iter().any(|m| m.contains(AddWatchFlags::IN_DELETE_SELF));
+    while !gone(&heard) && std::time::Instant::now() < deadline {
+        heard.extend(inotify.read_events().unwrap_or_default().into_iter().map(|e| e.mask));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(gone(&heard), "the watcher heard only {heard:?}");
+    let now = std::fs::read_to_string(&spec).unwrap();
+    assert!(!now.contains("\"name\": \"1\""), "the spec still lists GPU 1:\n{now}");
 }
 
 /// A runtime reads the spec from its own working directory: every host

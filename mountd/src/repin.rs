@@ -164,6 +164,11 @@ pub fn follow_devices(served: &Served, dev: &Path, notifier: Option<&Notifier>, 
         Some(now) if now == spec.as_bytes() => return,
         now => now.is_none(),
     };
+    // Before the new spec: a lookup after it would give the directory its
+    // new inode, and the deletions below are of the one watched now.
+    if notifier.is_some() {
+        cache_spec_names(served);
+    }
     if let Err(e) = served.set_spec(spec.as_bytes()) {
         return tracing::error!("making the view's CDI spec: {e}");
     }
@@ -188,6 +193,25 @@ pub fn follow_devices(served: &Served, dev: &Path, notifier: Option<&Notifier>, 
     }
     if !first {
         tracing::info!("the NVIDIA device nodes changed; serving a CDI spec that lists them");
+    }
+}
+
+/// Has the kernel look up the current generation's `etc/cdi/nvlibfs.json`
+/// through the mount, so that the deletions that follow a new spec find
+/// the names cached.
+/// A deletion reaches an inotify watcher only through a name the kernel
+/// caches, and memory pressure (or `drop_caches`) drops cached names, a
+/// watched directory's too (inotify holds its inode, not its name):
+/// without this, a runtime watching the spec's directory (docker's CDI
+/// cache) hears nothing and goes on with the old spec. The lookup is
+/// answered by this server's other threads; this one holds no lock they
+/// need.
+fn cache_spec_names(served: &Served) {
+    let spec = (served.mountpoint.join(nvlibfs::control::LIVE_DIR))
+        .join(nvlibfs::cdi::VIEW_SPEC_DIR)
+        .join(nvlibfs::cdi::VIEW_SPEC_NAME);
+    if let Err(e) = std::fs::symlink_metadata(&spec) {
+        tracing::debug!("looking up {}: {e}", spec.display());
     }
 }
 
