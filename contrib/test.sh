@@ -22,6 +22,8 @@ leftovers() {
     if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
 }
 
+is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
 if [ "${1:-}" = --clean ]; then
     echo "test.sh: removing what the tests left:" >&2
     leftovers >&2
@@ -39,7 +41,7 @@ if [ "${1:-}" = --clean ]; then
     packages=()
     if [ -s "$installed" ]; then
         while read -r p; do
-            dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" && packages+=("$p")
+            is_installed "$p" && packages+=("$p")
         done <"$installed"
     fi
     rm -rf "$cache"
@@ -70,7 +72,7 @@ packages=(gcc libc6-dev libc-bin util-linux mount dpkg apt debian-archive-keyrin
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3 python3-pip)
 missing=()
 for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    is_installed "$p" || missing+=("$p")
 done
 
 {

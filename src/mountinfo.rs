@@ -26,7 +26,7 @@ pub fn read() -> std::io::Result<Vec<MountEntry>> {
 
 /// The mount on top at `path` (the last mounted there), if any.
 pub fn at(path: &Path) -> Option<MountEntry> {
-    read().ok()?.into_iter().rev().find(|m| m.mount_point == path)
+    mount_at(&read().ok()?, path).cloned()
 }
 
 /// The mount on top at `path` in `mounts`.
@@ -37,8 +37,12 @@ pub fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEn
 /// The small tmpfs `nvlibfs mount` puts at a mount point: its fsname, and
 /// the marker file inside.
 pub fn is_nvlibfs_top(mounts: &[MountEntry], path: &Path) -> bool {
-    mount_at(mounts, path).is_some_and(|m| m.source == "nvlibfs" && m.fs_type == "tmpfs")
-        && path.join(crate::control::MARKER).exists()
+    mount_at(mounts, path).is_some_and(is_nvlibfs_tmpfs) && path.join(crate::control::MARKER).exists()
+}
+
+/// That tmpfs, by its mountinfo line alone.
+fn is_nvlibfs_tmpfs(m: &MountEntry) -> bool {
+    m.source == "nvlibfs" && m.fs_type == "tmpfs"
 }
 
 /// nvlibfs's FUSE mount: fsname `nvlibfs`, of type `fuse.nvlibfs`, or plain
@@ -62,7 +66,7 @@ pub fn is_served(mounts: &[MountEntry], top: &Path) -> bool {
 pub fn served(mounts: &[MountEntry]) -> Vec<PathBuf> {
     let mut tops: Vec<PathBuf> = mounts
         .iter()
-        .filter(|m| m.source == "nvlibfs" && m.fs_type == "tmpfs")
+        .filter(|m| is_nvlibfs_tmpfs(m))
         .map(|m| m.mount_point.clone())
         .filter(|top| is_served(mounts, top))
         .collect();

@@ -667,19 +667,6 @@ fn the_demos_closing_hints_run_as_printed() {
     assert!(printed.contains(":/usr/local/nvidia:ro,rslave"), "{printed}");
 }
 
-fn status_json(state: &Path, mountpoint: &Path) -> nvlibfs::control::Status {
-    let out = ok(
-        nvlibfs()
-            .args(["status", "--json", "--state-dir"])
-            .arg(state)
-            .arg(mountpoint)
-            .output()
-            .unwrap(),
-        "status --json",
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
 /// `nvlibfs check` of `mountpoint`, asking daemons of `state`.
 fn check(mountpoint: &Path, state: &Path) -> Output {
     nvlibfs()
@@ -740,7 +727,7 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
             .output()
             .unwrap()
     };
-    let s = status_json(&state, &mountpoint);
+    let s = common::status_of(&state, &mountpoint);
     let supervisor = s.supervisor_pid.expect("a supervisor");
     let pids = format!("server pid {}, supervisor pid {supervisor}", s.pid);
     assert!(said.contains(&pids), "{said}");
@@ -816,7 +803,7 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
     }
 
     // Both processes killed: a mount left behind, and what removes it.
-    let s = status_json(&state, &mountpoint);
+    let s = common::status_of(&state, &mountpoint);
     for pid in [supervisor, s.pid] {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
     }
@@ -856,17 +843,12 @@ fn sigint_is_logged_as_sigint() {
         .spawn()
         .unwrap();
     let _cleanup = UnmountOnDrop(mountpoint.clone(), state.clone());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let supervisor = loop {
-        if let Ok(s) = nvlibfs::control::query(&state, &mountpoint) {
-            break s.supervisor_pid.expect("a supervisor");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the foreground daemon never served"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    common::wait_for("the foreground daemon to serve", || {
+        nvlibfs::control::query(&state, &mountpoint).is_ok()
+    });
+    let supervisor = common::status_of(&state, &mountpoint)
+        .supervisor_pid
+        .expect("a supervisor");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor as i32), nix::sys::signal::SIGINT).unwrap();
     let status = daemon.wait().unwrap();
     let logged = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
