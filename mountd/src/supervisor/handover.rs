@@ -1,0 +1,429 @@
+//! Takeovers between daemons (`--take-over`): the side taken over
+//! (`HandingOver`) and the side taking over (`Joining`), the socket they
+//! meet on, and what each does when the other fails, stalls or goes away.
+
+use super::*;
+
+impl Supervisor {
+    /// Listens for a daemon that would take this one over. A daemon that is
+    /// taking another over listens only once that is done: until then the
+    /// other may go on serving (a takeover given up), and its socket, which
+    /// this one's would replace, must stay where the next daemon looks.
+    pub(super) fn listen_for_takeovers(&mut self) -> Result<(), DaemonError> {
+        let path = crate::peer::path(&self.command.state_dir, &self.mountpoint);
+        let listener = crate::peer::listen_at(&path)?;
+        self.takeover_socket = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| (path.clone(), std::os::unix::fs::MetadataExt::ino(&m)));
+        let events = self.events.clone();
+        crate::peer::accept_loop(listener, move |sock| match read_offer(&sock) {
+            Ok(offer) => {
+                let _ = events.send(Event::Offered(sock, offer));
+            }
+            Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
+        });
+        Ok(())
+    }
+
+    /// A peer of a takeover, read by a thread of its own.
+    pub(super) fn peer(&mut self, sock: OwnedFd, pid: u32) -> Peer {
+        self.peers += 1;
+        let id = self.peers;
+        match sock.try_clone() {
+            Ok(reader) => {
+                let events = self.events.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("peer-{pid}"))
+                    .spawn(move || read_peer(id, &reader, &events));
+                if let Err(e) = spawned {
+                    tracing::error!("starting a reader for pid {pid}: {e}");
+                }
+            }
+            Err(e) => tracing::error!("a reader for pid {pid}: {e}"),
+        }
+        Peer { id, sock, pid }
+    }
+
+    /// What a takeover hands on: the mount point's lock, then everything
+    /// kept, as a new server of this daemon's own would get it.
+    pub(super) fn hand_over(&self, peer: &Peer) -> Result<(), ProtocolError> {
+        let lock = self
+            .lock
+            .as_ref()
+            .ok_or_else(|| ProtocolError("the mount point's lock was handed on already".into()))?;
+        protocol::send(&peer.sock, Tag::Lock, &[], &[lock.as_fd()])?;
+        // The mount's handovers so far, so that `status` goes on listing them.
+        let history = serde_json::to_vec(&self.history).map_err(|e| ProtocolError(e.to_string()))?;
+        protocol::send(&peer.sock, Tag::History, &history, &[])?;
+        self.kept.replay(&peer.sock)?;
+        tracing::info!(
+            pid = peer.pid,
+            checkpoint = self.kept.checkpoint().map_or(0, |(m, _)| m.seq),
+            descriptors = self.kept.descriptors(),
+            "take-over: handed the connection and the final checkpoint over"
+        );
+        Ok(())
+    }
+
+    /// Another daemon offers to take over: only from one server serving,
+    /// with everything kept, and a daemon of this protocol.
+    pub(super) fn offered(&mut self, sock: OwnedFd, offer: protocol::Offer) {
+        let refuse = |why: String| {
+            tracing::warn!(
+                "refused a takeover by pid {} (nvlibfs {}): {why}",
+                offer.pid,
+                offer.version
+            );
+            let _ = protocol::send(&sock, Tag::Refused, why.as_bytes(), &[]);
+        };
+        if offer.protocol != protocol::VERSION {
+            return refuse(format!(
+                "it speaks handover protocol {} and this daemon {}: a takeover must restore the state exactly, \
+                 so it is refused; stop this daemon and mount afresh",
+                offer.protocol,
+                protocol::VERSION
+            ));
+        }
+        let server = match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Serving(server) if self.kept.complete() => server,
+            other => {
+                let why = format!("this daemon is {}; a takeover needs one server serving", other.name());
+                self.phase = other;
+                return refuse(why);
+            }
+        };
+        tracing::info!(
+            pid = offer.pid,
+            version = %offer.version,
+            "take-over: another daemon takes over; freezing pid {}",
+            server.pid
+        );
+        server.send(Tag::Freeze, &[]);
+        let peer = self.peer(sock, offer.pid);
+        self.phase = Phase::HandingOver {
+            old: server,
+            peer,
+            step: Handing::Freezing,
+            since: Instant::now(),
+        };
+    }
+
+    /// A message from the other daemon of a takeover.
+    pub(super) fn peer_said(&mut self, id: u64, m: Message) -> Result<Option<i32>, DaemonError> {
+        let current = match &self.phase {
+            Phase::HandingOver { peer, .. } | Phase::Joining { peer, .. } => peer.id == id,
+            _ => false,
+        };
+        if !current {
+            tracing::debug!("{:?} from a takeover that is over", m.tag);
+            return Ok(None);
+        }
+        self.phase = match (std::mem::replace(&mut self.phase, Phase::Moving), m.tag) {
+            (
+                Phase::HandingOver {
+                    old,
+                    peer,
+                    step: Handing::Preparing,
+                    ..
+                },
+                Tag::Prepared,
+            ) => Phase::HandingOver {
+                old,
+                peer,
+                step: Handing::Overlap,
+                since: Instant::now(),
+            },
+            (
+                Phase::HandingOver {
+                    old,
+                    peer,
+                    step: Handing::Overlap,
+                    ..
+                },
+                Tag::Ready,
+            ) => {
+                tracing::info!(
+                    pid = peer.pid,
+                    "take-over: the other daemon's server answers; draining ours"
+                );
+                old.send(Tag::Drain, &[]);
+                Phase::HandingOver {
+                    old,
+                    peer,
+                    step: Handing::Draining,
+                    since: Instant::now(),
+                }
+            }
+            (Phase::HandingOver { old, peer, step, .. }, Tag::Refused) if step != Handing::Draining => {
+                let why = format!("the daemon taking over (pid {}) refused: {}", peer.pid, m.text());
+                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+                return Ok(None);
+            }
+            (
+                Phase::Joining {
+                    new,
+                    peer,
+                    step: Handing::Draining,
+                    ..
+                },
+                Tag::Drained,
+            ) => {
+                let (old_server, _) = m.number().unwrap_or((0, &[]));
+                self.joined(new, &peer, old_server as u32);
+                return Ok(None);
+            }
+            (Phase::Joining { new, peer, .. }, Tag::Refused) => {
+                new.kill(Signal::SIGKILL);
+                return Err(DaemonError::new(format!(
+                    "the daemon taken over (pid {}) gave up: {}",
+                    peer.pid,
+                    m.text()
+                )));
+            }
+            (phase, tag) => {
+                tracing::warn!("{tag:?} from the other daemon while {}", phase.name());
+                phase
+            }
+        };
+        Ok(None)
+    }
+
+    /// The other daemon of a takeover went away.
+    pub(super) fn peer_gone(&mut self, id: u64, why: String) -> Result<Option<i32>, DaemonError> {
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::HandingOver { old, peer, step, .. } if peer.id == id && step != Handing::Draining => {
+                let why = format!("the daemon taking over (pid {}) went away: {why}", peer.pid);
+                // If its server had begun to read, what it read goes back
+                // in the queue for ours.
+                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+            }
+            Phase::Joining { new, peer, step, .. } if peer.id == id => {
+                if step == Handing::Preparing {
+                    new.kill(Signal::SIGKILL);
+                    return Err(DaemonError::new(format!(
+                        "the daemon taken over (pid {}) went away before this one was ready: {why}",
+                        peer.pid
+                    )));
+                }
+                // Ours serves already: what the other's server held (if it
+                // died with it) goes back in the queue, and ours goes on.
+                tracing::error!(
+                    "the daemon taken over (pid {}) went away during the takeover: {why}; serving on",
+                    peer.pid
+                );
+                self.resend();
+                self.joined(new, &peer, 0);
+            }
+            other => {
+                if let Phase::HandingOver { peer, .. } = &other {
+                    tracing::error!(
+                        "the daemon taking over (pid {}) went away while ours drained: {why}",
+                        peer.pid
+                    );
+                }
+                self.phase = other;
+            }
+        }
+        Ok(None)
+    }
+
+    /// This daemon's takeover is done: its server serves alone.
+    pub(super) fn joined(&mut self, new: Server, peer: &Peer, old_server: u32) {
+        new.send(Tag::Sole, &[]);
+        self.record(
+            "take-over",
+            if old_server != 0 { old_server } else { peer.pid },
+            &new,
+            SystemTime::now(),
+            Duration::ZERO,
+            None,
+        );
+        self.binary = new.binary.clone();
+        crate::privileges::drop_for_supervisor();
+        self.phase = Phase::Serving(new);
+        if let Some(lock) = &mut self.lock {
+            lock.take_sole();
+        }
+        if let Err(e) = self.listen_for_takeovers() {
+            tracing::error!("{e}; a later --take-over will not find this daemon");
+        }
+        self.joined = true;
+        self.send_history();
+    }
+
+    /// A takeover that cannot go on: our server thaws and serves on; what
+    /// the other's read, if it had begun to read, goes back in the queue.
+    pub(super) fn give_up_takeover(&mut self, old: Server, peer: &Peer, other_read: bool, why: String) {
+        if other_read {
+            self.resend();
+        }
+        old.send(Tag::Thaw, &[]);
+        let pid = old.pid;
+        self.phase = Phase::Serving(old);
+        self.refusal(pid, peer.pid, why);
+    }
+
+    /// Handed over and the old server gone: this daemon is done. In the
+    /// foreground it waits to be stopped (a platform restarts what exits);
+    /// either way the lock stays with the daemon that took over.
+    pub(super) fn handed_over(&mut self) -> Option<i32> {
+        if self.command.foreground && !self.stop_requested {
+            tracing::info!("handed over; nothing left to do here until this daemon is stopped");
+            self.phase = Phase::HandedOver(None);
+            return None;
+        }
+        if let Some(lock) = self.lock.take() {
+            lock.leave_to_successor();
+        }
+        Some(0)
+    }
+
+    pub(super) fn takeover_too_slow(&mut self) -> Result<Option<i32>, DaemonError> {
+        let why = format!("a step of the takeover took over {} s", STEP_LIMIT.as_secs());
+        tracing::error!("{why}");
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::HandingOver {
+                old,
+                peer,
+                step: Handing::Draining,
+                ..
+            } => {
+                // A thread of our server stuck in a request: it goes, and
+                // what it held goes back in the queue for the other's.
+                old.kill(Signal::SIGKILL);
+                self.resend();
+                peer.send(Tag::Drained, &(old.pid.as_raw() as u64).to_le_bytes());
+                self.phase = Phase::HandedOver(Some(old));
+            }
+            Phase::HandingOver { old, peer, step, .. } => {
+                peer.send(Tag::Refused, why.as_bytes());
+                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+            }
+            Phase::Joining { new, peer, .. } => {
+                new.kill(Signal::SIGKILL);
+                peer.send(Tag::Refused, why.as_bytes());
+                return Err(DaemonError::new(format!("--take-over failed: {why}")));
+            }
+            other => self.phase = other,
+        }
+        Ok(None)
+    }
+}
+
+/// What a daemon taken over handed on.
+pub(super) struct HandedOn {
+    pub(super) lock: MountLock,
+    pub(super) sock: OwnedFd,
+    pub(super) pid: u32,
+    pub(super) kept: Kept,
+    pub(super) history: Vec<Handover>,
+}
+
+/// `--take-over`: having offered over `sock`, receives in order the mount
+/// point's lock, the handovers so far and everything the daemon taken over
+/// keeps, checked as any checkpoint is.
+pub(super) fn join(sock: OwnedFd, mountpoint: &Path) -> Result<HandedOn, DaemonError> {
+    let first = crate::peer::answer(&sock, "handing over its lock")?;
+    let pid = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.pid() as u32)
+        .unwrap_or(0);
+    let lock = match first.tag {
+        Tag::Lock if first.fds.len() == 1 => {
+            MountLock::handed_on(first.fds.into_iter().next().expect("one descriptor"), mountpoint)?
+        }
+        Tag::Refused => {
+            return Err(DaemonError::new(format!(
+                "the daemon serving this mount point (pid {pid}) refused the takeover: {}",
+                first.text()
+            )))
+        }
+        other => {
+            return Err(DaemonError::new(format!(
+                "the daemon taken over (pid {pid}) sent {other:?} with {} descriptors where its lock belongs",
+                first.fds.len()
+            )))
+        }
+    };
+    let mut kept = Kept::default();
+    let mut history = Vec::new();
+    loop {
+        let m = crate::peer::answer(&sock, "handing over what it keeps")?;
+        let checkpoint = m.tag == Tag::Checkpoint;
+        match m.tag {
+            Tag::Refused => {
+                return Err(DaemonError::new(format!(
+                    "the daemon taken over (pid {pid}) gave up: {}",
+                    m.text()
+                )))
+            }
+            Tag::History => {
+                // Only for `status`: a history it cannot read is dropped.
+                history = serde_json::from_slice(&m.body).unwrap_or_else(|e| {
+                    tracing::warn!("the handovers of the daemon taken over: {e}");
+                    Vec::new()
+                });
+                continue;
+            }
+            _ => {}
+        }
+        match kept.take(m) {
+            Ok(Taken::Answer(answer)) if answer.tag == Tag::Nak => {
+                return Err(DaemonError::new(format!(
+                    "what the daemon taken over (pid {pid}) handed over is not whole: {}",
+                    answer.text()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(DaemonError::new(format!("what pid {pid} handed over: {e}"))),
+        }
+        if checkpoint {
+            break;
+        }
+    }
+    if !kept.complete() {
+        return Err(DaemonError::new(format!(
+            "pid {pid} handed over a checkpoint without its connection"
+        )));
+    }
+    // From here on a reader thread waits as long as it takes.
+    let forever = nix::sys::time::TimeVal::new(0, 0);
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &forever)
+        .map_err(|e| DaemonError::new(format!("the takeover socket: {e}")))?;
+    Ok(HandedOn {
+        lock,
+        sock,
+        pid,
+        kept,
+        history,
+    })
+}
+
+/// The first message of a daemon that would take over: its `Offer`.
+pub(super) fn read_offer(sock: &OwnedFd) -> Result<protocol::Offer, String> {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
+    setsockopt(sock, ReceiveTimeout, &nix::sys::time::TimeVal::new(5, 0)).map_err(|e| e.to_string())?;
+    let m = match protocol::recv(sock) {
+        Ok(Some(m)) if m.tag == Tag::Offer => m,
+        Ok(Some(m)) => return Err(format!("it sent {:?}", m.tag)),
+        Ok(None) => return Err("it closed the socket".into()),
+        Err(e) => return Err(e.0),
+    };
+    setsockopt(sock, ReceiveTimeout, &nix::sys::time::TimeVal::new(0, 0)).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&m.body).map_err(|e| format!("its offer: {e}"))
+}
+
+/// Passes a peer's messages on as events, then its going.
+pub(super) fn read_peer(id: u64, sock: &OwnedFd, events: &mpsc::Sender<Event>) {
+    let why = loop {
+        match protocol::recv(sock) {
+            Ok(Some(m)) => {
+                if events.send(Event::Peer(id, m)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break "it closed the socket".to_owned(),
+            Err(e) => break e.0,
+        }
+    };
+    let _ = events.send(Event::PeerGone(id, why));
+}
