@@ -28,14 +28,13 @@ pub fn socket_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
     state_file(state_dir, mountpoint, "sock")
 }
 
-/// Where the per-mount-point locks live: one place whatever `--state-dir`
-/// says, so two daemons with different state directories still meet.
-pub const LOCK_DIR: &str = "/run/nvlibfs/locks";
-
 /// The lock a daemon holds (flock) for as long as it serves `mountpoint`:
-/// one daemon per mount point.
-pub fn lock_path(mountpoint: &Path) -> PathBuf {
-    state_file(Path::new(LOCK_DIR), mountpoint, "lock")
+/// one daemon per mount point, in `locks/` of its state directory (root's
+/// alone, like the rest of it). Two daemons of different state
+/// directories still cannot both mount one mount point: the second finds
+/// it mounted.
+pub fn lock_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
+    state_file(&state_dir.join("locks"), mountpoint, "lock")
 }
 
 /// Where the supervisor serving `mountpoint` waits for a daemon started
@@ -147,6 +146,10 @@ pub struct Status {
     /// the one new lookups see.
     #[serde(default)]
     pub generations: Vec<GenerationStatus>,
+    /// How long re-pins have been frozen for a restart or a takeover, when
+    /// they are: a freeze that outlives its step says so here.
+    #[serde(default)]
+    pub frozen_s: Option<f64>,
     pub counters: Counters,
 }
 
@@ -217,6 +220,7 @@ impl Status {
             held_files_replaced_on_disk: 0,
             pin_problem: None,
             generations: Vec::new(),
+            frozen_s: None,
             counters: Counters::default(),
         }
     }
@@ -241,6 +245,10 @@ pub fn process_running(pid: u32) -> bool {
 }
 
 /// Asks the daemon serving `mountpoint` for its status.
+/// What the daemon writes instead of a status to a peer it may not answer,
+/// before the reason.
+pub const REFUSED: &str = "refused: ";
+
 pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
     let path = socket_path(state_dir, mountpoint);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
@@ -265,6 +273,16 @@ pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
+    if let Some(why) = text.strip_prefix(REFUSED) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the daemon serving {} answers only a process that may mount (root with CAP_SYS_ADMIN, in the \
+                 host's user namespace), because status names host paths: {why}",
+                mountpoint.display()
+            ),
+        ));
+    }
     serde_json::from_str(&text)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
 }

@@ -349,7 +349,7 @@ pub fn umount(args: UmountArgs) -> Result<()> {
         }
     }
     unmount(&mountpoint, lazy).map_err(|e| explain(&mountpoint, e))?;
-    remove_unheld_lock(&mountpoint);
+    remove_unheld_lock(&args.state_dir, &mountpoint);
     println!("nvlibfs: unmounted {}", mountpoint.display());
     Ok(())
 }
@@ -357,10 +357,14 @@ pub fn umount(args: UmountArgs) -> Result<()> {
 /// The lock file of a daemon that did not end by itself (killed): removed
 /// where nobody holds it. A daemon that opened it just now finds, once it
 /// holds it, that the path names another file, and takes the lock again.
-fn remove_unheld_lock(mountpoint: &Path) {
+fn remove_unheld_lock(state_dir: &Path, mountpoint: &Path) {
     use nix::fcntl::{Flock, FlockArg};
-    let path = control::lock_path(mountpoint);
-    let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&path) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = control::lock_path(state_dir, mountpoint);
+    let opened = (std::fs::OpenOptions::new().read(true).write(true))
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path);
+    let Ok(file) = opened else {
         return;
     };
     if let Ok(_unheld) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -696,6 +700,13 @@ fn print_status(s: &Status) {
     }
     if let Some(problem) = &s.pin_problem {
         println!("Problem      {problem}");
+    }
+    if let Some(frozen) = s.frozen_s {
+        println!(
+            "Frozen       re-pins held for a restart or takeover for {} (the supervisor thaws it if the step \
+             fails; a freeze that lasts says that step is stuck)",
+            uptime(frozen)
+        );
     }
     let (done, refused): (Vec<_>, Vec<_>) = s.handovers.iter().partition(|h| h.refused.is_none());
     println!(

@@ -701,7 +701,7 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (_dir, fixture, state, mountpoint) = fixture_to_mount();
     let other = mountpoint.with_file_name("not-mounted");
-    let lock = nvlibfs::control::lock_path(&mountpoint);
+    let lock = nvlibfs::control::lock_path(&state, &mountpoint);
 
     // A mount that fails (a mount point that is not empty) leaves no lock.
     std::fs::create_dir_all(mountpoint.join("something")).unwrap();
@@ -856,7 +856,7 @@ fn sigint_is_logged_as_sigint() {
     assert!(logged.contains("SIGINT: unmounting"), "{logged}");
     assert!(!logged.contains("SIGTERM"), "{logged}");
     assert!(
-        !nvlibfs::control::lock_path(&mountpoint).exists(),
+        !nvlibfs::control::lock_path(&state, &mountpoint).exists(),
         "the lock file stayed"
     );
     let takeover = nvlibfs::control::takeover_path(&state, &mountpoint);

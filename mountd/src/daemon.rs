@@ -13,15 +13,18 @@ use crate::layout;
 use crate::link::{self, Answer, Link};
 use crate::protocol::{self, Tag};
 use crate::served::Served;
+use crate::statedir::{identity_of, Identity, StateDir};
 use crate::takeover;
 use fuser::{Config, MountOption, SessionACL};
+use nix::fcntl::OFlag;
 use nix::sys::signal::{SigSet, Signal};
 use nvlibfs::args::{DriverArgs, ServeArgs};
 use nvlibfs::control;
 use std::fmt;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{mpsc, Arc};
@@ -103,10 +106,15 @@ pub enum Start {
 /// Held for as long as a mount point is served: one daemon per mount
 /// point, decided before anything else is looked at or created. The
 /// supervisor takes it; its servers inherit the descriptor, so the lock
-/// holds while any of them lives.
+/// holds while any of them lives. The lock belongs to the open file, and
+/// nothing here ever unlocks it: it ends when the last descriptor of that
+/// file closes, in whichever process (a takeover hands the same open file
+/// on, so a daemon that gives one up cannot unlock the other's).
 pub struct MountLock {
-    file: nix::fcntl::Flock<std::fs::File>,
-    path: std::path::PathBuf,
+    file: std::fs::File,
+    locks: StateDir,
+    name: String,
+    identity: Identity,
     /// Handed on by a daemon that serves until the takeover is done (the
     /// lock is one open file, theirs as much as ours): its file is not
     /// ours to remove until then.
@@ -114,59 +122,54 @@ pub struct MountLock {
 }
 
 impl MountLock {
-    pub fn take(mountpoint: &Path) -> Result<MountLock, DaemonError> {
-        let path = control::lock_path(mountpoint);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| DaemonError(format!("creating lock directory {}: {e}", dir.display())))?;
-        }
+    pub fn take(state_dir: &Path, mountpoint: &Path) -> Result<MountLock, DaemonError> {
+        let (locks, name) = lock_file(state_dir, mountpoint)?;
         // A daemon that ends removes its lock file (`remove`): one opened
         // just before that, and locked just after, is a file nobody else
         // will meet. Locked, the path must still name it; else again.
         loop {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| DaemonError(format!("lock file {}: {e}", path.display())))?;
-            let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(locked) => locked,
-                Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    drop(file);
-                    let holder = holder.trim();
-                    return fail(format!(
-                        "{} is already served by nvlibfs{}; `nvlibfs status {0}` shows it, `nvlibfs umount {0}` stops it",
-                        mountpoint.display(),
-                        if holder.is_empty() { String::new() } else { format!(" (supervisor pid {holder})") }
-                    ));
+            let file = std::fs::File::from(locks.open_file(&name, OFlag::O_RDWR | OFlag::O_CREAT)?);
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return fail(format!("locking {}: {e}", locks.path().join(&name).display()));
                 }
-                Err((_, e)) => return fail(format!("locking {}: {e}", path.display())),
-            };
-            let lock = MountLock {
-                file,
-                path: path.clone(),
-                shared: false,
-            };
-            if !lock.names_this_file() {
+                let mut holder = String::new();
+                let _ = (&file).read_to_string(&mut holder);
+                let holder = holder.trim();
+                return fail(format!(
+                    "{} is already served by nvlibfs{}; `nvlibfs status {0}` shows it, `nvlibfs umount {0}` stops it",
+                    mountpoint.display(),
+                    if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (supervisor pid {holder})")
+                    }
+                ));
+            }
+            let identity = identity_of(&file);
+            if identity.is_none() || locks.identity(&name) != identity {
                 continue;
             }
-            // The pid, for the message a refused daemon prints.
-            let _ = lock.file.set_len(0);
-            let _ = write!(&*lock.file, "{}", std::process::id());
+            let lock = MountLock {
+                file,
+                locks,
+                name,
+                identity: identity.expect("checked"),
+                shared: false,
+            };
+            lock.write_pid();
             return Ok(lock);
         }
     }
 
-    /// Whether the lock's path still names the file this lock holds.
-    fn names_this_file(&self) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        match (self.file.metadata(), std::fs::metadata(&self.path)) {
-            (Ok(held), Ok(named)) => (held.dev(), held.ino()) == (named.dev(), named.ino()),
-            _ => false,
-        }
+    /// The pid, for the message a refused daemon prints: written only by
+    /// the daemon that holds the lock alone, into the file it locked
+    /// (opened without following links, one name, in root's directory).
+    fn write_pid(&self) {
+        let _ = self.file.set_len(0);
+        let _ = self.file.write_all_at(std::process::id().to_string().as_bytes(), 0);
     }
 
     /// Ends the lock and removes its file, so that a mount that failed or
@@ -182,21 +185,37 @@ impl MountLock {
             nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
             Err(nix::errno::Errno::ECHILD)
         );
-        if alone && self.names_this_file() {
-            let _ = std::fs::remove_file(&self.path);
+        if alone {
+            self.locks.remove_if(&self.name, self.identity);
         }
     }
 
     /// The lock a daemon taken over handed on: the same open file, so
-    /// the lock held since that daemon took it is this one's now.
-    pub fn handed_on(fd: OwnedFd, mountpoint: &Path) -> Result<MountLock, DaemonError> {
-        let file = nix::fcntl::Flock::lock(std::fs::File::from(fd), nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| DaemonError(format!("the mount point's lock, as handed on: {e}")))?;
-        let _ = file.set_len(0);
-        let _ = write!(&*file, "{}", std::process::id());
+    /// the lock held since that daemon took it is this one's now. It must
+    /// be the file this daemon's own lock path names.
+    pub fn handed_on(fd: OwnedFd, state_dir: &Path, mountpoint: &Path) -> Result<MountLock, DaemonError> {
+        let (locks, name) = lock_file(state_dir, mountpoint)?;
+        let file = std::fs::File::from(fd);
+        let identity = identity_of(&file).ok_or_else(|| DaemonError::new("the lock handed on cannot be read"))?;
+        if locks.identity(&name) != Some(identity) {
+            return fail(format!(
+                "the lock handed on is not {}: the daemon taken over keeps its locks elsewhere (another --state-dir?)",
+                locks.path().join(&name).display()
+            ));
+        }
+        // SAFETY: flock on a descriptor this function owns; the open file
+        // is locked already, by the daemon that handed it on.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return fail(format!(
+                "the mount point's lock, as handed on: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
         Ok(MountLock {
             file,
-            path: control::lock_path(mountpoint),
+            locks,
+            name,
+            identity,
             shared: true,
         })
     }
@@ -206,17 +225,29 @@ impl MountLock {
         self.file.as_fd()
     }
 
+    /// Handed on by a daemon that may still serve (a takeover not done).
+    pub fn shared(&self) -> bool {
+        self.shared
+    }
+
     /// The takeover that handed this lock on is done: this daemon serves,
     /// and the one taken over never will again.
     pub fn take_sole(&mut self) {
         self.shared = false;
+        self.write_pid();
     }
+}
 
-    /// This daemon handed the lock on: going, it must not unlock what is
-    /// the next daemon's now (flock's unlock acts on the shared open file).
-    pub fn leave_to_successor(self) {
-        std::mem::forget(self);
-    }
+/// The state directory's `locks/` (checked) and the lock file's name there.
+fn lock_file(state_dir: &Path, mountpoint: &Path) -> Result<(StateDir, String), DaemonError> {
+    let locks = StateDir::open(state_dir)?.locks()?;
+    let path = control::lock_path(state_dir, mountpoint);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| DaemonError::new(format!("a lock file name for {}", mountpoint.display())))?
+        .to_owned();
+    Ok((locks, name))
 }
 
 pub fn run(
@@ -226,6 +257,7 @@ pub fn run(
     ready: &mut Readiness,
     link: Link,
     start: Start,
+    status: Option<OwnedFd>,
 ) -> Result<(), DaemonError> {
     // The supervisor asked the OOM killer to spare it, and its children
     // inherit that; a server is as killable as any process (a new one takes
@@ -239,8 +271,10 @@ pub fn run(
     // it has no log of its own yet.
     let supervisor = link.socket().try_clone_to_owned().ok();
     let serving = match start {
-        Start::Mount => mount(driver, serve, mountpoint, link),
-        Start::Takeover => take_over(driver, serve, mountpoint, link),
+        // The status socket is the supervisor's, bound once for the mount.
+        _ if status.is_none() => fail("no status socket: a server is started by its supervisor (nvlibfs-mountd)"),
+        Start::Mount => mount(driver, serve, mountpoint, link, status.expect("checked").into()),
+        Start::Takeover => take_over(driver, serve, mountpoint, link, status.expect("checked").into()),
     };
     let result = serving.and_then(|serving| serve_session(serving, ready));
     if let Err(e) = &result {
@@ -298,9 +332,8 @@ fn mount<'a>(
     serve: &'a ServeArgs,
     mountpoint: &Path,
     link: Link,
+    listener: UnixListener,
 ) -> Result<Serving<'a>, DaemonError> {
-    std::fs::create_dir_all(&serve.state_dir)
-        .map_err(|e| DaemonError(format!("creating state directory {}: {e}", serve.state_dir.display())))?;
     raise_file_limit();
     let plan = driver.plan().map_err(|e| DaemonError(e.to_string()))?;
     let manifest = plan.view.manifest();
@@ -321,13 +354,8 @@ fn mount<'a>(
     if !Path::new("/dev/fuse").exists() {
         return fail("no /dev/fuse: load the fuse module (`modprobe fuse`) or pass the device into this container");
     }
-    let socket = control::socket_path(&serve.state_dir, &mountpoint);
-    let listener = bind_control_socket(&socket)?;
     let fresh = !layout::is_ours(&mountpoint);
-    let live = layout::prepare(&mountpoint).map_err(|e| {
-        let _ = std::fs::remove_file(&socket);
-        DaemonError(e)
-    })?;
+    let live = layout::prepare(&mountpoint).map_err(DaemonError)?;
     // A mount point set up just now is taken down again if serving fails
     // before it is ready; one a previous daemon left stays for the next.
     let setup = FreshSetup(fresh.then(|| mountpoint.clone()));
@@ -338,7 +366,6 @@ fn mount<'a>(
             .map_err(|e| DaemonError(format!("shared reference counters: {e}")))?,
     );
     let session = fuser::Session::new(NvlibFs::new(served.clone()), &live, &fuse_config(serve)).map_err(|e| {
-        let _ = std::fs::remove_file(&socket);
         DaemonError(match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => {
                 format!(
@@ -372,7 +399,6 @@ fn mount<'a>(
     link.checkpoint(&served)
         .map_err(|e| DaemonError(format!("the first checkpoint: {e}")))?;
     if let Err(e) = drop_privileges(serve) {
-        let _ = std::fs::remove_file(&socket);
         let _ = nix::mount::umount2(&live, nix::mount::MntFlags::MNT_DETACH);
         return Err(e);
     }
@@ -385,7 +411,6 @@ fn mount<'a>(
         served,
         session,
         listener,
-        socket,
         live,
         signals,
         device,
@@ -419,6 +444,7 @@ fn take_over<'a>(
     serve: &'a ServeArgs,
     mountpoint: &Path,
     link: Link,
+    listener: UnixListener,
 ) -> Result<Serving<'a>, DaemonError> {
     raise_file_limit();
     let mountpoint = layout::absolute(mountpoint).map_err(DaemonError)?;
@@ -455,6 +481,7 @@ fn take_over<'a>(
         checkpoint = seq,
         "restored the served state exactly; waiting for the connection"
     );
+    crate::failpoint::hit("server-restore").map_err(refuse)?;
     link.send(Tag::Prepared, &[], &[])
         .map_err(|e| DaemonError(format!("telling the supervisor: {e}")))?;
     let go = link
@@ -465,12 +492,11 @@ fn take_over<'a>(
     }
     // The supervisor has asked the kernel to resend what a dead server
     // held before this; nobody reads the connection until now.
-    let alone = go.body.first() == Some(&protocol::GO_ALONE);
+    let (alone, highest) = protocol::decode_go(&go.body);
+    link.number_above(highest);
     let session = resumed
         .attach(&fuse)
         .map_err(|e| DaemonError(format!("taking the FUSE connection: {e}")))?;
-    let socket = control::socket_path(&serve.state_dir, &mountpoint);
-    let listener = bind_control_socket(&socket)?;
     let live = mountpoint.join(layout::LIVE);
     drop_privileges(serve)?;
     Ok(Serving {
@@ -479,7 +505,6 @@ fn take_over<'a>(
         served,
         session,
         listener,
-        socket,
         live,
         signals,
         link,
@@ -518,7 +543,6 @@ struct Serving<'a> {
     served: Arc<Served>,
     session: fuser::Session<NvlibFs>,
     listener: UnixListener,
-    socket: std::path::PathBuf,
     live: std::path::PathBuf,
     signals: SigSet,
     link: Link,
@@ -541,7 +565,6 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         served,
         session,
         listener,
-        socket,
         live,
         signals,
         link,
@@ -558,7 +581,7 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     // it serves alone.
     match took_over {
         Some(true) => served.own_backing(false),
-        Some(false) => drop(link.freeze()),
+        Some(false) => drop(link.freeze(link.freeze_ticket())),
         None => {}
     }
     let notifier = session.notifier();
@@ -657,6 +680,7 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         ),
     };
     let json = serde_json::to_vec(&said).map_err(|e| DaemonError(e.to_string()))?;
+    crate::failpoint::hit("server-ready").map_err(DaemonError)?;
     link.send(Tag::Ready, &json, &[])
         .map_err(|e| DaemonError(format!("telling the supervisor: {e}")))?;
     setup.keep();
@@ -687,7 +711,6 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     while !loop_thread.is_finished() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let _ = std::fs::remove_file(&socket);
     if !loop_thread.is_finished() {
         tracing::info!("exiting with the detached mount still in use; its users keep their open files");
         return Ok(());
@@ -753,31 +776,39 @@ fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Dr
                 // The checkpoint waits for its answer, which this thread
                 // reads: take it on a thread of its own.
                 let (served, link) = (served.clone(), link.clone());
+                let ticket = link.freeze_ticket();
                 let spawned = std::thread::Builder::new()
                     .name("freeze".into())
-                    .spawn(move || freeze(&served, &link));
+                    .spawn(move || freeze(&served, &link, ticket));
                 if let Err(e) = spawned {
                     tracing::error!("starting the freeze thread: {e}");
                 }
             }
             Tag::Thaw => {
                 tracing::info!("the restart did not happen; re-pinning and freeing as before");
+                crate::failpoint::hit("server-thaw").unwrap_or_else(|e| tracing::error!("{e}"));
                 served.own_backing(true);
                 link.thaw();
+                *served.frozen_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             Tag::Sole => {
                 tracing::info!("the previous server has stopped; this one serves alone");
                 served.own_backing(true);
                 link.thaw();
+                *served.frozen_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             Tag::Drain => {
                 let Some(drain) = drain.take() else { continue };
                 let (served, link) = (served.clone(), link.clone());
                 let spawned = std::thread::Builder::new().name("drain".into()).spawn(move || {
-                    match drain.run(&served) {
+                    let drained = crate::failpoint::hit("server-drain").and_then(|()| drain.run(&served));
+                    match drained {
                         Ok(()) => {
                             tracing::info!("every request this server held is answered; handing over");
-                            let _ = link.send(Tag::Drained, &[], &[]);
+                            match crate::failpoint::hit("server-drained") {
+                                Ok(()) => drop(link.send(Tag::Drained, &[], &[])),
+                                Err(e) => tracing::error!("{e}: the supervisor is not told"),
+                            }
                             std::process::exit(0);
                         }
                         // The supervisor stops this server all the same
@@ -798,10 +829,17 @@ fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Dr
 /// first), no backing id closed, and a final checkpoint, so that the new
 /// server starts from exactly what this one serves. If that checkpoint
 /// fails, the restart cannot happen: say why and go on as before.
-fn freeze(served: &Served, link: &Link) {
-    let frozen = link.freeze();
+fn freeze(served: &Served, link: &Link, ticket: u64) {
+    let Some(frozen) = link.freeze(ticket) else {
+        tracing::warn!("the restart was given up while a re-pin held this server; not freezing");
+        return;
+    };
+    *served.frozen_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
     served.disown_backing();
-    match link.checkpoint(served) {
+    let checkpoint = crate::failpoint::hit("server-freeze")
+        .map_err(protocol::ProtocolError)
+        .and_then(|()| link.checkpoint(served));
+    match checkpoint {
         Ok(()) => {
             let seq = link.seq();
             tracing::info!(checkpoint = seq, "frozen for a restart");
@@ -812,6 +850,7 @@ fn freeze(served: &Served, link: &Link) {
         Err(e) => {
             link.thaw();
             served.own_backing(true);
+            *served.frozen_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
             let why = format!("the running server's final checkpoint failed: {e}");
             tracing::error!("{why}");
             let _ = link.send(Tag::Refused, why.as_bytes(), &[]);
@@ -840,30 +879,18 @@ impl Drop for FreshSetup {
     }
 }
 
-/// Binds the status socket. The caller holds the mount point's lock, so a
-/// socket already there was left by a daemon that died.
-fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
-    let fail = |e: std::io::Error| DaemonError(format!("control socket {}: {e}", socket.display()));
-    // Status names host paths: root only, from the first moment anyone can
-    // connect. Bound under a name of its own, made root's, then renamed
-    // into place (over a socket a dead daemon left).
-    // A short name, so that it fits a socket address wherever the real one does.
-    let staged = socket.with_file_name(format!(".{}", std::process::id()));
-    let _ = std::fs::remove_file(&staged);
-    let listener = UnixListener::bind(&staged).map_err(fail)?;
-    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&staged, socket));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staged);
-        return Err(fail(e));
-    }
-    Ok(listener)
-}
-
+/// Answers `nvlibfs status` on the listener the supervisor holds for the
+/// mount (every server of it answers on the same one): only to a peer
+/// that could mount, since status names host paths and files.
 fn answer_status(listener: UnixListener, served: &Served) {
     for stream in listener.incoming() {
         match stream {
             Ok(mut stream) => {
+                if let Err(why) = crate::peer::privileged(&stream) {
+                    tracing::info!("refused a status request: {why}");
+                    let _ = write!(stream, "{}{why}", control::REFUSED);
+                    continue;
+                }
                 let status = served.status();
                 match serde_json::to_vec(&status) {
                     Ok(bytes) => {

@@ -18,8 +18,17 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 pub struct Kept {
     /// The FUSE connection and its INIT record, as the first server sent it.
     pub connection: Option<Message>,
-    /// Held files by generation, and how many each should have.
+    /// Held files of the last acknowledged checkpoint's generations, and
+    /// how many each has.
     generations: BTreeMap<u32, (u32, Vec<OwnedFd>)>,
+    /// Files arriving for the next checkpoint, by generation: kept apart,
+    /// so that a generation sent again (after an answer that never came)
+    /// cannot spoil the acknowledged one if this checkpoint is refused.
+    arriving: BTreeMap<u32, (u32, Vec<OwnedFd>)>,
+    /// The highest checkpoint number any server sent, acknowledged or not:
+    /// a successor numbers its own above it, so that no number is used
+    /// for two different checkpoints.
+    highest: u64,
     /// The last acknowledged checkpoint and its message (state memfd,
     /// counters memfd, and the CDI spec's memfd if there is one).
     checkpoint: Option<(Manifest, Message)>,
@@ -35,6 +44,15 @@ pub enum Taken {
 }
 
 impl Kept {
+    pub fn highest(&self) -> u64 {
+        self.highest
+    }
+
+    /// A number another supervisor saw (the daemon taken over).
+    pub fn saw(&mut self, seq: u64) {
+        self.highest = self.highest.max(seq);
+    }
+
     /// Whether a successor can be started from what is here.
     pub fn complete(&self) -> bool {
         self.connection.is_some() && self.checkpoint.is_some()
@@ -73,10 +91,12 @@ impl Kept {
             }
             Tag::Generation => {
                 let batch = GenerationBatch::decode(&m.body)?;
-                let (total, files) = self
-                    .generations
-                    .entry(batch.number)
-                    .or_insert((batch.total, Vec::new()));
+                // A generation's first batch starts it afresh: a server that
+                // does not know what this supervisor holds sends it whole.
+                if batch.first == 0 {
+                    self.arriving.remove(&batch.number);
+                }
+                let (total, files) = self.arriving.entry(batch.number).or_insert((batch.total, Vec::new()));
                 if batch.first as usize != files.len() || *total != batch.total {
                     self.broken(format!("generation {}'s files came out of order", batch.number));
                 } else {
@@ -89,18 +109,23 @@ impl Kept {
                 let seq = manifest.seq;
                 let answer = match self.check(&manifest, &m) {
                     Ok(()) => {
-                        self.generations
-                            .retain(|n, _| manifest.generations.iter().any(|(g, _)| g == n));
+                        let mut arriving = std::mem::take(&mut self.arriving);
+                        let acked = std::mem::take(&mut self.generations);
+                        let mut acked: BTreeMap<u32, _> = acked.into_iter().collect();
+                        self.generations = (manifest.generations.iter())
+                            .filter_map(|&(n, _)| arriving.remove(&n).or_else(|| acked.remove(&n)).map(|g| (n, g)))
+                            .collect();
                         self.checkpoint = Some((manifest, m));
                         Message::new(Tag::Ack, protocol::number_body(seq, ""), Vec::new())
                     }
                     Err(why) => {
                         tracing::error!("refused checkpoint {seq}: {why}");
-                        self.drop_unacknowledged();
+                        self.arriving.clear();
                         Message::new(Tag::Nak, protocol::number_body(seq, &why), Vec::new())
                     }
                 };
                 self.problem = None;
+                self.highest = self.highest.max(seq);
                 Ok(Taken::Answer(answer))
             }
             other => Err(ProtocolError(format!("{other:?} is not part of a checkpoint"))),
@@ -111,16 +136,14 @@ impl Kept {
         if let Some(problem) = &self.problem {
             return Err(problem.clone());
         }
-        if let Some((last, _)) = &self.checkpoint {
-            if manifest.seq <= last.seq {
-                return Err(format!("it is stale: number {} after {}", manifest.seq, last.seq));
-            }
+        if manifest.seq <= self.highest {
+            return Err(format!("it is stale: number {} after {}", manifest.seq, self.highest));
         }
         if !(2..=3).contains(&m.fds.len()) {
             return Err(format!("it came with {} descriptors, not 2 or 3", m.fds.len()));
         }
         for &(number, count) in &manifest.generations {
-            match self.generations.get(&number) {
+            match self.arriving.get(&number).or_else(|| self.generations.get(&number)) {
                 Some((total, files)) if *total == count && files.len() == count as usize => {}
                 Some((total, files)) => {
                     return Err(format!(
@@ -132,16 +155,6 @@ impl Kept {
             }
         }
         Ok(())
-    }
-
-    /// Back to the last acknowledged checkpoint's generations.
-    fn drop_unacknowledged(&mut self) {
-        let acked: Vec<u32> = self
-            .checkpoint
-            .as_ref()
-            .map(|(m, _)| m.generations.iter().map(|&(n, _)| n).collect())
-            .unwrap_or_default();
-        self.generations.retain(|n, _| acked.contains(n));
     }
 
     /// Sends a new server everything, as the protocol orders it.
@@ -174,6 +187,7 @@ impl Kept {
         }
         let manifest = Manifest::decode(&checkpoint.body)?;
         kept.check(&manifest, &checkpoint).map_err(ProtocolError)?;
+        kept.highest = manifest.seq;
         kept.checkpoint = Some((manifest, checkpoint));
         Ok(kept)
     }
@@ -247,6 +261,35 @@ mod tests {
         assert_eq!(kept.descriptors(), 1 + 6 + 2);
         assert_eq!(answer(&mut kept, checkpoint(6, &[(1, 3)])).0, Tag::Ack);
         assert_eq!(kept.descriptors(), 1 + 3 + 2);
+    }
+
+    /// After an answer that never came, a server sends every generation
+    /// again under a new number: arriving files never spoil the held ones,
+    /// and no number is taken twice.
+    #[test]
+    fn a_generation_sent_again_replaces_only_what_arrives() {
+        let mut kept = Kept::default();
+        kept.take(Message::new(Tag::Connection, b"{}".to_vec(), files(1)))
+            .unwrap();
+        kept.take(generation(0, 0, 3, 3)).unwrap();
+        assert_eq!(answer(&mut kept, checkpoint(1, &[(0, 3)])).0, Tag::Ack);
+        // Generation 0 sent again whole, and generation 1 in part: refused,
+        // and the acknowledged generation 0 is as it was.
+        kept.take(generation(0, 0, 3, 3)).unwrap();
+        kept.take(generation(1, 0, 2, 1)).unwrap();
+        let (tag, why) = answer(&mut kept, checkpoint(2, &[(0, 3), (1, 2)]));
+        assert_eq!(tag, Tag::Nak, "{why}");
+        assert_eq!(kept.descriptors(), 1 + 3 + 2);
+        // Number 2 was refused, but it was used: it is stale from now on.
+        kept.take(generation(0, 0, 3, 3)).unwrap();
+        let (tag, why) = answer(&mut kept, checkpoint(2, &[(0, 3)]));
+        assert_eq!((tag, why.contains("stale")), (Tag::Nak, true), "{why}");
+        assert_eq!(kept.highest(), 2);
+        // Sent again whole under 3: acknowledged, with the new files.
+        kept.take(generation(0, 0, 3, 3)).unwrap();
+        kept.take(generation(1, 0, 2, 2)).unwrap();
+        assert_eq!(answer(&mut kept, checkpoint(3, &[(0, 3), (1, 2)])).0, Tag::Ack);
+        assert_eq!(kept.descriptors(), 1 + 5 + 2);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod backing;
 pub mod daemon;
 pub mod drain;
+pub mod failpoint;
 pub mod fdstore;
 pub mod fs;
 pub mod kept;
@@ -20,6 +21,7 @@ pub mod privileges;
 pub mod protocol;
 pub mod repin;
 pub mod served;
+pub mod statedir;
 pub mod supervisor;
 pub mod systemd;
 pub mod takeover;

@@ -30,8 +30,14 @@ pub enum Answer {
 struct Sent {
     /// The last acknowledged checkpoint's number.
     seq: u64,
+    /// The highest number sent, acknowledged or not: each checkpoint takes
+    /// the next, so that an answer that comes late (to one that timed out)
+    /// can never pass for the answer to another.
+    highest: u64,
     /// The generations whose files the supervisor holds: those of the
-    /// last acknowledged checkpoint, no others.
+    /// last acknowledged checkpoint, no others. Emptied when an answer
+    /// never came (the supervisor may hold either set): the next
+    /// checkpoint then sends every generation's files again.
     generations: HashSet<u32>,
     alone: bool,
 }
@@ -48,6 +54,9 @@ pub struct Link {
     /// the same generations until one of them serves alone.
     repin: Mutex<()>,
     frozen: std::sync::atomic::AtomicBool,
+    /// Counts thaws: a freeze that waited for a re-pin under way and finds
+    /// a thaw came meanwhile (its step was given up) does not freeze.
+    thaws: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
@@ -59,6 +68,7 @@ impl Link {
             sock,
             sent: Mutex::new(Sent {
                 seq: 0,
+                highest: 0,
                 generations: HashSet::new(),
                 alone: false,
             }),
@@ -67,6 +77,7 @@ impl Link {
             routed: std::sync::atomic::AtomicBool::new(false),
             repin: Mutex::new(()),
             frozen: std::sync::atomic::AtomicBool::new(false),
+            thaws: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -76,15 +87,27 @@ impl Link {
         (!self.frozen.load(std::sync::atomic::Ordering::SeqCst)).then_some(guard)
     }
 
+    /// What a freeze asked for now must find unchanged once it holds the
+    /// re-pin lock: taken when the supervisor's Freeze arrives.
+    pub fn freeze_ticket(&self) -> u64 {
+        self.thaws.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Stops re-pins; a re-pin under way ends first. Until the guard is
-    /// dropped none can start even if thawed.
-    pub fn freeze(&self) -> std::sync::MutexGuard<'_, ()> {
+    /// dropped none can start even if thawed. `None` if a thaw came since
+    /// `ticket` was taken: the supervisor gave the step up while a re-pin
+    /// held the lock, and nothing is to stay frozen.
+    pub fn freeze(&self, ticket: u64) -> Option<std::sync::MutexGuard<'_, ()>> {
         let guard = self.repin.lock().unwrap_or_else(|e| e.into_inner());
+        if self.thaws.load(std::sync::atomic::Ordering::SeqCst) != ticket {
+            return None;
+        }
         self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
-        guard
+        Some(guard)
     }
 
     pub fn thaw(&self) {
+        self.thaws.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.frozen.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -93,7 +116,15 @@ impl Link {
     pub fn continue_from(&self, seq: u64, generations: HashSet<u32>) {
         let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
         sent.seq = seq;
+        sent.highest = seq;
         sent.generations = generations;
+    }
+
+    /// The highest number any server of this mount sent (the supervisor
+    /// says, with `Go`): this one's next checkpoint is numbered above it.
+    pub fn number_above(&self, highest: u64) {
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.highest = sent.highest.max(highest);
     }
 
     pub fn socket(&self) -> BorrowedFd<'_> {
@@ -130,7 +161,8 @@ impl Link {
             let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
             protocol::send_generation(&self.sock, *number, &fds)?;
         }
-        let seq = sent.seq + 1;
+        let seq = sent.highest + 1;
+        sent.highest = seq;
         let json = serde_json::to_vec(&snapshot.state).map_err(|e| ProtocolError(format!("encoding: {e}")))?;
         let state = protocol::seal_state(seq, &json).map_err(|e| ProtocolError(format!("a state memfd: {e}")))?;
         let manifest = Manifest {
@@ -139,8 +171,16 @@ impl Link {
         };
         let mut fds = vec![state.as_fd(), snapshot.counts.as_fd()];
         fds.extend(snapshot.spec.as_ref().map(|f| f.as_fd()));
+        crate::failpoint::hit("server-checkpoint-send").map_err(ProtocolError)?;
         self.send(Tag::Checkpoint, &manifest.encode(), &fds)?;
-        match self.wait_for(seq)? {
+        tracing::info!("checkpoint {seq} sent");
+        let answer = self.wait_for(seq);
+        if answer.is_err() {
+            // Refused, or no answer: what the supervisor holds is the last
+            // acknowledged set, or (answered late) this one.
+            sent.generations.clear();
+        }
+        match answer? {
             None => {
                 sent.alone = true;
                 Ok(())

@@ -53,6 +53,16 @@ struct Args {
     #[arg(long, hide = true, value_name = "FD")]
     supervisor_socket: Option<i32>,
 
+    /// Print every failpoint (mountd/src/failpoint.rs) and what reaches it,
+    /// then exit: for tests/failpoints.rs
+    #[arg(long, hide = true)]
+    list_failpoints: bool,
+
+    /// With --supervisor-socket: the status socket's listener, which the
+    /// supervisor holds for the mount (set by the supervisor)
+    #[arg(long, hide = true, value_name = "FD", requires = "supervisor_socket")]
+    status_fd: Option<i32>,
+
     /// With --supervisor-socket: take over the connection and state the
     /// supervisor holds instead of mounting
     #[arg(long, hide = true, requires = "supervisor_socket")]
@@ -89,6 +99,12 @@ fn supervise(args: &Args, ready: Readiness) -> Result<(), daemon::DaemonError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.list_failpoints {
+        for (name, trigger) in nvlibfs_mountd::failpoint::STEPS {
+            println!("{name} {trigger:?}");
+        }
+        return ExitCode::SUCCESS;
+    }
     nvlibfs_mountd::logging::init(args.verbose, args.log_file.as_deref());
     // SAFETY: the descriptor was passed to us by `nvlibfs mount` for this purpose.
     let mut ready = unsafe { Readiness::from_fd(args.ready_fd) };
@@ -105,7 +121,22 @@ fn main() -> ExitCode {
             } else {
                 daemon::Start::Mount
             };
-            daemon::run(&args.driver, &args.serve, &args.mountpoint, &mut ready, link, start)
+            // SAFETY: the supervisor passed this listener for this purpose.
+            let status = args
+                .status_fd
+                .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            if let Some(status) = &status {
+                let _ = nix::fcntl::fcntl(status, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            }
+            daemon::run(
+                &args.driver,
+                &args.serve,
+                &args.mountpoint,
+                &mut ready,
+                link,
+                start,
+                status,
+            )
         }
         None => supervise(&args, ready),
     };

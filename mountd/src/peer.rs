@@ -14,7 +14,7 @@ use crate::protocol::{self, Message, Offer, Tag};
 use nix::sys::socket::{
     accept, bind, connect, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
 };
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ pub fn listen_at(path: &Path) -> Result<OwnedFd, DaemonError> {
 }
 
 /// Accepts daemons that would take over, one at a time, for ever: each
-/// whose user is this process's is passed to `offered`.
+/// that is `privileged` is passed to `offered`.
 pub fn accept_loop(listener: OwnedFd, offered: impl Fn(OwnedFd) + Send + 'static) {
     let spawned = std::thread::Builder::new().name("takeover".into()).spawn(move || loop {
         let sock = match accept(std::os::fd::AsRawFd::as_raw_fd(&listener)) {
@@ -57,14 +57,13 @@ pub fn accept_loop(listener: OwnedFd, offered: impl Fn(OwnedFd) + Send + 'static
             }
         };
         let _ = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-        match getsockopt(&sock, sockopt::PeerCredentials) {
-            Ok(cred) if cred.uid() == nix::unistd::geteuid().as_raw() => offered(sock),
-            Ok(cred) => tracing::warn!(
-                "refused a takeover from pid {} (uid {}): only the daemon's own user may take it over",
-                cred.pid(),
-                cred.uid()
-            ),
-            Err(e) => tracing::warn!("refused a takeover: its credentials: {e}"),
+        // Before anything is read from it or frozen for it.
+        match privileged(&sock) {
+            Ok(()) => offered(sock),
+            Err(why) => {
+                tracing::warn!("refused a takeover: {why}");
+                let _ = protocol::send(&sock, Tag::Refused, format!("refused: {why}").as_bytes(), &[]);
+            }
         }
     });
     if let Err(e) = spawned {
@@ -99,6 +98,7 @@ pub fn offer(path: &Path) -> Result<Option<OwnedFd>, DaemonError> {
         pid: std::process::id(),
     };
     let body = serde_json::to_vec(&offer).expect("an offer encodes");
+    crate::failpoint::hit("join-offer").map_err(|e| not_served(&e))?;
     protocol::send(&sock, Tag::Offer, &body, &[]).map_err(|e| not_served(&e))?;
     Ok(Some(sock))
 }
@@ -119,4 +119,100 @@ pub fn answer(sock: &impl AsFd, what: &str) -> Result<Message, DaemonError> {
 /// Where the supervisor of `mountpoint` takes offers.
 pub fn path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
     nvlibfs::control::takeover_path(state_dir, mountpoint)
+}
+
+/// `SO_PEERPIDFD` (Linux 6.5+): a pidfd of the process that connected,
+/// taken by the kernel at connect time, so that what is read about it
+/// cannot belong to another process that reused its pid.
+const SO_PEERPIDFD: libc::c_int = 77;
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether the process at the other end of `sock` may be handed what this
+/// daemon holds: it runs as this daemon's user, in this daemon's user
+/// namespace (the initial one, where a daemon that mounts runs), with
+/// CAP_SYS_ADMIN in its effective set. A root without capabilities (the
+/// root of a container that was not given CAP_SYS_ADMIN) is refused, as is
+/// a root of a user namespace of its own. `Err` says why.
+pub fn privileged(sock: &impl AsFd) -> Result<(), String> {
+    let cred = getsockopt(sock, sockopt::PeerCredentials).map_err(|e| format!("its credentials: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() != me {
+        return Err(format!("pid {} runs as uid {}, not uid {me}", cred.pid(), cred.uid()));
+    }
+    let (pidfd, pid) = peer_pidfd(sock, cred.pid())?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("pid {pid}: {e}"))?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| format!("pid {pid}: no CapEff in its status"))?;
+    let ns = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let (theirs, ours) = (ns(&format!("/proc/{pid}/ns/user")), ns("/proc/self/ns/user"));
+    // Read, then checked still alive: what was read was that process's.
+    // SAFETY: a plain syscall on a descriptor this function owns.
+    let alive = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), 0, 0usize, 0) } == 0;
+    if !alive {
+        return Err(format!("pid {pid} ended before it could be checked"));
+    }
+    match (theirs, ours) {
+        (Ok(t), Ok(o)) if t == o => {}
+        (Ok(_), Ok(_)) => return Err(format!("pid {pid} runs in a user namespace of its own")),
+        // The kernel lets a process of this uid read the namespace of any
+        // process in a user namespace it created, and of one in its own
+        // namespace holding no capability it lacks (ptrace's read check).
+        // Refused, the peer is of this namespace and holds more than this
+        // daemon kept after dropping its own: what the check is about.
+        (Err(e), Ok(_)) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        (Err(e), _) | (_, Err(e)) => return Err(format!("pid {pid}'s user namespace: {e}")),
+    }
+    if effective & (1 << CAP_SYS_ADMIN) == 0 {
+        return Err(format!(
+            "pid {pid} lacks CAP_SYS_ADMIN (effective capabilities {effective:x}): only a daemon that may \
+             mount may take the mount over or read its state"
+        ));
+    }
+    Ok(())
+}
+
+/// The peer's pidfd and its pid in this PID namespace: from SO_PEERPIDFD,
+/// or before Linux 6.5 from pidfd_open of the pid SO_PEERCRED gave (the
+/// peer holds its end open, so its pid is in use by it unless it passed
+/// the socket on and exited; that window, and a reuse of the pid within
+/// it, is what SO_PEERPIDFD closes).
+fn peer_pidfd(sock: &impl AsFd, cred_pid: i32) -> Result<(OwnedFd, i32), String> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `fd`.
+    let got = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    let pidfd = if got == 0 && fd >= 0 {
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    } else {
+        // SAFETY: a plain syscall; a non-negative result is a new descriptor.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, cred_pid, 0) };
+        if fd < 0 {
+            return Err(format!("pid {cred_pid}: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: as above.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+    };
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+        .map_err(|e| format!("its pidfd: {e}"))?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .ok_or_else(|| "its pidfd names no pid".to_owned())?;
+    if pid <= 0 {
+        return Err("it has ended, or runs in a PID namespace this daemon cannot see into".into());
+    }
+    Ok((pidfd, pid))
 }

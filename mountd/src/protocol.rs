@@ -61,6 +61,37 @@ pub const MAX_STATE: u64 = 256 << 20;
 /// otherwise it waits for `Sole` before it re-pins or frees anything.
 pub const GO_ALONE: u8 = 1;
 pub const GO_BESIDE: u8 = 0;
+
+/// A `Go` message's body: whether the new server serves alone, then the
+/// highest checkpoint number any server of the mount sent (u64), which
+/// the new server's own numbers must stay above.
+pub fn go_body(alone: bool, highest: u64) -> Vec<u8> {
+    let mut body = vec![if alone { GO_ALONE } else { GO_BESIDE }];
+    body.extend(highest.to_le_bytes());
+    body
+}
+
+/// How long one send to a server or another daemon may block: a peer
+/// that stops reading (a paused container) must not wedge the sender.
+pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends on `sock` fail (EAGAIN) once they have blocked for `SEND_LIMIT`.
+pub fn send_deadline(sock: &impl AsFd) {
+    let limit = nix::sys::time::TimeVal::new(SEND_LIMIT.as_secs() as i64, 0);
+    if let Err(e) = nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::SendTimeout, &limit) {
+        tracing::warn!("a send deadline: {e}");
+    }
+}
+
+/// `(alone, highest)` from a `Go` body; a body without the number (an
+/// older supervisor) says 0.
+pub fn decode_go(body: &[u8]) -> (bool, u64) {
+    let highest = body
+        .get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    (body.first() == Some(&GO_ALONE), highest)
+}
 /// How many handovers the history keeps (oldest dropped first).
 pub const MAX_HISTORY: usize = 64;
 

@@ -583,6 +583,8 @@ pub struct Served {
     /// Shown by `status`: who supervises this server, and the handovers.
     pub supervisor_pid: Mutex<Option<u32>>,
     pub handovers: Mutex<Vec<nvlibfs::control::Handover>>,
+    /// Since when re-pins are frozen for a restart or takeover, for `status`.
+    pub frozen_since: Mutex<Option<std::time::Instant>>,
     /// Set while draining (see drain.rs): told when fuser's threads have
     /// all ended.
     pub drained: Mutex<Option<std::sync::mpsc::Sender<()>>>,
@@ -613,6 +615,7 @@ impl Served {
             init_record: Mutex::new(None),
             supervisor_pid: Mutex::new(None),
             handovers: Mutex::new(Vec::new()),
+            frozen_since: Mutex::new(None),
             drained: Mutex::new(None),
             spec: Mutex::new(None),
             spec_version: AtomicU64::new(0),
@@ -1415,6 +1418,7 @@ impl Served {
             version: crate::version(),
             pid_namespace: nvlibfs::control::own_pid_namespace(),
             handovers: self.handovers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            frozen_s: (self.frozen_since.lock().unwrap_or_else(|e| e.into_inner())).map(|t| t.elapsed().as_secs_f64()),
             driver_version: manifest.driver_version,
             version_source: manifest.version_source,
             driver_root: manifest.driver_root.clone().into(),

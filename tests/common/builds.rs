@@ -13,6 +13,11 @@ use std::process::Command;
 /// next is built, under a lock that test processes running side by side
 /// share, and renamed into place (another may be running the last copy).
 pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
+    variant_with(name, envs, &[])
+}
+
+/// `variant`, with cargo features of nvlibfs-mountd turned on.
+pub fn variant_with(name: &str, envs: &[(&str, &str)], features: &[&str]) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("variants");
@@ -32,6 +37,9 @@ pub fn variant(name: &str, envs: &[(&str, &str)]) -> PathBuf {
         cargo.env_remove(var);
     }
     cargo.envs(envs.iter().copied());
+    if !features.is_empty() {
+        cargo.arg("--features").arg(features.join(","));
+    }
     super::ok(cargo.output().unwrap(), &format!("building nvlibfs-mountd ({name})"));
     let partial = out.with_extension(format!("{}.partial", std::process::id()));
     std::fs::copy(target.join("debug/nvlibfs-mountd"), &partial).unwrap();
@@ -48,6 +56,11 @@ pub fn protocol_variant() -> PathBuf {
         "protocol",
         &[("NVLIBFS_TEST_PROTOCOL", "1"), ("NVLIBFS_BUILD_ID", "another-protocol")],
     )
+}
+
+/// nvlibfs-mountd with its failpoints compiled in (mountd/src/failpoint.rs).
+pub fn failpoints_variant() -> PathBuf {
+    variant_with("failpoints", &[], &["failpoints"])
 }
 
 /// The binaries cargo built, copied where the test may replace them.

@@ -188,6 +188,16 @@ impl Mounted {
     /// `new`, mounting with the nvlibfs (and so nvlibfs-mountd) in `bin`
     /// instead of the ones cargo built: a test can then replace them.
     pub fn with_binaries(spec: FixtureSpec, extra: &[&str], bin: Option<&Path>) -> Mounted {
+        Mounted::with_env(spec, extra, bin, &[])
+    }
+
+    /// `with_binaries`, the daemon started with `env` set.
+    pub fn with_env(
+        spec: FixtureSpec,
+        extra: &[&str],
+        bin: Option<&Path>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         // Unprivileged users in these tests must reach the mount and the loader.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -204,7 +214,12 @@ impl Mounted {
             }
             None => mount,
         };
-        let out = mount.args(extra).arg(&mountpoint).output().unwrap();
+        let out = mount
+            .args(extra)
+            .envs(env.iter().copied())
+            .arg(&mountpoint)
+            .output()
+            .unwrap();
         ok(out, "nvlibfs mount");
         Mounted {
             fixture,

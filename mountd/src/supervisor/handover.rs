@@ -41,6 +41,8 @@ impl Supervisor {
             }
             Err(e) => tracing::error!("a reader for pid {pid}: {e}"),
         }
+        // No send to the other daemon may hold up this supervisor's loop.
+        protocol::send_deadline(&sock);
         Peer { id, sock, pid }
     }
 
@@ -51,11 +53,19 @@ impl Supervisor {
             .lock
             .as_ref()
             .ok_or_else(|| ProtocolError("the mount point's lock was handed on already".into()))?;
-        protocol::send(&peer.sock, Tag::Lock, &[], &[lock.as_fd()])?;
+        // With the status socket's listener (the other daemon's servers
+        // answer on it, so no file is bound twice), and the highest
+        // checkpoint number this mount's servers sent, so that the other
+        // daemon's server numbers its own above it.
+        let mut fds = vec![lock.as_fd()];
+        fds.extend(self.status.as_ref().map(|s| s.listener.as_fd()));
+        protocol::send(&peer.sock, Tag::Lock, &self.kept.highest().to_le_bytes(), &fds)?;
+        crate::failpoint::hit("handover-lock").map_err(ProtocolError)?;
         // The mount's handovers so far, so that `status` goes on listing them.
         let history = serde_json::to_vec(&self.history).map_err(|e| ProtocolError(e.to_string()))?;
         protocol::send(&peer.sock, Tag::History, &history, &[])?;
         self.kept.replay(&peer.sock)?;
+        crate::failpoint::hit("handover-replayed").map_err(ProtocolError)?;
         tracing::info!(
             pid = peer.pid,
             checkpoint = self.kept.checkpoint().map_or(0, |(m, _)| m.seq),
@@ -83,6 +93,9 @@ impl Supervisor {
                 offer.protocol,
                 protocol::VERSION
             ));
+        }
+        if let Err(e) = crate::failpoint::hit("handover-offered") {
+            return refuse(e);
         }
         let server = match std::mem::replace(&mut self.phase, Phase::Moving) {
             Phase::Serving(server) if self.kept.complete() => server,
@@ -142,6 +155,11 @@ impl Supervisor {
                 },
                 Tag::Ready,
             ) => {
+                if let Err(e) = crate::failpoint::hit("handover-drain") {
+                    peer.send(Tag::Refused, e.as_bytes());
+                    self.give_up_takeover(old, &peer, true, e);
+                    return Ok(None);
+                }
                 tracing::info!(
                     pid = peer.pid,
                     "take-over: the other daemon's server answers; draining ours"
@@ -169,7 +187,7 @@ impl Supervisor {
                 Tag::Drained,
             ) => {
                 let (old_server, _) = m.number().unwrap_or((0, &[]));
-                self.joined(new, &peer, old_server as u32);
+                self.joined(new, &peer, old_server as u32)?;
                 return Ok(None);
             }
             (Phase::Joining { new, peer, .. }, Tag::Refused) => {
@@ -212,14 +230,21 @@ impl Supervisor {
                     peer.pid
                 );
                 self.resend();
-                self.joined(new, &peer, 0);
+                self.joined(new, &peer, 0)?;
             }
             other => {
                 if let Phase::HandingOver { peer, .. } = &other {
-                    tracing::error!(
-                        "the daemon taking over (pid {}) went away while ours drained: {why}",
-                        peer.pid
-                    );
+                    if peer.id == id {
+                        // Nobody would serve once ours has drained: this
+                        // daemon still holds the connection, the lock and
+                        // the final checkpoint, and takes the mount back.
+                        tracing::error!(
+                            "the daemon taking over (pid {}) went away while ours drained: {why}; taking the \
+                             mount back once ours has drained",
+                            peer.pid
+                        );
+                        self.take_back = true;
+                    }
                 }
                 self.phase = other;
             }
@@ -227,8 +252,66 @@ impl Supervisor {
         Ok(None)
     }
 
-    /// This daemon's takeover is done: its server serves alone.
-    pub(super) fn joined(&mut self, new: Server, peer: &Peer, old_server: u32) {
+    /// Our server has drained (or was stopped) while handing over: the
+    /// other daemon serves from here on, unless it went away meanwhile,
+    /// when a successor of ours takes the mount back.
+    pub(super) fn drained_for(&mut self, old: Server, peer: &Peer) -> Result<Option<i32>, DaemonError> {
+        if std::mem::take(&mut self.take_back) {
+            self.refusal(
+                old.pid,
+                peer.pid,
+                "the daemon taking over went away during the handover".into(),
+            );
+            self.crashes.push_back(Instant::now());
+            self.recover("take-back", old.pid)?;
+            return Ok(None);
+        }
+        match crate::failpoint::hit("handover-drained") {
+            Ok(()) => peer.send(Tag::Drained, &(old.pid.as_raw() as u64).to_le_bytes()),
+            Err(e) => tracing::error!("{e}: the other daemon is not told that ours drained"),
+        }
+        self.let_go();
+        self.phase = Phase::HandedOver(Some(old));
+        Ok(None)
+    }
+
+    /// Handed over: what this daemon held for the mount is the other's
+    /// now. Holding on would keep a connection nobody reads alive (every
+    /// access would hang if the other daemon died) and the lock held by a
+    /// daemon that serves nothing; the other holds its own descriptors.
+    pub(super) fn let_go(&mut self) {
+        self.kept = Kept::default();
+        self.lock = None;
+        self.status = None;
+    }
+
+    /// This daemon's takeover is done: its server serves alone; or, if it
+    /// died while the other daemon's drained, a successor recovers.
+    pub(super) fn joined(&mut self, new: Server, peer: &Peer, old_server: u32) -> Result<(), DaemonError> {
+        crate::privileges::drop_for_supervisor();
+        if let Some(lock) = &mut self.lock {
+            lock.take_sole();
+        }
+        if let Some(status) = &mut self.status {
+            let socket = nvlibfs::control::socket_path(&self.command.state_dir, &self.mountpoint);
+            status.identity = crate::statedir::StateDir::open(&self.command.state_dir)
+                .ok()
+                .and_then(|d| d.identity(&socket.file_name()?.to_string_lossy()));
+        }
+        if let Err(e) = self.listen_for_takeovers() {
+            tracing::error!("{e}; a later --take-over will not find this daemon");
+        }
+        self.joined = true;
+        if let Some(dead) = self.join_server_died.take() {
+            tracing::error!("this daemon's server (pid {dead}) died during the takeover; starting another");
+            self.crashes.push_back(Instant::now());
+            return self.recover("crash", dead);
+        }
+        if let Err(e) = crate::failpoint::hit("join-sole") {
+            // Its death is a crash like any other: a successor recovers.
+            tracing::error!("{e}: stopping pid {}", new.pid);
+            new.kill(Signal::SIGKILL);
+        }
         new.send(Tag::Sole, &[]);
         self.record(
             "take-over",
@@ -239,16 +322,9 @@ impl Supervisor {
             None,
         );
         self.binary = new.binary.clone();
-        crate::privileges::drop_for_supervisor();
         self.phase = Phase::Serving(new);
-        if let Some(lock) = &mut self.lock {
-            lock.take_sole();
-        }
-        if let Err(e) = self.listen_for_takeovers() {
-            tracing::error!("{e}; a later --take-over will not find this daemon");
-        }
-        self.joined = true;
         self.send_history();
+        Ok(())
     }
 
     /// A takeover that cannot go on: our server thaws and serves on; what
@@ -272,14 +348,11 @@ impl Supervisor {
             self.phase = Phase::HandedOver(None);
             return None;
         }
-        if let Some(lock) = self.lock.take() {
-            lock.leave_to_successor();
-        }
         Some(0)
     }
 
     pub(super) fn takeover_too_slow(&mut self) -> Result<Option<i32>, DaemonError> {
-        let why = format!("a step of the takeover took over {} s", STEP_LIMIT.as_secs());
+        let why = format!("a step of the takeover took over {} s", self.step_limit.as_secs_f64());
         tracing::error!("{why}");
         match std::mem::replace(&mut self.phase, Phase::Moving) {
             Phase::HandingOver {
@@ -292,12 +365,27 @@ impl Supervisor {
                 // what it held goes back in the queue for the other's.
                 old.kill(Signal::SIGKILL);
                 self.resend();
-                peer.send(Tag::Drained, &(old.pid.as_raw() as u64).to_le_bytes());
-                self.phase = Phase::HandedOver(Some(old));
+                return self.drained_for(old, &peer);
             }
             Phase::HandingOver { old, peer, step, .. } => {
                 peer.send(Tag::Refused, why.as_bytes());
                 self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+            }
+            // The other daemon was told to drain: there is no going back.
+            // Its own limit stops its server and says so; told nothing
+            // after twice that, this daemon goes on alone.
+            Phase::Joining {
+                new,
+                peer,
+                step: Handing::Draining,
+                ..
+            } => {
+                tracing::error!(
+                    "the daemon taken over (pid {}) did not say that its server drained; serving alone",
+                    peer.pid
+                );
+                self.resend();
+                self.joined(new, &peer, 0)?;
             }
             Phase::Joining { new, peer, .. } => {
                 new.kill(Signal::SIGKILL);
@@ -313,6 +401,7 @@ impl Supervisor {
 /// What a daemon taken over handed on.
 pub(super) struct HandedOn {
     pub(super) lock: MountLock,
+    pub(super) status: Option<OwnedFd>,
     pub(super) sock: OwnedFd,
     pub(super) pid: u32,
     pub(super) kept: Kept,
@@ -322,14 +411,20 @@ pub(super) struct HandedOn {
 /// `--take-over`: having offered over `sock`, receives in order the mount
 /// point's lock, the handovers so far and everything the daemon taken over
 /// keeps, checked as any checkpoint is.
-pub(super) fn join(sock: OwnedFd, mountpoint: &Path) -> Result<HandedOn, DaemonError> {
+pub(super) fn join(sock: OwnedFd, state_dir: &Path, mountpoint: &Path) -> Result<HandedOn, DaemonError> {
     let first = crate::peer::answer(&sock, "handing over its lock")?;
     let pid = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
         .map(|c| c.pid() as u32)
         .unwrap_or(0);
-    let lock = match first.tag {
-        Tag::Lock if first.fds.len() == 1 => {
-            MountLock::handed_on(first.fds.into_iter().next().expect("one descriptor"), mountpoint)?
+    let highest = first.number().map_or(0, |(n, _)| n);
+    let (lock, status) = match first.tag {
+        // The lock, and the status socket's listener (a daemon of before
+        // it was handed on sends none: this one binds its own).
+        Tag::Lock if (1..=2).contains(&first.fds.len()) => {
+            let mut fds = first.fds.into_iter();
+            let lock = MountLock::handed_on(fds.next().expect("one descriptor"), state_dir, mountpoint)?;
+            crate::failpoint::hit("join-lock").map_err(DaemonError::new)?;
+            (lock, fds.next())
         }
         Tag::Refused => {
             return Err(DaemonError::new(format!(
@@ -385,12 +480,14 @@ pub(super) fn join(sock: OwnedFd, mountpoint: &Path) -> Result<HandedOn, DaemonE
             "pid {pid} handed over a checkpoint without its connection"
         )));
     }
+    kept.saw(highest);
     // From here on a reader thread waits as long as it takes.
     let forever = nix::sys::time::TimeVal::new(0, 0);
     nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &forever)
         .map_err(|e| DaemonError::new(format!("the takeover socket: {e}")))?;
     Ok(HandedOn {
         lock,
+        status,
         sock,
         pid,
         kept,

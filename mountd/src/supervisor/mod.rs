@@ -56,7 +56,7 @@ use nix::unistd::Pid;
 use nvlibfs::control::Handover;
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -301,6 +301,63 @@ struct Supervisor {
     /// Where this supervisor listens for a takeover, and that file's inode:
     /// removed when it ends, unless a successor listens there now.
     takeover_socket: Option<(PathBuf, u64)>,
+    /// The status socket, bound once for the mount and held here: every
+    /// server answers on this one listener, so none binds (or removes)
+    /// the file another serves, whatever fails; a takeover hands it on.
+    status: Option<StatusSocket>,
+    /// How long a step of a restart or takeover may take.
+    step_limit: Duration,
+    /// The daemon taking over went away while our server drained: once
+    /// it has, this daemon takes the mount back instead of handing over.
+    take_back: bool,
+    /// This daemon's server died while the other daemon's drained: once
+    /// that is done, a successor recovers as after any crash.
+    join_server_died: Option<Pid>,
+}
+
+/// The status socket's listener, and the file's identity where this
+/// daemon bound it or holds it alone (what it may remove at its end).
+struct StatusSocket {
+    listener: OwnedFd,
+    identity: Option<crate::statedir::Identity>,
+}
+
+impl StatusSocket {
+    /// Binds the status socket. The caller holds the mount point's lock, so
+    /// a socket already there was left by a daemon that died. Status names
+    /// host paths: root's alone from the first moment anyone can connect:
+    /// bound under a name of its own, made root's, then renamed into place.
+    fn bind(state_dir: &Path, mountpoint: &Path) -> Result<StatusSocket, DaemonError> {
+        let dir = crate::statedir::StateDir::open(state_dir)?;
+        let socket = nvlibfs::control::socket_path(state_dir, mountpoint);
+        let fail = |e: std::io::Error| DaemonError::new(format!("status socket {}: {e}", socket.display()));
+        // A short name, so that it fits a socket address wherever the real one does.
+        let staged = socket.with_file_name(format!(".{}", std::process::id()));
+        let _ = std::fs::remove_file(&staged);
+        let listener = std::os::unix::net::UnixListener::bind(&staged).map_err(fail)?;
+        let placed = std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&staged, &socket));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&staged);
+            return Err(fail(e));
+        }
+        let identity = socket.file_name().and_then(|n| dir.identity(&n.to_string_lossy()));
+        Ok(StatusSocket {
+            listener: listener.into(),
+            identity,
+        })
+    }
+
+    /// Removes the file if it is still the one this daemon bound.
+    fn remove(&self, state_dir: &Path, mountpoint: &Path) {
+        let (Some(identity), Ok(dir)) = (self.identity, crate::statedir::StateDir::open(state_dir)) else {
+            return;
+        };
+        let socket = nvlibfs::control::socket_path(state_dir, mountpoint);
+        if let Some(name) = socket.file_name() {
+            dir.remove_if(&name.to_string_lossy(), identity);
+        }
+    }
 }
 
 impl Supervisor {
@@ -324,15 +381,24 @@ impl Supervisor {
                 mountpoint.display()
             );
         }
-        let (lock, joining) = match offered {
+        let (lock, status, joining) = match offered {
             Some(sock) => {
-                let handed = join(sock, &mountpoint)?;
+                let handed = join(sock, &command.state_dir, &mountpoint)?;
+                let status = handed.status.map(|listener| StatusSocket {
+                    listener,
+                    identity: None,
+                });
                 (
                     handed.lock,
+                    status,
                     Some((handed.sock, handed.pid, handed.kept, handed.history)),
                 )
             }
-            None => (MountLock::take(&mountpoint)?, None),
+            None => {
+                let lock = MountLock::take(&command.state_dir, &mountpoint)?;
+                let status = StatusSocket::bind(&command.state_dir, &mountpoint)?;
+                (lock, Some(status), None)
+            }
         };
         lower_oom_score();
         let events = signal_thread()?;
@@ -360,6 +426,10 @@ impl Supervisor {
             exited: Vec::new(),
             closed: HashSet::new(),
             takeover_socket: None,
+            status,
+            step_limit: crate::failpoint::step_limit(STEP_LIMIT),
+            take_back: false,
+            join_server_died: None,
         };
         supervisor.phase = match (joining, fdstore::restore()) {
             (Some((sock, pid, kept, history)), _) => {
@@ -411,9 +481,13 @@ impl Supervisor {
         let ended = self.serve(ready);
         // Not handed on: nothing of this daemon holds the mount point once
         // its servers are gone, and the lock file goes with it, and the
-        // takeover socket (a successor's would be another file).
-        if let Some(lock) = self.lock.take() {
+        // status and takeover sockets (a successor's would be other files).
+        // A lock still shared (a takeover given up) is the other daemon's.
+        if let Some(lock) = self.lock.take().filter(|l| !l.shared()) {
             lock.remove();
+            if let Some(status) = self.status.take() {
+                status.remove(&self.command.state_dir, &self.mountpoint);
+            }
             if let Some((path, ino)) = self.takeover_socket.take() {
                 let ours =
                     std::fs::symlink_metadata(&path).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino);
@@ -520,6 +594,7 @@ impl Supervisor {
                     tracing::warn!("a checkpoint from pid {pid}, which this supervisor does not run");
                     return Ok(());
                 }
+                let checkpoint = m.tag == Tag::Checkpoint;
                 let answer = match self.kept.take(m) {
                     Ok(Taken::Nothing) => return Ok(()),
                     Ok(Taken::Answer(answer)) => answer,
@@ -528,12 +603,22 @@ impl Supervisor {
                         return Ok(());
                     }
                 };
+                if let (true, Err(e)) = (checkpoint, crate::failpoint::hit("supervisor-checkpoint-ack")) {
+                    tracing::error!(
+                        "{e}: checkpoint {} is not answered",
+                        answer.number().map_or(0, |(n, _)| n)
+                    );
+                    return Ok(());
+                }
                 let server = self.server(pid).expect("checked above");
                 if let Err(e) = protocol::send_message(&server.sock, &answer) {
                     tracing::error!("answering pid {pid}'s checkpoint: {e}");
                 }
                 if answer.tag == Tag::Ack {
-                    if let Err(e) = self.store.save(&self.kept) {
+                    let saved = crate::failpoint::hit("fdstore-save")
+                        .map_err(std::io::Error::other)
+                        .and_then(|()| self.store.save(&self.kept));
+                    if let Err(e) = saved {
                         tracing::error!("keeping the state in systemd's fd store: {e}");
                     }
                     tracing::debug!(descriptors = self.kept.descriptors(), "checkpoint kept");
@@ -544,10 +629,7 @@ impl Supervisor {
             Tag::Frozen => self.frozen(pid),
             Tag::Prepared => self.prepared(pid),
             Tag::Refused => self.refused(pid, m.text()),
-            Tag::Drained => {
-                self.drained(pid);
-                Ok(())
-            }
+            Tag::Drained => self.drained(pid),
             other => {
                 tracing::warn!("unexpected message {other:?} from pid {pid}");
                 Ok(())
@@ -610,6 +692,11 @@ impl Supervisor {
                 // Both serve the same state now: the old one stops reading
                 // and answers what it holds.
                 new.ready(said.version);
+                if let Err(e) = crate::failpoint::hit("restart-drain") {
+                    self.give_up_restart(old, New::Running(&new), true, e);
+                    self.send_history();
+                    return Ok(());
+                }
                 tracing::info!(
                     old = old.pid.as_raw(),
                     new = pid.as_raw(),
@@ -630,6 +717,11 @@ impl Supervisor {
                 ..
             } if new.pid == pid => {
                 new.ready(said.version);
+                if let Err(e) = crate::failpoint::hit("join-ready") {
+                    peer.send(Tag::Refused, e.as_bytes());
+                    new.kill(Signal::SIGKILL);
+                    return Err(DaemonError::new(format!("--take-over failed: {e}")));
+                }
                 tracing::info!(
                     old = peer.pid,
                     new = pid.as_raw(),
@@ -736,11 +828,15 @@ impl Supervisor {
         if let Some(fd) = ready {
             cmd.arg("--ready-fd").arg(fd.as_raw_fd().to_string());
         }
+        if let Some(status) = &self.status {
+            cmd.arg("--status-fd").arg(status.listener.as_raw_fd().to_string());
+        }
         cmd.arg(&self.mountpoint);
         // The supervisor tells systemd; a server's word would be refused.
         cmd.env_remove("NOTIFY_SOCKET");
         let inherit: Vec<i32> = [
             Some(theirs.as_raw_fd()),
+            self.status.as_ref().map(|s| s.listener.as_raw_fd()),
             self.lock.as_ref().map(|l| l.as_fd().as_raw_fd()),
             ready.map(|f| f.as_raw_fd()),
         ]
@@ -763,6 +859,7 @@ impl Supervisor {
             .spawn()
             .map_err(|e| DaemonError::new(format!("starting {}: {e}", binary.path.display())))?;
         drop(theirs);
+        protocol::send_deadline(&ours);
         let pid = Pid::from_raw(child.id() as i32);
         let reader = ours
             .try_clone()

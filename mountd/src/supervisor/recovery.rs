@@ -96,11 +96,33 @@ impl Supervisor {
                         tracing::error!("our server (pid {pid}) died while the other daemon's served: {status:?}");
                         self.resend();
                     }
-                    peer.send(Tag::Drained, &(pid.as_raw() as u64).to_le_bytes());
-                    self.phase = Phase::HandedOver(None);
-                    return Ok(self.handed_over());
+                    self.drained_for(old, &peer)?;
+                    if let Phase::HandedOver(Some(_)) = self.phase {
+                        self.phase = Phase::HandedOver(None);
+                        return Ok(self.handed_over());
+                    }
                 }
             },
+            // The other daemon was told to drain its server: there is no
+            // going back. Once it has, a successor of ours recovers.
+            Phase::Joining {
+                new,
+                peer,
+                step: Handing::Draining,
+                since,
+            } if new.pid == pid => {
+                tracing::error!(
+                    "this daemon's server (pid {pid}) died while the other daemon's drained: {status:?}; a \
+                     successor serves once that is done"
+                );
+                self.join_server_died = Some(pid);
+                self.phase = Phase::Joining {
+                    new,
+                    peer,
+                    step: Handing::Draining,
+                    since,
+                };
+            }
             Phase::Joining { new, peer, .. } if new.pid == pid => {
                 let why = format!("this daemon's new server (pid {pid}) ended: {status:?}");
                 // If it had begun to read, the other daemon resends.

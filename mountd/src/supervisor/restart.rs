@@ -13,7 +13,10 @@ impl Supervisor {
                 step: Step::Freezing,
                 binary,
                 ..
-            } if old.pid == pid => match self.start_successor(&binary) {
+            } if old.pid == pid => match crate::failpoint::hit("restart-prepare")
+                .map_err(DaemonError::new)
+                .and_then(|()| self.start_successor(&binary))
+            {
                 Ok(new) => {
                     tracing::info!(
                         pid = new.pid.as_raw(),
@@ -66,6 +69,13 @@ impl Supervisor {
                     return Ok(());
                 }
             },
+            // A freeze that came after its step was given up: the server
+            // must not stay frozen (no re-pin would happen again).
+            Phase::Serving(server) if server.pid == pid => {
+                tracing::warn!("pid {pid} froze after its restart or takeover was given up; thawing it");
+                server.send(Tag::Thaw, &[]);
+                Phase::Serving(server)
+            }
             other => other,
         };
         Ok(())
@@ -80,9 +90,13 @@ impl Supervisor {
                 binary,
                 ..
             } if new.pid == pid => {
+                if let Err(e) = crate::failpoint::hit("restart-go") {
+                    self.give_up_restart(old, New::Running(&new), false, e);
+                    return Ok(());
+                }
                 // The old server answers until the new one does: no request
                 // waits, none is resent.
-                new.send(Tag::Go, &[protocol::GO_BESIDE]);
+                new.send(Tag::Go, &protocol::go_body(false, self.kept.highest()));
                 Phase::Restarting {
                     old,
                     step: Step::Overlap(new),
@@ -97,14 +111,23 @@ impl Supervisor {
                 // The dead server's unanswered requests go back in the
                 // queue before anybody reads it again.
                 self.resend();
-                new.send(Tag::Go, &[protocol::GO_ALONE]);
+                new.send(Tag::Go, &protocol::go_body(true, self.kept.highest()));
+            }
+        }
+        if let Phase::Joining { new, peer, step, .. } = &self.phase {
+            if new.pid == pid && *step == Handing::Preparing {
+                if let Err(e) = crate::failpoint::hit("join-prepared") {
+                    peer.send(Tag::Refused, e.as_bytes());
+                    new.kill(Signal::SIGKILL);
+                    return Err(DaemonError::new(format!("--take-over failed: {e}")));
+                }
             }
         }
         if let Phase::Joining { new, peer, step, since } = &mut self.phase {
             if new.pid == pid && *step == Handing::Preparing {
                 // As in a restart: the old server answers until ours does.
                 peer.send(Tag::Prepared, &[]);
-                new.send(Tag::Go, &[protocol::GO_BESIDE]);
+                new.send(Tag::Go, &protocol::go_body(false, self.kept.highest()));
                 *step = Handing::Overlap;
                 *since = Instant::now();
             }
@@ -180,7 +203,7 @@ impl Supervisor {
 
     /// The old server answered everything it held and reads no more: the
     /// new one serves alone.
-    pub(super) fn drained(&mut self, pid: Pid) {
+    pub(super) fn drained(&mut self, pid: Pid) -> Result<(), DaemonError> {
         match std::mem::replace(&mut self.phase, Phase::Moving) {
             Phase::Restarting {
                 old,
@@ -207,11 +230,11 @@ impl Supervisor {
                     pid = peer.pid,
                     "take-over: drained; the other daemon serves this mount point now"
                 );
-                peer.send(Tag::Drained, &(old.pid.as_raw() as u64).to_le_bytes());
-                self.phase = Phase::HandedOver(Some(old));
+                self.drained_for(old, &peer)?;
             }
             other => self.phase = other,
         }
+        Ok(())
     }
 
     /// `nvlibfs restart`: the binary on disk now, on the running server's
@@ -225,7 +248,10 @@ impl Supervisor {
                 return;
             }
         };
-        match Binary::open(&self.command.exe) {
+        let opened = crate::failpoint::hit("restart-freeze")
+            .map_err(std::io::Error::other)
+            .and_then(|()| Binary::open(&self.command.exe));
+        match opened {
             Ok(binary) => {
                 tracing::info!(
                     pid = server.pid.as_raw(),
@@ -250,6 +276,11 @@ impl Supervisor {
 
     /// A restart is done: `new` serves alone, from `binary`.
     pub(super) fn restarted(&mut self, old: Server, new: Server, binary: Rc<Binary>) {
+        if let Err(e) = crate::failpoint::hit("restart-sole") {
+            // Its death is a crash like any other: a successor recovers.
+            tracing::error!("{e}: stopping pid {}", new.pid);
+            new.kill(Signal::SIGKILL);
+        }
         new.send(Tag::Sole, &[]);
         self.record(
             "restart",
@@ -267,15 +298,27 @@ impl Supervisor {
     /// A step of a restart or a takeover that takes too long is given up.
     pub(super) fn check_step_limit(&mut self) -> Result<Option<i32>, DaemonError> {
         match &self.phase {
-            Phase::HandingOver { since, .. } | Phase::Joining { since, .. } if since.elapsed() >= STEP_LIMIT => {
+            // Draining, this side waits for the other's own limit first.
+            Phase::Joining {
+                since,
+                step: Handing::Draining,
+                ..
+            } if since.elapsed() >= 2 * self.step_limit => {
                 return self.takeover_too_slow();
             }
-            Phase::Leaving { since, .. } if since.elapsed() >= STEP_LIMIT => {
+            Phase::Joining {
+                step: Handing::Draining,
+                ..
+            } => {}
+            Phase::HandingOver { since, .. } | Phase::Joining { since, .. } if since.elapsed() >= self.step_limit => {
+                return self.takeover_too_slow();
+            }
+            Phase::Leaving { since, .. } if since.elapsed() >= self.step_limit => {
                 // Stuck: what it holds is resent to the next daemon.
                 let Phase::Leaving { old, .. } = std::mem::replace(&mut self.phase, Phase::Moving) else {
                     unreachable!("matched above")
                 };
-                tracing::error!("leaving for the restart took over {} s", STEP_LIMIT.as_secs());
+                tracing::error!("leaving for the restart took over {} s", self.step_limit.as_secs_f64());
                 old.kill(Signal::SIGKILL);
                 self.stop_requested = true;
                 self.phase = Phase::HandedOver(Some(old));
@@ -286,7 +329,7 @@ impl Supervisor {
         let Phase::Restarting { since, .. } = &self.phase else {
             return Ok(None);
         };
-        if since.elapsed() < STEP_LIMIT {
+        if since.elapsed() < self.step_limit {
             return Ok(None);
         }
         let Phase::Restarting { old, step, binary, .. } = std::mem::replace(&mut self.phase, Phase::Moving) else {
@@ -295,13 +338,13 @@ impl Supervisor {
         let why = format!(
             "the restart's {} step took over {} s",
             step_name(&step),
-            STEP_LIMIT.as_secs()
+            self.step_limit.as_secs_f64()
         );
         tracing::error!("{why}");
         match step {
-            Step::Freezing => {
-                self.phase = Phase::Serving(old);
-            }
+            // It may still freeze once a re-pin under way ends: thawed, it
+            // does not (or thaws again).
+            Step::Freezing => self.give_up_restart(old, New::None, false, why),
             Step::Preparing(new) => self.give_up_restart(old, New::Running(&new), false, why),
             Step::Overlap(new) => self.give_up_restart(old, New::Running(&new), true, why),
             Step::Draining(new) => {
