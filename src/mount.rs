@@ -523,6 +523,17 @@ pub fn restart(args: RestartArgs) -> Result<()> {
             }
             None => {}
         }
+        if !control::process_running(supervisor) {
+            let serving = now.map_or("nothing answers".to_owned(), |s| {
+                format!("pid {} serves on without a supervisor", s.pid)
+            });
+            return Err(format!(
+                "the supervisor (pid {supervisor}) ended during the restart; {serving}: a crash of this server \
+                 now ends the mount (its log says why the supervisor ended; `nvlibfs umount` and `nvlibfs mount` \
+                 start a supervised daemon again)"
+            )
+            .into());
+        }
         if Instant::now() > deadline {
             return Err(format!(
                 "no new server took over within {} s; pid {} goes on serving (its log says why)",

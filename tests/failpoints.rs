@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 /// The step limit the failpoints build runs with here (20 s in releases).
 const STEP_LIMIT_MS: u64 = 2000;
 
+/// The version a module change switches to (its files are beside).
+const OTHER: &str = "570.86.15";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     Kill,
@@ -110,8 +113,12 @@ impl Scene {
             std::fs::copy(binaries.bin.join(name), bin.join(name)).unwrap();
         }
         let extra: &[&str] = if cached { &["--no-passthrough"] } else { &[] };
+        let spec = FixtureSpec {
+            stale: Some(OTHER.into()),
+            ..FixtureSpec::new(VERSION)
+        };
         let m = Mounted::with_env(
-            FixtureSpec::new(VERSION),
+            spec,
             extra,
             Some(&bin),
             &[
@@ -219,14 +226,25 @@ fn lock_held(m: &Mounted) -> bool {
     )
 }
 
-/// What must hold once a fault is over; `Err` names what does not.
-fn settled(scene: &Scene) -> Result<(), String> {
+/// What must hold once a fault is over; `Err` names what does not. A
+/// supervisor killed is the one death nothing saves (but systemd's store):
+/// then its server serves on alone, and status says that no supervisor is
+/// there.
+fn settled(scene: &Scene, cell: &Cell) -> Result<(), String> {
     let m = &scene.m;
     let status = nvlibfs::control::query(&m.state_dir, &m.mountpoint).map_err(|e| format!("status: {e}"))?;
-    let supervisor = status.supervisor_pid.ok_or("status names no supervisor")?;
     let supervisors = supervisors(&m.mountpoint);
-    if supervisors != [supervisor] {
-        return Err(format!("supervisors {supervisors:?}, status says {supervisor}"));
+    match status.supervisor_pid {
+        Some(supervisor) if supervisors != [supervisor] => {
+            return Err(format!("supervisors {supervisors:?}, status says {supervisor}"))
+        }
+        Some(_) => {}
+        None if cell.fault == Fault::Kill && !cell.point.starts_with("server-") => {
+            if !supervisors.is_empty() {
+                return Err(format!("supervisors {supervisors:?}, status says none"));
+            }
+        }
+        None => return Err(format!("no supervisor (supervisors {supervisors:?})")),
     }
     let servers = servers(&m.mountpoint);
     if servers != [status.pid] {
@@ -235,16 +253,26 @@ fn settled(scene: &Scene) -> Result<(), String> {
     if let Some(frozen) = status.frozen_s {
         return Err(format!("the server is frozen ({frozen:.1} s)"));
     }
+    let module = std::fs::read_to_string(m.fixture.module_version_file()).unwrap();
+    if status.driver_version != module.trim() {
+        return Err(format!(
+            "the view serves {}, the module is {}",
+            status.driver_version,
+            module.trim()
+        ));
+    }
     if !lock_held(m) {
         return Err("nobody holds the lock".into());
     }
     Ok(())
 }
 
-/// Every file of the view reads the bytes of its host file, from disk.
+/// Every file of the view reads the bytes of its host file, from disk,
+/// and the view serves the version the module says.
 fn exact_bytes(m: &Mounted) -> Result<(), String> {
+    let served = m.status().driver_version;
     drop_caches();
-    for lib in &m.fixture.libraries {
+    for lib in m.fixture.libraries.iter().filter(|l| l.version == served) {
         let host = std::fs::read(m.fixture.root.join(&lib.host_path)).unwrap();
         let served = std::fs::read(m.mountpoint.join(&lib.view_path))
             .map_err(|e| format!("{}: {e}", lib.view_path.display()))?;
@@ -323,6 +351,14 @@ fn fault_and_check(
             scene.restart()
         }
         "TakenOver" | "TakingOver" => scene.take_over().output().unwrap(),
+        "ModuleChange" => {
+            std::fs::write(m.fixture.module_version_file(), format!("{OTHER}\n")).unwrap();
+            let supervisor = m.status().supervisor_pid.expect("a supervisor");
+            // SAFETY: signals the daemon this test started.
+            unsafe { libc::kill(supervisor as i32, libc::SIGHUP) };
+            std::thread::sleep(Duration::from_millis(500));
+            Command::new("true").output().unwrap()
+        }
         other => panic!("a trigger this test does not know: {other}"),
     };
     let said = format!(
@@ -339,7 +375,7 @@ fn fault_and_check(
     let deadline = over + Duration::from_millis(2 * STEP_LIMIT_MS + 2000);
     let mut last = Err(String::new());
     while Instant::now() < deadline {
-        last = settled(scene);
+        last = settled(scene, cell);
         if last.is_ok() && Instant::now() >= over {
             break;
         }
@@ -445,4 +481,287 @@ fn every_step_survives_every_fault_on_both_data_paths() {
         failed.len(),
         failed.join("\n\n")
     );
+}
+
+/// Waits (up to the step limit and 10 s) for what must hold once a fault
+/// is over, and for the view's bytes; panics naming what does not hold.
+fn assert_settles(scene: &Scene, cell: &Cell) {
+    let deadline = Instant::now() + Duration::from_millis(STEP_LIMIT_MS) + Duration::from_secs(10);
+    let mut last = settled(scene, cell);
+    while last.is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        last = settled(scene, cell);
+    }
+    if let Err(e) = last {
+        panic!("{e}\nlog:\n{}", scene.log());
+    }
+    exact_bytes(&scene.m).unwrap();
+    numbers_used_once(&scene.log()).unwrap();
+}
+
+/// A cell for `settled`, for the tests below that fault by hand.
+fn by_hand(point: &str) -> Cell {
+    Cell {
+        point: point.into(),
+        trigger: String::new(),
+        fault: Fault::Error,
+        cached: false,
+    }
+}
+
+fn the_protocol_version() -> u32 {
+    let source = include_str!("../mountd/src/protocol.rs");
+    let at = source.find("None => ").expect("the protocol version in protocol.rs") + 8;
+    source[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// What a process offering a takeover gets: the first message's tag and
+/// how many descriptors came with it, or what the connection said.
+const OFFER: &str = r#"
+import array, json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.send(b"O" + json.dumps({"protocol": int(sys.argv[2]), "version": "0.1.0", "pid": os.getpid()}).encode())
+try:
+    msg, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(253 * 4))
+except Exception as e:
+    print("error", e)
+    sys.exit(0)
+fds = sum(len(d) // 4 for (l, t, d) in anc if l == socket.SOL_SOCKET and t == socket.SCM_RIGHTS)
+print(chr(msg[0]) if msg else "EOF", fds, msg[1:200].decode(errors="replace"))
+"#;
+
+/// A root that holds no capability (a container's root without
+/// CAP_SYS_ADMIN), and a root of a user namespace of its own, reach the
+/// takeover and status sockets and get nothing: refused before anything
+/// is frozen or handed over.
+#[test]
+fn a_root_without_capabilities_gets_nothing_from_any_socket() {
+    common::require_fixture_tools();
+    common::require("setpriv", "util-linux");
+    common::require("python3", "python3");
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let before = m.status();
+    let takeover = nvlibfs::control::takeover_path(&m.state_dir, &m.mountpoint);
+    let protocol = the_protocol_version().to_string();
+    let wrappers: [&[&str]; 2] = [
+        &["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--"],
+        &["unshare", "--user", "--map-root-user", "--"],
+    ];
+    for wrapper in wrappers {
+        let out = Command::new(wrapper[0])
+            .args(&wrapper[1..])
+            .args(["python3", "-c", OFFER])
+            .arg(&takeover)
+            .arg(&protocol)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.starts_with("X 0 refused:"),
+            "{wrapper:?} got: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let now = m.status();
+        assert_eq!(now.frozen_s, None, "{wrapper:?} froze the server");
+        assert_eq!((now.pid, now.supervisor_pid), (before.pid, before.supervisor_pid));
+
+        let out = Command::new(wrapper[0])
+            .args(&wrapper[1..])
+            .arg(env!("CARGO_BIN_EXE_nvlibfs"))
+            .args(["status", "--format", "json", "--state-dir"])
+            .arg(&m.state_dir)
+            .arg(&m.mountpoint)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{wrapper:?} read the status: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(err.contains("CAP_SYS_ADMIN"), "{wrapper:?}: {err}");
+    }
+    // The daemon's own kind still gets both.
+    assert_eq!(m.status().pid, before.pid);
+}
+
+/// The daemon taking over loses its server while ours drains (stalled
+/// there): it waits for the drain, then a successor of its own serves;
+/// ours exits. And the daemon taking over killed whole while ours drains:
+/// ours takes the mount back.
+#[test]
+fn a_takeover_that_loses_a_process_while_the_other_drains_leaves_one_daemon_serving() {
+    common::require_fixture_tools();
+    let binaries = binaries();
+    for kill_whole_daemon in [false, true] {
+        let scene = Scene::new(&binaries, false);
+        let first = scene.m.status();
+        let original = first.supervisor_pid.unwrap();
+        let loader = loaders::start(&scene.m, 0, Bind::Private, 9000);
+        scene.arm("server-drain", &format!("sleep({})", STEP_LIMIT_MS));
+        let mut joiner = scene.take_over().stdout(std::process::Stdio::null()).spawn().unwrap();
+        wait_for_file(&scene, "server-drain");
+        let joining = supervisors(&scene.m.mountpoint)
+            .into_iter()
+            .find(|&p| p != original)
+            .expect("the joining supervisor");
+        let victim = if kill_whole_daemon {
+            joining
+        } else {
+            servers(&scene.m.mountpoint)
+                .into_iter()
+                .find(|&p| parent(p) == joining)
+                .expect("the joining daemon's server")
+        };
+        // SAFETY: kills a process this test started.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        let _ = joiner.wait();
+        assert_settles(&scene, &by_hand("server-drain"));
+        let now = scene.m.status();
+        let expected = if kill_whole_daemon { original } else { joining };
+        assert_eq!(now.supervisor_pid, Some(expected), "{}", scene.log());
+        let outcome = loaders::finish(loader);
+        assert_eq!(outcome.report.failed, 0, "{}", outcome.text);
+    }
+}
+
+fn parent(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_for_file(scene: &Scene, point: &str) {
+    common::wait_for(&format!("{point} to be reached"), || scene.fired(point));
+}
+
+/// The supervisor answers a checkpoint only after the server gave up on it
+/// (a re-pin to another module version): the next checkpoint takes a new
+/// number and sends everything again, the re-pin happens, and a successor
+/// after a crash serves the module's version, byte for byte.
+#[test]
+fn a_checkpoint_answered_late_takes_no_number_twice() {
+    common::require_fixture_tools();
+    let binaries = binaries();
+    let scene = Scene::new(&binaries, false);
+    // Longer than the server's 10 s wait for an answer.
+    scene.arm("supervisor-checkpoint-ack", "sleep(11000)");
+    std::fs::write(scene.m.fixture.module_version_file(), format!("{OTHER}\n")).unwrap();
+    wait_for_file(&scene, "supervisor-checkpoint-ack");
+    assert_settles(&scene, &by_hand("supervisor-checkpoint-ack"));
+    // SAFETY: kills the server this test started.
+    unsafe { libc::kill(scene.m.status().pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_settles(&scene, &by_hand("supervisor-checkpoint-ack"));
+    let log = scene.log();
+    assert!(!log.contains("refused checkpoint"), "{log}");
+    assert_eq!(scene.m.status().driver_version, OTHER);
+}
+
+/// A daemon taking over fails right after the lock was handed on: the
+/// serving daemon keeps its lock (a plain mount is refused), its lock file
+/// and its status socket.
+#[test]
+fn a_takeover_refused_after_the_lock_was_handed_on_takes_nothing_away() {
+    common::require_fixture_tools();
+    let binaries = binaries();
+    let scene = Scene::new(&binaries, false);
+    let before = scene.m.status();
+    scene.arm("join-lock", "return(error)");
+    let out = scene.take_over().output().unwrap();
+    assert!(!out.status.success());
+    assert!(scene.fired("join-lock"));
+    assert_settles(&scene, &by_hand("join-lock"));
+    assert_eq!(scene.m.status().supervisor_pid, before.supervisor_pid);
+    assert!(nvlibfs::control::lock_path(&scene.m.state_dir, &scene.m.mountpoint).exists());
+    let out = mount_command(&scene.m.fixture, &scene.m.state_dir)
+        .arg(&scene.m.mountpoint)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("already served"), "{err}");
+    assert_eq!(scene.m.status().pid, before.pid);
+}
+
+/// A restart's new server fails after it would have bound the status
+/// socket: the server that goes on still answers `nvlibfs status`.
+#[test]
+fn a_successor_that_fails_leaves_status_answering() {
+    common::require_fixture_tools();
+    let binaries = binaries();
+    let scene = Scene::new(&binaries, false);
+    let before = scene.m.status();
+    scene.arm("server-ready", "return(error)");
+    let out = scene.restart();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_settles(&scene, &by_hand("server-ready"));
+    assert_eq!(scene.m.status().pid, before.pid);
+}
+
+/// A re-pin's scan outlasts the step limit while a restart waits to
+/// freeze: the restart is given up, and the server, which would have
+/// frozen once the scan ended, is not left frozen: the re-pin happens and
+/// status shows no freeze.
+#[test]
+fn a_freeze_that_times_out_leaves_no_server_frozen() {
+    common::require_fixture_tools();
+    let binaries = binaries();
+    let scene = Scene::new(&binaries, false);
+    scene.arm("server-repin", &format!("sleep({})", 2 * STEP_LIMIT_MS));
+    std::fs::write(scene.m.fixture.module_version_file(), format!("{OTHER}\n")).unwrap();
+    wait_for_file(&scene, "server-repin");
+    let out = scene.restart();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("freeze step"), "{said}");
+    assert_settles(&scene, &by_hand("server-repin"));
+    let log = scene.log();
+    assert!(log.contains("not freezing") || log.contains("thawing"), "{log}");
+}
+
+/// The state directory must be root's and writable by nobody else, and
+/// nothing in it is opened through a symbolic link: a link planted at the
+/// lock's path or the log's is refused, naming it, and its target is left
+/// as it was.
+#[test]
+fn state_files_are_never_opened_through_symbolic_links() {
+    common::require_fixture_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = nvlibfs_fixture::build(&FixtureSpec::new(VERSION), &dir.path().join("host")).unwrap();
+    let mountpoint = dir.path().join("mnt");
+    let target = dir.path().join("target");
+    std::fs::write(&target, "untouched").unwrap();
+
+    let open = dir.path().join("open-state");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = mount_command(&fixture, &open).arg(&mountpoint).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("others may write"), "{err}");
+
+    let state = dir.path().join("state");
+    let lock = nvlibfs::control::lock_path(&state, &mountpoint);
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&target, &lock).unwrap();
+    let out = mount_command(&fixture, &state).arg(&mountpoint).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+    std::fs::remove_file(&lock).unwrap();
+
+    let log = nvlibfs::control::log_path(&state, &mountpoint);
+    std::os::unix::fs::symlink(&target, &log).unwrap();
+    let out = mount_command(&fixture, &state).arg(&mountpoint).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _unmount = common::UnmountOnDrop(mountpoint.clone(), state.clone());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched", "{err}");
 }

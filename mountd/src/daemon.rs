@@ -61,7 +61,14 @@ impl Readiness {
     /// # Safety
     /// `fd` must be an open descriptor this process owns (inherited for us).
     pub unsafe fn from_fd(fd: Option<i32>) -> Readiness {
-        Readiness(fd.map(|fd| std::fs::File::from(OwnedFd::from_raw_fd(fd))))
+        let pipe = fd.map(|fd| std::fs::File::from(OwnedFd::from_raw_fd(fd)));
+        // Passed on only where it is meant to be (the first server): a
+        // process that inherited it by accident would keep `nvlibfs mount`
+        // waiting for as long as it lives.
+        if let Some(pipe) = &pipe {
+            let _ = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        }
+        Readiness(pipe)
     }
 
     pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
@@ -187,6 +194,8 @@ impl MountLock {
         );
         if alone {
             self.locks.remove_if(&self.name, self.identity);
+            let token = std::path::Path::new(&self.name).with_extension("serving");
+            self.locks.remove_unheld(&token.to_string_lossy());
         }
     }
 
@@ -381,6 +390,11 @@ fn mount<'a>(
         .map_err(|e| DaemonError(format!("keeping the FUSE connection: {e}")))?;
     let registry: Arc<dyn Registry> = Arc::new(Connection(connection));
     served.start(crate::repin::with_spec_dir(plan.view), Some(registry));
+    let token =
+        crate::statedir::serving_token(&serve.state_dir, &mountpoint, std::time::Duration::ZERO).ok_or_else(|| {
+            DaemonError("another server of this mount point still serves: its serving token is held".into())
+        })?;
+    *served.serving_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
     crate::repin::follow_devices(&served, &serve.dev, None, None);
     set_readahead(&live, serve.readahead_kb);
     // The supervisor keeps the connection and everything held from now on.
@@ -494,6 +508,9 @@ fn take_over<'a>(
     // held before this; nobody reads the connection until now.
     let (alone, highest) = protocol::decode_go(&go.body);
     link.number_above(highest);
+    if alone {
+        take_token(&served, &serve.state_dir);
+    }
     let session = resumed
         .attach(&fuse)
         .map_err(|e| DaemonError(format!("taking the FUSE connection: {e}")))?;
@@ -643,10 +660,10 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
         })
         .map_err(|e| DaemonError(format!("starting the signal thread: {e}")))?;
     {
-        let (served, link) = (served.clone(), link.clone());
+        let (served, link, state_dir) = (served.clone(), link.clone(), serve.state_dir.clone());
         std::thread::Builder::new()
             .name("supervisor".into())
-            .spawn(move || hear_supervisor(link, served, drain))
+            .spawn(move || hear_supervisor(link, served, drain, state_dir))
             .map_err(|e| DaemonError(format!("starting the supervisor thread: {e}")))?;
     }
 
@@ -740,8 +757,9 @@ fn spend_the_first_open(served: &Served, live: &Path) {
 /// Everything the supervisor tells a running server: answers to its
 /// checkpoints, the handovers so far, and a restart's steps. When it goes
 /// away, the server goes on alone (a crash from then on ends the mount,
-/// as before there was a supervisor).
-fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Drain) {
+/// as before there was a supervisor), or, where it served beside another
+/// that goes on, ends (`orphaned`).
+fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Drain, state_dir: std::path::PathBuf) {
     let answers = link.answers();
     let mut drain = Some(drain);
     loop {
@@ -751,6 +769,7 @@ fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Dr
                 tracing::warn!("the supervisor is gone; serving on without one");
                 *served.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let _ = answers.send(Answer::Gone);
+                orphaned(served, link, drain, state_dir);
                 return;
             }
             Err(e) => {
@@ -787,41 +806,107 @@ fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Dr
             Tag::Thaw => {
                 tracing::info!("the restart did not happen; re-pinning and freeing as before");
                 crate::failpoint::hit("server-thaw").unwrap_or_else(|e| tracing::error!("{e}"));
-                served.own_backing(true);
-                link.thaw();
-                *served.frozen_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                serve_alone(&served, &link);
             }
             Tag::Sole => {
                 tracing::info!("the previous server has stopped; this one serves alone");
-                served.own_backing(true);
-                link.thaw();
-                *served.frozen_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                serve_alone(&served, &link);
+                // It holds the token once the one before has ended.
+                let (served, state_dir) = (served.clone(), state_dir.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("token".into())
+                    .spawn(move || take_token(&served, &state_dir));
+                if let Err(e) = spawned {
+                    tracing::error!("starting the token thread: {e}");
+                }
             }
             Tag::Drain => {
                 let Some(drain) = drain.take() else { continue };
-                let (served, link) = (served.clone(), link.clone());
-                let spawned = std::thread::Builder::new().name("drain".into()).spawn(move || {
-                    let drained = crate::failpoint::hit("server-drain").and_then(|()| drain.run(&served));
-                    match drained {
-                        Ok(()) => {
-                            tracing::info!("every request this server held is answered; handing over");
-                            match crate::failpoint::hit("server-drained") {
-                                Ok(()) => drop(link.send(Tag::Drained, &[], &[])),
-                                Err(e) => tracing::error!("{e}: the supervisor is not told"),
-                            }
-                            std::process::exit(0);
-                        }
-                        // The supervisor stops this server all the same
-                        // when its wait runs out.
-                        Err(e) => tracing::error!("draining: {e}"),
-                    }
-                });
-                if let Err(e) = spawned {
-                    tracing::error!("starting the drain thread: {e}");
-                }
+                drain_and_exit(drain, served.clone(), link.clone());
             }
             other => tracing::warn!("unexpected message {other:?} from the supervisor"),
         }
+    }
+}
+
+/// Re-pins and frees as a server on its own does.
+fn serve_alone(served: &Served, link: &Link) {
+    served.own_backing(true);
+    link.thaw();
+    *served.frozen_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// Takes the serving token (statedir.rs) for a server that serves alone,
+/// waiting up to the step limit for the server before it to end.
+fn take_token(served: &Served, state_dir: &Path) {
+    let limit = crate::failpoint::step_limit(protocol::STEP_LIMIT);
+    match crate::statedir::serving_token(state_dir, &served.mountpoint, limit) {
+        Some(token) => *served.serving_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token),
+        None => tracing::error!(
+            "the serving token is still held {} s on: a server before this one has not ended",
+            limit.as_secs_f64()
+        ),
+    }
+}
+
+/// Answers every request this server holds, stops reading, tells the
+/// supervisor, and exits.
+fn drain_and_exit(drain: crate::drain::Drain, served: Arc<Served>, link: Arc<Link>) {
+    let spawned = std::thread::Builder::new().name("drain".into()).spawn(move || {
+        let drained = crate::failpoint::hit("server-drain").and_then(|()| drain.run(&served));
+        match drained {
+            Ok(()) => {
+                tracing::info!("every request this server held is answered; handing over");
+                match crate::failpoint::hit("server-drained") {
+                    Ok(()) => drop(link.send(Tag::Drained, &[], &[])),
+                    Err(e) => tracing::error!("{e}: the supervisor is not told"),
+                }
+                std::process::exit(0);
+            }
+            // The supervisor stops this server all the same when its
+            // wait runs out.
+            Err(e) => tracing::error!("draining: {e}"),
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("starting the drain thread: {e}");
+    }
+}
+
+/// The supervisor died (killed: nothing saves that but systemd's store),
+/// perhaps mid-handover with two servers reading. Exactly one goes on,
+/// decided by the serving token with no word between them: the holder,
+/// thawed once a server beside it has had the step limit to end; or the
+/// one beside it, if the holder ends within half of that (it was
+/// draining); else the one beside it drains and exits. A server already
+/// draining ends as it would have.
+fn orphaned(served: Arc<Served>, link: Arc<Link>, drain: Option<crate::drain::Drain>, state_dir: std::path::PathBuf) {
+    let Some(drain) = drain else { return };
+    let limit = crate::failpoint::step_limit(protocol::STEP_LIMIT);
+    let holds = served.serving_token.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+    let spawned = std::thread::Builder::new().name("orphaned".into()).spawn(move || {
+        if holds {
+            if link.is_frozen() {
+                tracing::warn!("frozen with no supervisor: thawing in {} s", limit.as_secs_f64());
+                std::thread::sleep(limit);
+                serve_alone(&served, &link);
+            }
+            return;
+        }
+        match crate::statedir::serving_token(&state_dir, &served.mountpoint, limit / 2) {
+            Some(token) => {
+                tracing::warn!("the server this one served beside has ended; serving alone");
+                *served.serving_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+                serve_alone(&served, &link);
+            }
+            None => {
+                tracing::warn!("the server this one served beside serves on; draining and exiting");
+                drain_and_exit(drain, served, link);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("starting the orphaned thread: {e}");
     }
 }
 

@@ -23,6 +23,8 @@ pub enum Trigger {
     TakenOver,
     /// `--take-over`, on the side of the daemon taking over.
     TakingOver,
+    /// The loaded module changes version.
+    ModuleChange,
 }
 
 /// Every failpoint, and what reaches it.
@@ -41,6 +43,7 @@ pub const STEPS: &[(&str, Trigger)] = &[
     ("server-drained", Trigger::Restart),
     ("restart-sole", Trigger::Restart),
     ("server-thaw", Trigger::RefusedRestart),
+    ("server-repin", Trigger::ModuleChange),
     ("handover-offered", Trigger::TakenOver),
     ("handover-lock", Trigger::TakenOver),
     ("handover-replayed", Trigger::TakenOver),

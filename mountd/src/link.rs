@@ -106,6 +106,10 @@ impl Link {
         Some(guard)
     }
 
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn thaw(&self) {
         self.thaws.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.frozen.store(false, std::sync::atomic::Ordering::SeqCst);

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -47,11 +48,18 @@ pub fn init(verbose: u8, file: Option<&Path>) {
 pub fn open_file() -> Result<(), String> {
     let Some(sink) = SINK.get() else { return Ok(()) };
     let Some(path) = &sink.file else { return Ok(()) };
+    // Not through a symbolic link: whoever could plant one in the log's
+    // directory would have the daemon append to a file of their choosing.
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|e| format!("log file {}: {e}", path.display()))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => format!("log file {}: a symbolic link; refusing to follow it", path.display()),
+            _ => format!("log file {}: {e}", path.display()),
+        })?;
     let mut target = sink.target.lock().unwrap_or_else(|e| e.into_inner());
     if let Target::Pending(lines) = &*target {
         file.write_all(lines)

@@ -71,6 +71,12 @@ pub fn go_body(alone: bool, highest: u64) -> Vec<u8> {
     body
 }
 
+/// How long each step of a restart or takeover may take before it is
+/// given up: a server that neither freezes, prepares nor drains by then is
+/// stuck. A server left without its supervisor waits as long for the
+/// other server of a handover to end.
+pub const STEP_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// How long one send to a server or another daemon may block: a peer
 /// that stops reading (a paused container) must not wedge the sender.
 pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);

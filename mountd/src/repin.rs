@@ -93,6 +93,9 @@ pub fn watch(
         if pinned.version == current.view.pin().version && !waiting {
             continue;
         }
+        // A scan that takes long (a slow driver root) holds re-pins, and a
+        // restart's freeze waits for it.
+        crate::failpoint::hit("server-repin").unwrap_or_else(|e| tracing::error!("{e}"));
         // Pins again from the module, so the view says where its pin came from.
         let plan = match nvlibfs::plan(&driver.driver_root, &request, &nvlibfs::discover::KernelInfo::running()) {
             Ok(plan) => plan,

@@ -585,6 +585,8 @@ pub struct Served {
     pub handovers: Mutex<Vec<nvlibfs::control::Handover>>,
     /// Since when re-pins are frozen for a restart or takeover, for `status`.
     pub frozen_since: Mutex<Option<std::time::Instant>>,
+    /// The serving token (statedir.rs), while this server serves alone.
+    pub serving_token: Mutex<Option<std::fs::File>>,
     /// Set while draining (see drain.rs): told when fuser's threads have
     /// all ended.
     pub drained: Mutex<Option<std::sync::mpsc::Sender<()>>>,
@@ -616,6 +618,7 @@ impl Served {
             supervisor_pid: Mutex::new(None),
             handovers: Mutex::new(Vec::new()),
             frozen_since: Mutex::new(None),
+            serving_token: Mutex::new(None),
             drained: Mutex::new(None),
             spec: Mutex::new(None),
             spec_version: AtomicU64::new(0),

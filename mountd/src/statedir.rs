@@ -103,6 +103,19 @@ impl StateDir {
         }
     }
 
+    /// Removes `name` if nobody holds an flock on it.
+    pub fn remove_unheld(&self, name: &str) {
+        let Ok(fd) = self.open_file(name, OFlag::O_RDWR) else {
+            return;
+        };
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            if let Some(ours) = identity_of(&fd) {
+                self.remove_if(name, ours);
+            }
+        }
+    }
+
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.dir.as_fd()
     }
@@ -111,4 +124,35 @@ impl StateDir {
 /// The identity of an open file.
 pub fn identity_of(fd: &impl AsFd) -> Option<Identity> {
     fstat(fd).ok().map(|st| (st.st_dev, st.st_ino))
+}
+
+/// The serving token: an flock on `locks/<mount point>.serving`, held by
+/// the one server that serves the mount on its own (the first, a crash's
+/// successor, a restart's or takeover's once told it is sole), never by a
+/// server serving beside another. When the supervisor dies mid-handover,
+/// the servers left decide by it, with no word between them, which one
+/// goes on: the holder, or, once the holder has drained and ended, the
+/// one beside it. `None` if it is not free within `wait`.
+pub fn serving_token(state_dir: &Path, mountpoint: &Path, wait: std::time::Duration) -> Option<std::fs::File> {
+    let name = nvlibfs::control::lock_path(state_dir, mountpoint).with_extension("serving");
+    let name = name.file_name()?.to_str()?.to_owned();
+    let file = match StateDir::open(state_dir).and_then(|d| d.locks()?.open_file(&name, OFlag::O_RDWR | OFlag::O_CREAT))
+    {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => {
+            tracing::error!("the serving token: {e}");
+            return None;
+        }
+    };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Some(file);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

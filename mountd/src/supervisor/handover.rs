@@ -223,14 +223,21 @@ impl Supervisor {
                         peer.pid
                     )));
                 }
-                // Ours serves already: what the other's server held (if it
-                // died with it) goes back in the queue, and ours goes on.
+                // Both serve, or the other's drains. Which goes on is
+                // the serving token's to say (daemon.rs, `orphaned`): held
+                // on, the other's server serves on without its supervisor.
                 tracing::error!(
-                    "the daemon taken over (pid {}) went away during the takeover: {why}; serving on",
+                    "the daemon taken over (pid {}) went away during the takeover: {why}; serving on once its \
+                     server has ended",
                     peer.pid
                 );
-                self.resend();
-                self.joined(new, &peer, 0)?;
+                self.peer_left = Some(Instant::now());
+                self.phase = Phase::Joining {
+                    new,
+                    peer,
+                    step,
+                    since: Instant::now(),
+                };
             }
             other => {
                 if let Phase::HandingOver { peer, .. } = &other {
@@ -250,6 +257,40 @@ impl Supervisor {
             }
         }
         Ok(None)
+    }
+
+    /// The daemon taken over went away mid-takeover: once its server has
+    /// ended (the serving token is free), ours serves alone; if it still
+    /// serves after half the step limit, it serves on, and ours drains and
+    /// this daemon ends (the rule its orphaned server follows too).
+    pub(super) fn peer_left(&mut self, since: Instant) -> Result<(), DaemonError> {
+        let free = crate::statedir::serving_token(&self.command.state_dir, &self.mountpoint, Duration::ZERO).is_some();
+        if !free && since.elapsed() < self.step_limit / 2 {
+            return Ok(());
+        }
+        self.peer_left = None;
+        let Phase::Joining { new, peer, .. } = std::mem::replace(&mut self.phase, Phase::Moving) else {
+            unreachable!("a peer leaves only while joining")
+        };
+        if free {
+            // What the other's server held (if it died) goes back in the
+            // queue, and ours goes on.
+            self.resend();
+            return self.joined(new, &peer, 0);
+        }
+        tracing::error!(
+            "the server of the daemon taken over (pid {}) serves on without its supervisor: ours drains and this \
+             daemon ends",
+            peer.pid
+        );
+        new.send(Tag::Drain, &[]);
+        self.gave_up = Some(format!(
+            "--take-over failed: the daemon taken over (pid {}) went away during the takeover and its server serves \
+             on",
+            peer.pid
+        ));
+        self.phase = Phase::Stopping(Some(new));
+        Ok(())
     }
 
     /// Our server has drained (or was stopped) while handing over: the
@@ -388,7 +429,7 @@ impl Supervisor {
                 self.joined(new, &peer, 0)?;
             }
             Phase::Joining { new, peer, .. } => {
-                new.kill(Signal::SIGKILL);
+                new.stop();
                 peer.send(Tag::Refused, why.as_bytes());
                 return Err(DaemonError::new(format!("--take-over failed: {why}")));
             }

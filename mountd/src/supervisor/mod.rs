@@ -75,9 +75,6 @@ const EARLY_DEATH: Duration = Duration::from_millis(500);
 /// How long a dead server's socket may stay open (held by a process it
 /// left behind) before its death is acted on anyway.
 const CLOSE_LIMIT: Duration = Duration::from_secs(1);
-/// How long each step of a restart may take before it is given up: a
-/// server that neither freezes, prepares nor drains by then is stuck.
-const STEP_LIMIT: Duration = Duration::from_secs(20);
 
 enum Event {
     Signal(Signal),
@@ -167,6 +164,13 @@ impl Server {
 
     fn kill(&self, signal: Signal) {
         let _ = kill(self.pid, signal);
+    }
+
+    /// Killed and reaped: nothing of it reads the connection any more
+    /// (what the other daemon resends must not meet it).
+    fn stop(&self) {
+        self.kill(Signal::SIGKILL);
+        let _ = waitpid(self.pid, None);
     }
 }
 
@@ -313,6 +317,10 @@ struct Supervisor {
     /// This daemon's server died while the other daemon's drained: once
     /// that is done, a successor recovers as after any crash.
     join_server_died: Option<Pid>,
+    /// Why this daemon ends with an error once its server has stopped.
+    gave_up: Option<String>,
+    /// When the daemon taken over went away, mid-takeover.
+    peer_left: Option<Instant>,
 }
 
 /// The status socket's listener, and the file's identity where this
@@ -427,9 +435,11 @@ impl Supervisor {
             closed: HashSet::new(),
             takeover_socket: None,
             status,
-            step_limit: crate::failpoint::step_limit(STEP_LIMIT),
+            step_limit: crate::failpoint::step_limit(protocol::STEP_LIMIT),
             take_back: false,
             join_server_died: None,
+            gave_up: None,
+            peer_left: None,
         };
         supervisor.phase = match (joining, fdstore::restore()) {
             (Some((sock, pid, kept, history)), _) => {
@@ -478,7 +488,10 @@ impl Supervisor {
     }
 
     fn run(mut self, ready: &mut Readiness) -> Result<i32, DaemonError> {
-        let ended = self.serve(ready);
+        let ended = self.serve(ready).and_then(|code| match self.gave_up.take() {
+            Some(why) => Err(DaemonError::new(why)),
+            None => Ok(code),
+        });
         // Not handed on: nothing of this daemon holds the mount point once
         // its servers are gone, and the lock file goes with it, and the
         // status and takeover sockets (a successor's would be other files).
@@ -718,8 +731,8 @@ impl Supervisor {
             } if new.pid == pid => {
                 new.ready(said.version);
                 if let Err(e) = crate::failpoint::hit("join-ready") {
+                    new.stop();
                     peer.send(Tag::Refused, e.as_bytes());
-                    new.kill(Signal::SIGKILL);
                     return Err(DaemonError::new(format!("--take-over failed: {e}")));
                 }
                 tracing::info!(

@@ -117,8 +117,8 @@ impl Supervisor {
         if let Phase::Joining { new, peer, step, .. } = &self.phase {
             if new.pid == pid && *step == Handing::Preparing {
                 if let Err(e) = crate::failpoint::hit("join-prepared") {
+                    new.stop();
                     peer.send(Tag::Refused, e.as_bytes());
-                    new.kill(Signal::SIGKILL);
                     return Err(DaemonError::new(format!("--take-over failed: {e}")));
                 }
             }
@@ -150,8 +150,8 @@ impl Supervisor {
         // other daemon thaws and serves on.
         if let Phase::Joining { new, peer, .. } = &self.phase {
             if new.pid == pid {
+                new.stop();
                 peer.send(Tag::Refused, why.as_bytes());
-                new.kill(Signal::SIGKILL);
                 return Err(DaemonError::new(format!(
                     "--take-over refused: {why}; the running daemon (pid {}) serves on",
                     peer.pid
@@ -297,6 +297,10 @@ impl Supervisor {
 
     /// A step of a restart or a takeover that takes too long is given up.
     pub(super) fn check_step_limit(&mut self) -> Result<Option<i32>, DaemonError> {
+        if let Some(since) = self.peer_left {
+            self.peer_left(since)?;
+            return Ok(None);
+        }
         match &self.phase {
             // Draining, this side waits for the other's own limit first.
             Phase::Joining {

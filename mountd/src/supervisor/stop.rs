@@ -38,8 +38,7 @@ impl Supervisor {
                         self.give_up_takeover(old, &peer, false, format!("{signal} before the handover"));
                     }
                     Phase::Joining { new, peer, .. } => {
-                        new.kill(Signal::SIGKILL);
-                        let _ = waitpid(new.pid, None);
+                        new.stop();
                         peer.send(Tag::Refused, format!("the daemon taking over got {signal}").as_bytes());
                         return Err(DaemonError::new(format!("{signal} before the takeover was done")));
                     }
