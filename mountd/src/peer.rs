@@ -63,6 +63,12 @@ pub fn accept_loop(listener: OwnedFd, offered: impl Fn(OwnedFd) + Send + 'static
             Err(why) => {
                 tracing::warn!("refused a takeover: {why}");
                 let _ = protocol::send(&sock, Tag::Refused, format!("refused: {why}").as_bytes(), &[]);
+                // What it sent is read (and dropped) before the socket
+                // closes: closed with it unread, the peer would meet a
+                // reset instead of the refusal.
+                let brief = nix::sys::time::TimeVal::new(0, 200_000);
+                let _ = nix::sys::socket::setsockopt(&sock, sockopt::ReceiveTimeout, &brief);
+                let _ = protocol::recv(&sock);
             }
         }
     });
