@@ -249,6 +249,35 @@ pub fn process_running(pid: u32) -> bool {
 /// before the reason.
 pub const REFUSED: &str = "refused: ";
 
+/// What the daemon writes first to a peer it cannot see (one in another
+/// PID namespace, as the host is to a daemon in a pod): a file in the state
+/// directory and a nonce, to be set as that file's `PROOF_XATTR`.
+pub const CHALLENGE: &str = "challenge ";
+
+/// Setting or reading a `trusted.` attribute takes CAP_SYS_ADMIN in the
+/// initial user namespace: what a peer must hold to be answered.
+pub const PROOF_XATTR: &str = "trusted.nvlibfs.proof";
+
+/// Answers a daemon's challenge: sets `PROOF_XATTR` to `nonce` on the file
+/// `name` (a plain name) of `state_dir`.
+pub fn prove(state_dir: &Path, name: &str, nonce: &str) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a challenge for {name:?}"),
+        ));
+    }
+    let path = std::ffi::CString::new(state_dir.join(name).as_os_str().as_bytes())?;
+    let attr = std::ffi::CString::new(PROOF_XATTR)?;
+    // SAFETY: two NUL-terminated strings and a buffer of the given length.
+    let set = unsafe { libc::lsetxattr(path.as_ptr(), attr.as_ptr(), nonce.as_ptr().cast(), nonce.len(), 0) };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
     let path = socket_path(state_dir, mountpoint);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
@@ -271,8 +300,26 @@ pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
         io::Error::new(e.kind(), text)
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = io::BufReader::new(stream.try_clone()?);
     let mut text = String::new();
-    stream.read_to_string(&mut text)?;
+    io::BufRead::read_line(&mut reader, &mut text)?;
+    if let Some(challenge) = text.strip_prefix(CHALLENGE) {
+        let (name, nonce) = challenge.trim_end().split_once(' ').unwrap_or_default();
+        prove(state_dir, name, nonce).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the daemon serving {} runs where it cannot see this process, and asked it to prove \
+                     CAP_SYS_ADMIN by setting {PROOF_XATTR} on {}: {e}",
+                    mountpoint.display(),
+                    state_dir.join(name).display()
+                ),
+            )
+        })?;
+        io::Write::write_all(&mut stream, b"proved\n")?;
+        text.clear();
+    }
+    reader.read_to_string(&mut text)?;
     if let Some(why) = text.strip_prefix(REFUSED) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,

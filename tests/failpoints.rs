@@ -765,3 +765,41 @@ fn state_files_are_never_opened_through_symbolic_links() {
     let _unmount = common::UnmountOnDrop(mountpoint.clone(), state.clone());
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched", "{err}");
 }
+
+/// A fault nothing survives: the kernel aborting the connection. The
+/// daemon says so, naming what to do, and ends, rather than start servers
+/// that cannot answer or hang.
+#[test]
+fn an_aborted_connection_ends_the_daemon_with_a_clear_error() {
+    common::require_fixture_tools();
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let supervisor = m.status().supervisor_pid.expect("a supervisor");
+    let live = m.mountpoint.join(".live");
+    let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&live).unwrap());
+    let connections = Path::new("/sys/fs/fuse/connections");
+    if !connections.join("1").exists() && std::fs::read_dir(connections).map_or(true, |mut d| d.next().is_none()) {
+        common::ok(
+            Command::new("mount")
+                .args(["-t", "fusectl", "fusectl"])
+                .arg(connections)
+                .output()
+                .unwrap(),
+            "mounting fusectl",
+        );
+    }
+    let minor = nix::sys::stat::minor(dev);
+    std::fs::write(connections.join(minor.to_string()).join("abort"), "1").unwrap();
+    let started = Instant::now();
+    common::wait_for("the supervisor to end", || {
+        !nvlibfs::control::process_running(supervisor)
+    });
+    let log = std::fs::read_to_string(nvlibfs::control::log_path(&m.state_dir, &m.mountpoint)).unwrap();
+    assert!(
+        log.contains("the kernel ended the FUSE connection") && log.contains("nvlibfs umount"),
+        "{log}"
+    );
+    eprintln!(
+        "the daemon ended {:.1} s after the abort",
+        started.elapsed().as_secs_f64()
+    );
+}

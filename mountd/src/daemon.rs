@@ -94,9 +94,9 @@ impl Readiness {
 enum Event {
     /// SIGTERM or SIGINT: unmount and exit.
     Stop(Signal),
-    /// The FUSE session ended: the mount was unmounted (or aborted) from
-    /// outside.
-    SessionEnded,
+    /// The FUSE session ended: the mount was unmounted from outside, or
+    /// (the mount still there) the kernel aborted the connection.
+    SessionEnded { aborted: bool },
 }
 
 /// How this server comes by its connection.
@@ -616,20 +616,21 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     );
     let (events, event) = mpsc::channel();
     let loop_thread = {
-        let events = events.clone();
+        let (events, served) = (events.clone(), served.clone());
         std::thread::Builder::new()
             .name("fuse-session".into())
             .spawn(move || {
                 let result = session.run();
-                let _ = events.send(Event::SessionEnded);
+                let aborted = served.aborted.load(std::sync::atomic::Ordering::SeqCst);
+                let _ = events.send(Event::SessionEnded { aborted });
                 result
             })
             .map_err(|e| DaemonError(format!("starting the session thread: {e}")))?
     };
-    let status_served = served.clone();
+    let (status_served, status_dir) = (served.clone(), serve.state_dir.clone());
     std::thread::Builder::new()
         .name("status".into())
-        .spawn(move || answer_status(listener, &status_served))
+        .spawn(move || answer_status(listener, &status_served, &status_dir))
         .map_err(|e| DaemonError(format!("starting the status thread: {e}")))?;
     let (recheck, recheck_requests) = mpsc::channel();
     {
@@ -704,7 +705,14 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
     ready.send("ready");
 
     match event.recv() {
-        Ok(Event::SessionEnded) | Err(_) => {
+        Ok(Event::SessionEnded { aborted: true }) => {
+            return fail(format!(
+                "the kernel ended the FUSE connection of {} while it is still mounted (aborted through \
+                 /sys/fs/fuse/connections, or forced)",
+                mountpoint.display()
+            ));
+        }
+        Ok(Event::SessionEnded { aborted: false }) | Err(_) => {
             tracing::info!("{} was unmounted; exiting", mountpoint.display());
         }
         Ok(Event::Stop(signal)) => {
@@ -967,11 +975,11 @@ impl Drop for FreshSetup {
 /// Answers `nvlibfs status` on the listener the supervisor holds for the
 /// mount (every server of it answers on the same one): only to a peer
 /// that could mount, since status names host paths and files.
-fn answer_status(listener: UnixListener, served: &Served) {
+fn answer_status(listener: UnixListener, served: &Served, state_dir: &Path) {
     for stream in listener.incoming() {
         match stream {
             Ok(mut stream) => {
-                if let Err(why) = crate::peer::privileged(&stream) {
+                if let Err(why) = may_ask(&mut stream, state_dir) {
                     tracing::info!("refused a status request: {why}");
                     let _ = write!(stream, "{}{why}", control::REFUSED);
                     continue;
@@ -987,6 +995,32 @@ fn answer_status(listener: UnixListener, served: &Served) {
                 }
             }
             Err(e) => tracing::warn!("status socket: {e}"),
+        }
+    }
+}
+
+/// Whether a status client may be answered: `peer::check`, and a client
+/// this server cannot see proves CAP_SYS_ADMIN (a line with the challenge,
+/// `proved` back within 5 s).
+fn may_ask(stream: &mut std::os::unix::net::UnixStream, state_dir: &Path) -> Result<(), String> {
+    use crate::peer::{Challenge, Verdict};
+    match crate::peer::check(&*stream) {
+        Verdict::Privileged => Ok(()),
+        Verdict::Refused(why) => Err(why),
+        Verdict::Unseen(_) => {
+            let challenge = Challenge::new(state_dir)?;
+            let said = |e: std::io::Error| format!("answering the challenge: {e}");
+            writeln!(stream, "{}{} {}", control::CHALLENGE, challenge.name, challenge.nonce).map_err(said)?;
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .map_err(said)?;
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(&*stream), &mut line).map_err(said)?;
+            match challenge.verdict() {
+                Verdict::Privileged if line.trim_end() == "proved" => Ok(()),
+                Verdict::Refused(why) => Err(why),
+                _ => Err(format!("it answered the challenge with {:?}", line.trim_end())),
+            }
         }
     }
 }

@@ -140,7 +140,8 @@ impl fuser::Filesystem for NvlibFs {
 
     /// fuser calls this once its threads have ended, then unmounts. When
     /// they ended because this server drains for a restart (drain.rs),
-    /// the mount is the new server's: say so and never return.
+    /// the mount is the new server's: say so and never return. Otherwise a
+    /// mount still there means the kernel aborted the connection under it.
     fn destroy(&mut self) {
         let drained = self.served.drained.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(done) = drained {
@@ -149,6 +150,9 @@ impl fuser::Filesystem for NvlibFs {
                 std::thread::park();
             }
         }
+        let live = self.served.mountpoint.join(nvlibfs::control::LIVE_DIR);
+        let mounted = nvlibfs::mountinfo::at(&live).is_some_and(|m| nvlibfs::mountinfo::is_nvlibfs_fuse(&m));
+        self.served.aborted.store(mounted, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

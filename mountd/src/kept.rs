@@ -53,6 +53,20 @@ impl Kept {
         self.highest = self.highest.max(seq);
     }
 
+    /// Whether the kernel has ended the connection (aborted through
+    /// /sys/fs/fuse/connections, or its mount forced away): the device
+    /// then polls as an error, and no server can answer on it again.
+    pub fn connection_aborted(&self) -> bool {
+        let Some(fd) = self.connection.as_ref().and_then(|m| m.fds.first()) else {
+            return false;
+        };
+        let mut poll = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+        matches!(nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+            && poll[0]
+                .revents()
+                .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLERR))
+    }
+
     /// Whether a successor can be started from what is here.
     pub fn complete(&self) -> bool {
         self.connection.is_some() && self.checkpoint.is_some()

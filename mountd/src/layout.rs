@@ -51,6 +51,18 @@ pub fn mount_point(path: &Path) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Whether the FUSE mount at `live` answers a statfs within `limit` (asked
+/// from a thread of its own, left behind if the server hangs: aborting the
+/// connection then ends its wait).
+fn answers_within(live: &Path, limit: std::time::Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let live = live.to_owned();
+    let asked = std::thread::Builder::new().name("statfs".into()).spawn(move || {
+        let _ = tx.send(nix::sys::statfs::statfs(&live).is_ok());
+    });
+    asked.is_ok() && rx.recv_timeout(limit).unwrap_or(false)
+}
+
 /// Whether `top` is a mount point set up by nvlibfs.
 pub fn is_ours(top: &Path) -> bool {
     is_mountpoint(top) && top.join(MARKER).exists()
@@ -58,15 +70,23 @@ pub fn is_ours(top: &Path) -> bool {
 
 /// Makes `top` ready for a FUSE mount at `top/.live`: sets up the shared
 /// tmpfs with its links, or takes over one a previous daemon left. The
-/// caller holds the mount point's lock, so no live daemon serves `.live`:
-/// a FUSE mount still there belongs to one that died or hangs. Its
-/// connection is aborted (requests waiting on a hung server fail instead of
-/// waiting forever) and the mount detached, both without a request to it,
-/// so this never blocks.
+/// caller holds the mount point's lock, so no live daemon of its state
+/// directory serves `.live`; one of another state directory (whose lock is
+/// elsewhere) would answer a statfs, and is refused. A FUSE mount that
+/// does not answer within a second belongs to a daemon that died or hangs:
+/// its connection is aborted (requests waiting on a hung server fail
+/// instead of waiting forever) and the mount detached.
 pub fn prepare(top: &Path) -> Result<PathBuf, String> {
     let live = top.join(LIVE);
     if is_ours(top) {
         if let Some(old) = nvlibfs::mountinfo::at(&live).filter(|m| m.fs_type.starts_with("fuse")) {
+            if answers_within(&live, std::time::Duration::from_secs(1)) {
+                return Err(format!(
+                    "{} is already served by nvlibfs, by a daemon of another --state-dir (`nvlibfs status \
+                     --state-dir DIR {0}` with its directory shows it)",
+                    top.display()
+                ));
+            }
             abort_connection(old.device.1);
             umount2(&live, MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old {}: {e}", live.display()))?;
             tracing::warn!("took over {} from a daemon that is gone", top.display());

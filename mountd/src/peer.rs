@@ -12,7 +12,8 @@
 use crate::daemon::DaemonError;
 use crate::protocol::{self, Message, Offer, Tag};
 use nix::sys::socket::{
-    accept, bind, connect, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    accept, bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    UnixAddr,
 };
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -44,8 +45,9 @@ pub fn listen_at(path: &Path) -> Result<OwnedFd, DaemonError> {
 }
 
 /// Accepts daemons that would take over, one at a time, for ever: each
-/// that is `privileged` is passed to `offered`.
-pub fn accept_loop(listener: OwnedFd, offered: impl Fn(OwnedFd) + Send + 'static) {
+/// that offers and is `privileged` (or proves it) is passed to `offered`
+/// with its offer; any other is refused before anything is frozen.
+pub fn accept_loop(listener: OwnedFd, state_dir: PathBuf, offered: impl Fn(OwnedFd, Offer) + Send + 'static) {
     let spawned = std::thread::Builder::new().name("takeover".into()).spawn(move || loop {
         let sock = match accept(std::os::fd::AsRawFd::as_raw_fd(&listener)) {
             // SAFETY: accept returned a new descriptor that nothing else owns.
@@ -57,23 +59,60 @@ pub fn accept_loop(listener: OwnedFd, offered: impl Fn(OwnedFd) + Send + 'static
             }
         };
         let _ = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-        // Before anything is read from it or frozen for it.
-        match privileged(&sock) {
-            Ok(()) => offered(sock),
-            Err(why) => {
-                tracing::warn!("refused a takeover: {why}");
+        // The offer is read first whoever sent it: closed with it unread,
+        // the socket would meet the peer with a reset, not the refusal.
+        let offer = match read_offer(&sock) {
+            Ok(offer) => offer,
+            Err(e) => {
+                tracing::warn!("a takeover that did not offer: {e}");
+                continue;
+            }
+        };
+        let verdict = match check(&sock) {
+            Verdict::Unseen(_) => challenge_over_protocol(&sock, &state_dir),
+            other => other,
+        };
+        match verdict {
+            Verdict::Privileged => offered(sock, offer),
+            Verdict::Refused(why) | Verdict::Unseen(why) => {
+                tracing::warn!("refused a takeover by pid {}: {why}", offer.pid);
                 let _ = protocol::send(&sock, Tag::Refused, format!("refused: {why}").as_bytes(), &[]);
-                // What it sent is read (and dropped) before the socket
-                // closes: closed with it unread, the peer would meet a
-                // reset instead of the refusal.
-                let brief = nix::sys::time::TimeVal::new(0, 200_000);
-                let _ = nix::sys::socket::setsockopt(&sock, sockopt::ReceiveTimeout, &brief);
-                let _ = protocol::recv(&sock);
             }
         }
     });
     if let Err(e) = spawned {
         tracing::error!("starting the takeover thread: {e}; this daemon cannot be taken over");
+    }
+}
+
+/// The first message of a daemon that would take over: its `Offer`.
+fn read_offer(sock: &OwnedFd) -> Result<Offer, String> {
+    setsockopt(sock, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(5, 0)).map_err(|e| e.to_string())?;
+    let m = match protocol::recv(sock) {
+        Ok(Some(m)) if m.tag == Tag::Offer => m,
+        Ok(Some(m)) => return Err(format!("it sent {:?}", m.tag)),
+        Ok(None) => return Err("it closed the socket".into()),
+        Err(e) => return Err(e.0),
+    };
+    serde_json::from_slice(&m.body).map_err(|e| format!("its offer: {e}"))
+}
+
+/// A takeover's challenge, over the protocol: `Challenge`, then `Proved`
+/// within 5 s, then the attribute checked.
+fn challenge_over_protocol(sock: &OwnedFd, state_dir: &Path) -> Verdict {
+    let challenge = match Challenge::new(state_dir) {
+        Ok(c) => c,
+        Err(why) => return Verdict::Refused(why),
+    };
+    let body = format!("{}\n{}", challenge.name, challenge.nonce);
+    if let Err(e) = protocol::send(sock, Tag::Challenge, body.as_bytes(), &[]) {
+        return Verdict::Refused(e.0);
+    }
+    match protocol::recv(sock) {
+        Ok(Some(m)) if m.tag == Tag::Proved => challenge.verdict(),
+        Ok(Some(m)) => Verdict::Refused(format!("it answered the challenge with {:?}", m.tag)),
+        Ok(None) => Verdict::Refused("it closed the socket".into()),
+        Err(e) => Verdict::Refused(e.0),
     }
 }
 
@@ -133,17 +172,46 @@ pub fn path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
 const SO_PEERPIDFD: libc::c_int = 77;
 const CAP_SYS_ADMIN: u32 = 21;
 
+/// What may be handed to a peer.
+pub enum Verdict {
+    Privileged,
+    /// It cannot be seen from here (another PID namespace: the host, to a
+    /// daemon in a pod; or the daemon of another pod); it must prove
+    /// CAP_SYS_ADMIN (`Challenge`). Why it cannot be seen.
+    Unseen(String),
+    Refused(String),
+}
+
+enum Why {
+    Unseen(String),
+    Refused(String),
+}
+
+impl From<String> for Why {
+    fn from(why: String) -> Why {
+        Why::Refused(why)
+    }
+}
+
 /// Whether the process at the other end of `sock` may be handed what this
 /// daemon holds: it runs as this daemon's user, in this daemon's user
 /// namespace (the initial one, where a daemon that mounts runs), with
 /// CAP_SYS_ADMIN in its effective set. A root without capabilities (the
 /// root of a container that was not given CAP_SYS_ADMIN) is refused, as is
 /// a root of a user namespace of its own. `Err` says why.
-pub fn privileged(sock: &impl AsFd) -> Result<(), String> {
+pub fn check(sock: &impl AsFd) -> Verdict {
+    match privileged(sock) {
+        Ok(()) => Verdict::Privileged,
+        Err(Why::Unseen(why)) => Verdict::Unseen(why),
+        Err(Why::Refused(why)) => Verdict::Refused(why),
+    }
+}
+
+fn privileged(sock: &impl AsFd) -> Result<(), Why> {
     let cred = getsockopt(sock, sockopt::PeerCredentials).map_err(|e| format!("its credentials: {e}"))?;
     let me = nix::unistd::geteuid().as_raw();
     if cred.uid() != me {
-        return Err(format!("pid {} runs as uid {}, not uid {me}", cred.pid(), cred.uid()));
+        return Err(format!("pid {} runs as uid {}, not uid {me}", cred.pid(), cred.uid()).into());
     }
     let (pidfd, pid) = peer_pidfd(sock, cred.pid())?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("pid {pid}: {e}"))?;
@@ -158,24 +226,25 @@ pub fn privileged(sock: &impl AsFd) -> Result<(), String> {
     // SAFETY: a plain syscall on a descriptor this function owns.
     let alive = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), 0, 0usize, 0) } == 0;
     if !alive {
-        return Err(format!("pid {pid} ended before it could be checked"));
+        return Err(format!("pid {pid} ended before it could be checked").into());
     }
     match (theirs, ours) {
         (Ok(t), Ok(o)) if t == o => {}
-        (Ok(_), Ok(_)) => return Err(format!("pid {pid} runs in a user namespace of its own")),
+        (Ok(_), Ok(_)) => return Err(format!("pid {pid} runs in a user namespace of its own").into()),
         // The kernel lets a process of this uid read the namespace of any
         // process in a user namespace it created, and of one in its own
         // namespace holding no capability it lacks (ptrace's read check).
         // Refused, the peer is of this namespace and holds more than this
         // daemon kept after dropping its own: what the check is about.
         (Err(e), Ok(_)) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
-        (Err(e), _) | (_, Err(e)) => return Err(format!("pid {pid}'s user namespace: {e}")),
+        (Err(e), _) | (_, Err(e)) => return Err(format!("pid {pid}'s user namespace: {e}").into()),
     }
     if effective & (1 << CAP_SYS_ADMIN) == 0 {
         return Err(format!(
             "pid {pid} lacks CAP_SYS_ADMIN (effective capabilities {effective:x}): only a daemon that may \
              mount may take the mount over or read its state"
-        ));
+        )
+        .into());
     }
     Ok(())
 }
@@ -185,7 +254,7 @@ pub fn privileged(sock: &impl AsFd) -> Result<(), String> {
 /// peer holds its end open, so its pid is in use by it unless it passed
 /// the socket on and exited; that window, and a reuse of the pid within
 /// it, is what SO_PEERPIDFD closes).
-fn peer_pidfd(sock: &impl AsFd, cred_pid: i32) -> Result<(OwnedFd, i32), String> {
+fn peer_pidfd(sock: &impl AsFd, cred_pid: i32) -> Result<(OwnedFd, i32), Why> {
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `fd`.
@@ -205,7 +274,7 @@ fn peer_pidfd(sock: &impl AsFd, cred_pid: i32) -> Result<(OwnedFd, i32), String>
         // SAFETY: a plain syscall; a non-negative result is a new descriptor.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, cred_pid, 0) };
         if fd < 0 {
-            return Err(format!("pid {cred_pid}: {}", std::io::Error::last_os_error()));
+            return Err(format!("pid {cred_pid}: {}", std::io::Error::last_os_error()).into());
         }
         // SAFETY: as above.
         unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
@@ -218,7 +287,75 @@ fn peer_pidfd(sock: &impl AsFd, cred_pid: i32) -> Result<(OwnedFd, i32), String>
         .and_then(|v| v.trim().parse::<i32>().ok())
         .ok_or_else(|| "its pidfd names no pid".to_owned())?;
     if pid <= 0 {
-        return Err("it has ended, or runs in a PID namespace this daemon cannot see into".into());
+        return Err(Why::Unseen(
+            "it runs in a PID namespace this daemon cannot see into (or has ended)".into(),
+        ));
     }
     Ok((pidfd, pid))
+}
+
+/// A file made in the state directory for a peer to prove CAP_SYS_ADMIN
+/// by setting its `trusted.` attribute (which only CAP_SYS_ADMIN in the
+/// initial user namespace may set or read); removed when dropped.
+pub struct Challenge {
+    dir: crate::statedir::StateDir,
+    file: OwnedFd,
+    pub name: String,
+    pub nonce: String,
+}
+
+impl Challenge {
+    pub fn new(state_dir: &Path) -> Result<Challenge, String> {
+        let mut bytes = [0u8; 16];
+        // SAFETY: getrandom writes at most the buffer's length.
+        if unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) } != bytes.len() as isize {
+            return Err(format!("a challenge: {}", std::io::Error::last_os_error()));
+        }
+        let nonce: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!(".challenge-{}", &nonce[..12]);
+        let dir = crate::statedir::StateDir::open(state_dir).map_err(|e| e.to_string())?;
+        let file = dir
+            .open_file(
+                &name,
+                nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_EXCL,
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(Challenge { dir, file, name, nonce })
+    }
+
+    /// Whether the peer set the attribute to the nonce.
+    pub fn verdict(&self) -> Verdict {
+        let mut value = [0u8; 64];
+        let attr = std::ffi::CString::new(nvlibfs::control::PROOF_XATTR).expect("no NUL");
+        // SAFETY: a NUL-terminated name and a buffer of the given length.
+        let got = unsafe {
+            libc::fgetxattr(
+                self.file.as_raw_fd(),
+                attr.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        if got >= 0 && value[..got as usize] == *self.nonce.as_bytes() {
+            return Verdict::Privileged;
+        }
+        Verdict::Refused(format!(
+            "it did not prove CAP_SYS_ADMIN: {} on {} is not the nonce it was given ({})",
+            nvlibfs::control::PROOF_XATTR,
+            self.dir.path().join(&self.name).display(),
+            if got < 0 {
+                std::io::Error::last_os_error().to_string()
+            } else {
+                "another value".into()
+            }
+        ))
+    }
+}
+
+impl Drop for Challenge {
+    fn drop(&mut self) {
+        if let Some(ours) = crate::statedir::identity_of(&self.file) {
+            self.dir.remove_if(&self.name, ours);
+        }
+    }
 }

@@ -47,7 +47,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 pub const VERSION: u32 = match option_env!("NVLIBFS_TEST_PROTOCOL") {
     // A build for tests only (tests/handover_exact.rs): another version.
     Some(_) => 1000,
-    None => 2,
+    None => 3,
 };
 
 /// Descriptors per message: below the kernel's SCM_MAX_FD (253).
@@ -150,6 +150,12 @@ pub enum Tag {
     /// running supervisor -> new supervisor: the mount point's lock (one
     /// descriptor), first of what it hands over.
     Lock = b'L',
+    /// running supervisor -> a peer it cannot see (another PID namespace):
+    /// prove CAP_SYS_ADMIN (the file's name in the state directory, a
+    /// newline, the nonce to set as its `trusted.` attribute).
+    Challenge = b'Q',
+    /// peer -> running supervisor: set.
+    Proved = b'q',
 }
 
 impl Tag {
@@ -157,7 +163,7 @@ impl Tag {
         use Tag::*;
         [
             Connection, Generation, Checkpoint, Ack, Nak, Prepared, Refused, Go, Ready, History, Freeze, Frozen, Thaw,
-            Drain, Drained, Sole, Offer, Lock,
+            Drain, Drained, Sole, Offer, Lock, Challenge, Proved,
         ]
         .into_iter()
         .find(|t| *t as u8 == b)

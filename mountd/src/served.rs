@@ -587,6 +587,9 @@ pub struct Served {
     pub frozen_since: Mutex<Option<std::time::Instant>>,
     /// The serving token (statedir.rs), while this server serves alone.
     pub serving_token: Mutex<Option<std::fs::File>>,
+    /// The session ended with the mount still there: the kernel aborted
+    /// the connection (fs.rs, `destroy`).
+    pub aborted: std::sync::atomic::AtomicBool,
     /// Set while draining (see drain.rs): told when fuser's threads have
     /// all ended.
     pub drained: Mutex<Option<std::sync::mpsc::Sender<()>>>,
@@ -619,6 +622,7 @@ impl Served {
             handovers: Mutex::new(Vec::new()),
             frozen_since: Mutex::new(None),
             serving_token: Mutex::new(None),
+            aborted: std::sync::atomic::AtomicBool::new(false),
             drained: Mutex::new(None),
             spec: Mutex::new(None),
             spec_version: AtomicU64::new(0),

@@ -16,11 +16,8 @@ impl Supervisor {
             .ok()
             .map(|m| (path.clone(), std::os::unix::fs::MetadataExt::ino(&m)));
         let events = self.events.clone();
-        crate::peer::accept_loop(listener, move |sock| match read_offer(&sock) {
-            Ok(offer) => {
-                let _ = events.send(Event::Offered(sock, offer));
-            }
-            Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
+        crate::peer::accept_loop(listener, self.command.state_dir.clone(), move |sock, offer| {
+            let _ = events.send(Event::Offered(sock, offer));
         });
         Ok(())
     }
@@ -269,8 +266,13 @@ impl Supervisor {
             return Ok(());
         }
         self.peer_left = None;
-        let Phase::Joining { new, peer, .. } = std::mem::replace(&mut self.phase, Phase::Moving) else {
-            unreachable!("a peer leaves only while joining")
+        let (new, peer) = match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Joining { new, peer, .. } => (new, peer),
+            // Stopped meanwhile: nothing left to decide.
+            other => {
+                self.phase = other;
+                return Ok(());
+            }
         };
         if free {
             // What the other's server held (if it died) goes back in the
@@ -453,7 +455,23 @@ pub(super) struct HandedOn {
 /// point's lock, the handovers so far and everything the daemon taken over
 /// keeps, checked as any checkpoint is.
 pub(super) fn join(sock: OwnedFd, state_dir: &Path, mountpoint: &Path) -> Result<HandedOn, DaemonError> {
-    let first = crate::peer::answer(&sock, "handing over its lock")?;
+    let mut first = crate::peer::answer(&sock, "handing over its lock")?;
+    if first.tag == Tag::Challenge {
+        // It cannot see this process (another PID namespace): proving
+        // CAP_SYS_ADMIN is setting the attribute it names.
+        let text = first.text();
+        let (name, nonce) = text.split_once('\n').unwrap_or_default();
+        nvlibfs::control::prove(state_dir, name, nonce).map_err(|e| {
+            DaemonError::new(format!(
+                "--take-over: the running daemon asked this one to prove CAP_SYS_ADMIN by setting {} on {}: {e}",
+                nvlibfs::control::PROOF_XATTR,
+                state_dir.join(name).display()
+            ))
+        })?;
+        protocol::send(&sock, Tag::Proved, &[], &[])
+            .map_err(|e| DaemonError::new(format!("--take-over: answering the running daemon: {e}")))?;
+        first = crate::peer::answer(&sock, "handing over its lock")?;
+    }
     let pid = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
         .map(|c| c.pid() as u32)
         .unwrap_or(0);
@@ -534,20 +552,6 @@ pub(super) fn join(sock: OwnedFd, state_dir: &Path, mountpoint: &Path) -> Result
         kept,
         history,
     })
-}
-
-/// The first message of a daemon that would take over: its `Offer`.
-pub(super) fn read_offer(sock: &OwnedFd) -> Result<protocol::Offer, String> {
-    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
-    setsockopt(sock, ReceiveTimeout, &nix::sys::time::TimeVal::new(5, 0)).map_err(|e| e.to_string())?;
-    let m = match protocol::recv(sock) {
-        Ok(Some(m)) if m.tag == Tag::Offer => m,
-        Ok(Some(m)) => return Err(format!("it sent {:?}", m.tag)),
-        Ok(None) => return Err("it closed the socket".into()),
-        Err(e) => return Err(e.0),
-    };
-    setsockopt(sock, ReceiveTimeout, &nix::sys::time::TimeVal::new(0, 0)).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&m.body).map_err(|e| format!("its offer: {e}"))
 }
 
 /// Passes a peer's messages on as events, then its going.

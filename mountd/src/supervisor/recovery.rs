@@ -16,7 +16,12 @@ impl Supervisor {
             Phase::Stopping(Some(s)) if s.pid == pid => return Ok(Some(code)),
             Phase::Serving(s) if s.pid == pid => {
                 if code == 0 && matches!(status, WaitStatus::Exited(..)) {
-                    // Unmounted from outside.
+                    // Unmounted from outside, or the connection aborted
+                    // under a mount that is still there.
+                    let live = self.mountpoint.join(nvlibfs::control::LIVE_DIR);
+                    if nvlibfs::mountinfo::at(&live).is_some_and(|m| nvlibfs::mountinfo::is_nvlibfs_fuse(&m)) {
+                        self.check_connection()?;
+                    }
                     return Ok(Some(0));
                 }
                 tracing::error!("the server (pid {pid}) died: {status:?}; starting another to take over");
@@ -152,7 +157,22 @@ impl Supervisor {
 
     /// The server died: a successor from the binary that wrote the
     /// checkpoint, unless servers keep dying at once.
+    /// A connection the kernel ended cannot be served again: say so and
+    /// end, rather than start servers that cannot answer.
+    pub(super) fn check_connection(&self) -> Result<(), DaemonError> {
+        if !self.kept.connection_aborted() {
+            return Ok(());
+        }
+        Err(DaemonError::new(format!(
+            "the kernel ended the FUSE connection of {} (aborted through /sys/fs/fuse/connections, or the mount \
+             was forced away): no server can answer on it again; `nvlibfs umount {0}` and `nvlibfs mount {0}` \
+             start afresh (containers bound with rslave see the new mount)",
+            self.mountpoint.display()
+        )))
+    }
+
     pub(super) fn recover(&mut self, reason: &'static str, old: Pid) -> Result<(), DaemonError> {
+        self.check_connection()?;
         while self.crashes.front().is_some_and(|t| t.elapsed() > CRASH_WINDOW) {
             self.crashes.pop_front();
         }
