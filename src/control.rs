@@ -14,10 +14,7 @@ pub const DEFAULT_STATE_DIR: &str = "/run/nvlibfs";
 /// Where the view is mounted unless told otherwise.
 pub const DEFAULT_MOUNTPOINT: &str = "/run/nvlibs";
 
-/// Below a mount point: where the FUSE mount itself sits, and the file that
-/// marks the mount point as set up by nvlibfs (see mountd's layout).
-pub const LIVE_DIR: &str = ".live";
-pub const MARKER: &str = ".nvlibfs";
+pub use crate::mountinfo::{LIVE_DIR, MARKER};
 
 /// Longest socket path the kernel takes (`sun_path` is 108 bytes with NUL).
 const MAX_SOCKET_PATH: usize = 107;

@@ -19,6 +19,11 @@ pub struct MountEntry {
     pub source: String,
 }
 
+/// Below a mount point: where the FUSE mount itself sits, and the file that
+/// marks the mount point as set up by nvlibfs (see mountd's layout).
+pub const LIVE_DIR: &str = ".live";
+pub const MARKER: &str = ".nvlibfs";
+
 /// Every mount in this process's mount namespace, in mount order.
 pub fn read() -> std::io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read("/proc/self/mountinfo")?))
@@ -37,7 +42,7 @@ pub fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEn
 /// The small tmpfs `nvlibfs mount` puts at a mount point: its fsname, and
 /// the marker file inside.
 pub fn is_nvlibfs_top(mounts: &[MountEntry], path: &Path) -> bool {
-    mount_at(mounts, path).is_some_and(is_nvlibfs_tmpfs) && path.join(crate::control::MARKER).exists()
+    mount_at(mounts, path).is_some_and(is_nvlibfs_tmpfs) && path.join(MARKER).exists()
 }
 
 /// That tmpfs, by its mountinfo line alone.
@@ -56,7 +61,7 @@ pub fn is_nvlibfs_fuse(m: &MountEntry) -> bool {
 /// answered from the kernel's cache); one whose daemon is gone fails with
 /// ENOTCONN.
 pub fn is_served(mounts: &[MountEntry], top: &Path) -> bool {
-    let live = top.join(crate::control::LIVE_DIR);
+    let live = top.join(LIVE_DIR);
     is_nvlibfs_top(mounts, top)
         && mount_at(mounts, &live).is_some_and(is_nvlibfs_fuse)
         && nix::sys::statfs::statfs(&live).is_ok()

@@ -9,6 +9,7 @@
 pub mod backing;
 pub mod daemon;
 pub mod drain;
+pub mod error;
 pub mod failpoint;
 pub mod fdstore;
 pub mod fs;

@@ -9,7 +9,7 @@
 //! restore, overlap and drain as `nvlibfs restart`, with the new server
 //! the other supervisor's child.
 
-use crate::daemon::DaemonError;
+use crate::error::DaemonError;
 use crate::protocol::{self, Message, Offer, Tag};
 use nix::sys::socket::{
     accept, bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,

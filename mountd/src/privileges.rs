@@ -36,7 +36,7 @@ struct CapData {
 }
 
 /// Mounting needs root or CAP_SYS_ADMIN: say so before anything is created.
-pub fn check_can_mount() -> Result<(), crate::daemon::DaemonError> {
+pub fn check_can_mount() -> Result<(), crate::error::DaemonError> {
     let effective = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -48,7 +48,7 @@ pub fn check_can_mount() -> Result<(), crate::daemon::DaemonError> {
     if effective & (1 << CAP_SYS_ADMIN) != 0 {
         return Ok(());
     }
-    Err(crate::daemon::DaemonError::new(format!(
+    Err(crate::error::DaemonError::new(format!(
         "mounting needs root (or CAP_SYS_ADMIN); this runs as uid {}",
         nix::unistd::geteuid()
     )))

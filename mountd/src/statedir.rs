@@ -7,11 +7,13 @@
 //! there (by whoever could) is never followed, and a file is removed only
 //! when it is still the one this daemon created.
 
-use crate::daemon::DaemonError;
+use crate::error::DaemonError;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, Mode};
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 
 pub struct StateDir {
@@ -155,4 +157,157 @@ pub fn serving_token(state_dir: &Path, mountpoint: &Path, wait: std::time::Durat
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, DaemonError> {
+    Err(DaemonError::new(msg))
+}
+
+/// Held for as long as a mount point is served: one daemon per mount
+/// point, decided before anything else is looked at or created. The
+/// supervisor takes it; its servers inherit the descriptor, so the lock
+/// holds while any of them lives. The lock belongs to the open file, and
+/// nothing here ever unlocks it: it ends when the last descriptor of that
+/// file closes, in whichever process (a takeover hands the same open file
+/// on, so a daemon that gives one up cannot unlock the other's).
+pub struct MountLock {
+    file: std::fs::File,
+    locks: StateDir,
+    name: String,
+    identity: Identity,
+    /// Handed on by a daemon that serves until the takeover is done (the
+    /// lock is one open file, theirs as much as ours): its file is not
+    /// ours to remove until then.
+    shared: bool,
+}
+
+impl MountLock {
+    pub fn take(state_dir: &Path, mountpoint: &Path) -> Result<MountLock, DaemonError> {
+        let (locks, name) = lock_file(state_dir, mountpoint)?;
+        // A daemon that ends removes its lock file (`remove`): one opened
+        // just before that, and locked just after, is a file nobody else
+        // will meet. Locked, the path must still name it; else again.
+        loop {
+            let file = std::fs::File::from(locks.open_file(&name, OFlag::O_RDWR | OFlag::O_CREAT)?);
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return fail(format!("locking {}: {e}", locks.path().join(&name).display()));
+                }
+                let mut holder = String::new();
+                let _ = (&file).read_to_string(&mut holder);
+                let holder = holder.trim();
+                return fail(format!(
+                    "{} is already served by nvlibfs{}; `nvlibfs status {0}` shows it, `nvlibfs umount {0}` stops it",
+                    mountpoint.display(),
+                    if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (supervisor pid {holder})")
+                    }
+                ));
+            }
+            let identity = identity_of(&file);
+            if identity.is_none() || locks.identity(&name) != identity {
+                continue;
+            }
+            let lock = MountLock {
+                file,
+                locks,
+                name,
+                identity: identity.expect("checked"),
+                shared: false,
+            };
+            lock.write_pid();
+            return Ok(lock);
+        }
+    }
+
+    /// The pid, for the message a refused daemon prints: written only by
+    /// the daemon that holds the lock alone, into the file it locked
+    /// (opened without following links, one name, in root's directory).
+    fn write_pid(&self) {
+        let _ = self.file.set_len(0);
+        let _ = self.file.write_all_at(std::process::id().to_string().as_bytes(), 0);
+    }
+
+    /// Ends the lock and removes its file, so that a mount that failed or
+    /// ended leaves nothing in the lock directory; where a child of this
+    /// process lives (a server inherits the lock), the lock still holds
+    /// through it and the file stays, and so it does while the daemon that
+    /// handed it on may still serve (a takeover not done).
+    pub fn remove(self) {
+        if self.shared {
+            return;
+        }
+        let alone = matches!(
+            nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+            Err(nix::errno::Errno::ECHILD)
+        );
+        if alone {
+            self.locks.remove_if(&self.name, self.identity);
+            let token = std::path::Path::new(&self.name).with_extension("serving");
+            self.locks.remove_unheld(&token.to_string_lossy());
+        }
+    }
+
+    /// The lock a daemon taken over handed on: the same open file, so
+    /// the lock held since that daemon took it is this one's now. It must
+    /// be the file this daemon's own lock path names.
+    pub fn handed_on(fd: OwnedFd, state_dir: &Path, mountpoint: &Path) -> Result<MountLock, DaemonError> {
+        let (locks, name) = lock_file(state_dir, mountpoint)?;
+        let file = std::fs::File::from(fd);
+        let identity = identity_of(&file).ok_or_else(|| DaemonError::new("the lock handed on cannot be read"))?;
+        if locks.identity(&name) != Some(identity) {
+            return fail(format!(
+                "the lock handed on is not {}: the daemon taken over keeps its locks elsewhere (another --state-dir?)",
+                locks.path().join(&name).display()
+            ));
+        }
+        // SAFETY: flock on a descriptor this function owns; the open file
+        // is locked already, by the daemon that handed it on.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return fail(format!(
+                "the mount point's lock, as handed on: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(MountLock {
+            file,
+            locks,
+            name,
+            identity,
+            shared: true,
+        })
+    }
+
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.as_fd()
+    }
+
+    /// Handed on by a daemon that may still serve (a takeover not done).
+    pub fn shared(&self) -> bool {
+        self.shared
+    }
+
+    /// The takeover that handed this lock on is done: this daemon serves,
+    /// and the one taken over never will again.
+    pub fn take_sole(&mut self) {
+        self.shared = false;
+        self.write_pid();
+    }
+}
+
+/// The state directory's `locks/` (checked) and the lock file's name there.
+fn lock_file(state_dir: &Path, mountpoint: &Path) -> Result<(StateDir, String), DaemonError> {
+    let locks = StateDir::open(state_dir)?.locks()?;
+    let path = nvlibfs::control::lock_path(state_dir, mountpoint);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| DaemonError::new(format!("a lock file name for {}", mountpoint.display())))?
+        .to_owned();
+    Ok((locks, name))
 }

@@ -44,10 +44,12 @@ mod stop;
 use handover::join;
 use restart::{step_server, New};
 
-use crate::daemon::{DaemonError, MountLock, Readiness};
+use crate::daemon::Readiness;
+use crate::error::DaemonError;
 use crate::fdstore;
 use crate::kept::{Kept, Taken};
 use crate::protocol::{self, Message, ProtocolError, Tag};
+use crate::statedir::MountLock;
 use crate::systemd;
 use crate::takeover::{self, InitRecord};
 use nix::sys::signal::{kill, SigSet, Signal};
