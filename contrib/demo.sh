@@ -8,8 +8,21 @@
 #
 # NVLIBFS_DEMO_DIR and NVLIBFS_DEMO_MOUNT move the fake driver and the mount
 # point; NVLIBFS_DEMO_BIN=DIR uses binaries built already instead of building.
+# `contrib/demo.sh --clean` unmounts the demo's view and removes what the
+# demo wrote (the fake driver and the daemon's log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = --clean ]; then
+    dir=${NVLIBFS_DEMO_DIR:-/tmp/nvlibfs-demo}
+    mnt=${NVLIBFS_DEMO_MOUNT:-$dir/mnt}
+    nvlibfs=${NVLIBFS_DEMO_BIN:-$PWD/target/debug}/nvlibfs
+    if [ -e "$mnt/.nvlibfs" ]; then "$nvlibfs" umount "$mnt"; fi
+    # The fake driver and the daemon's log (the demo logs there).
+    rm -rf "$dir"
+    echo "demo.sh: unmounted $mnt and removed $dir"
+    exit 0
+fi
 
 if [ -n "${NVLIBFS_DEMO_BIN:-}" ]; then
     bin=$(cd "$NVLIBFS_DEMO_BIN" && pwd)
@@ -27,6 +40,7 @@ fi
 if [ -e /sys/module/nvidia/version ] || [ -e /proc/driver/nvidia/version ]; then
     echo "== NVIDIA kernel module loaded: serving this host's driver"
     driver=()
+    logging=()
     mnt=${NVLIBFS_DEMO_MOUNT:-/run/nvlibs}
 else
     dir=${NVLIBFS_DEMO_DIR:-/tmp/nvlibfs-demo}
@@ -36,6 +50,8 @@ else
     rm -rf "$dir/host"
     "$bin/nvlibfs-fixture" "$dir/host" --driver-version 580.159.04 --stale 570.86.15 --libcuda-mib 100
     driver=(--driver-root "$dir/host" --module-version-file "$dir/host/sys/module/nvidia/version")
+    # The log beside the fake driver, so that --clean takes both.
+    logging=(--log-file "$dir/nvlibfs.log")
 fi
 
 echo; echo "== nvlibfs scan ${driver[*]}"
@@ -43,7 +59,7 @@ echo; echo "== nvlibfs scan ${driver[*]}"
 
 echo; echo "== nvlibfs mount ${driver[*]} $mnt"
 if [ -e "$mnt/.nvlibfs" ]; then "$bin/nvlibfs" umount "$mnt"; fi
-"$bin/nvlibfs" mount "${driver[@]}" "$mnt"
+"$bin/nvlibfs" mount "${driver[@]}" "${logging[@]}" "$mnt"
 
 echo; echo "== nvidia-smi from the mount, loading libnvidia-ml.so.1 through it"
 LD_LIBRARY_PATH=$mnt/lib64 "$mnt/bin/nvidia-smi"
@@ -64,5 +80,6 @@ Ask the daemon what it serves, diagnose the host, and unmount it:
   $(q "$bin/nvlibfs") status $(q "$mnt")
   $(q "$bin/nvlibfs") check --mountpoint $(q "$mnt")
   $(q "$bin/nvlibfs") umount $(q "$mnt")
+or unmount it and remove everything the demo wrote: $(q "$PWD/contrib/demo.sh") --clean
 To have \`nvlibfs\` on PATH, install it: $(q "$PWD/contrib/install.sh")
 MSG

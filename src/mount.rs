@@ -806,7 +806,14 @@ pub fn docker_flags(args: DockerFlagsArgs) -> Result<()> {
             default
         }
     };
-    for node in nvlibfs::devices::nvidia_device_nodes(Path::new("/dev")) {
+    let nodes = nvlibfs::devices::nvidia_device_nodes(Path::new("/dev"));
+    if nodes.is_empty() {
+        eprintln!(
+            "nvlibfs: no /dev/nvidia* device node on this machine: these flags give the container the driver's \
+             files but no GPU (on a GPU host, load the nvidia module; in a container, pass its /dev/nvidia* in)"
+        );
+    }
+    for node in nodes {
         println!("--device={}", node.display());
     }
     let t = args.target.display();

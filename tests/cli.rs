@@ -652,19 +652,41 @@ fn the_demos_closing_hints_run_as_printed() {
         ok(out, command);
     }
     assert!(nvlibfs::mountinfo::at(&mountpoint).is_none(), "still mounted");
-    // The demo mounts with the default state directory: leave no log there.
-    let _ = std::fs::remove_file(nvlibfs::control::log_path(
-        Path::new(nvlibfs::control::DEFAULT_STATE_DIR),
-        &mountpoint,
-    ));
+    // The demo logs beside its fake driver, not in the default state
+    // directory, so that `--clean` takes everything it wrote.
+    let stray = nvlibfs::control::log_path(Path::new(nvlibfs::control::DEFAULT_STATE_DIR), &mountpoint);
+    assert!(!stray.exists(), "the demo left {}", stray.display());
+    assert!(dir.path().join("nvlibfs.log").exists());
     // The docker hint's flags, too (no engine needed to print them).
     let flags = hints
         .lines()
         .find_map(|l| l.trim().strip_prefix("docker run $(")?.split_once(") IMAGE"))
         .map(|(flags, _)| flags.to_owned())
         .unwrap_or_else(|| panic!("no docker hint:\n{hints}"));
-    let printed = ok(Command::new("sh").arg("-c").arg(&flags).output().unwrap(), &flags);
+    let out = Command::new("sh").arg("-c").arg(&flags).output().unwrap();
+    let warned = String::from_utf8_lossy(&out.stderr).contains("no GPU");
+    let printed = ok(out, &flags);
     assert!(printed.contains(":/usr/local/nvidia:ro,rslave"), "{printed}");
+    // With no /dev/nvidia* here, the flags give no GPU, and it says so.
+    assert_eq!(warned, common::nvidia_nodes().is_empty(), "{printed}");
+
+    // --clean, after the demo again (mounted): nothing mounted, nothing left.
+    let demo = || {
+        let mut c = Command::new("bash");
+        c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/demo.sh"))
+            .env("NVLIBFS_DEMO_BIN", bin_dir)
+            .env("NVLIBFS_DEMO_DIR", dir.path())
+            .env("NVLIBFS_DEMO_MOUNT", &mountpoint)
+            .env_remove("NVLIBFS_LOG");
+        c
+    };
+    ok(demo().output().unwrap(), "contrib/demo.sh, again");
+    ok(demo().arg("--clean").output().unwrap(), "contrib/demo.sh --clean");
+    assert!(
+        nvlibfs::mountinfo::at(&mountpoint).is_none(),
+        "--clean left the view mounted"
+    );
+    assert!(!dir.path().exists(), "--clean left {}", dir.path().display());
 }
 
 /// `nvlibfs check` of `mountpoint`, asking daemons of `state`.
