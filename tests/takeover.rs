@@ -371,10 +371,18 @@ fn take_over_in_containers(images: &Images, extra: &[&str]) {
             "a shared mount for the view",
         );
     }
+    // The daemons' tmpfs propagates back on top of the shared bind, at the
+    // same place: each `umount -R` takes the top tree only, so again until
+    // nothing is mounted there (one pass left the bind behind).
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-R").arg("-l").arg(self.0).output();
+            for _ in 0..8 {
+                if nvlibfs::mountinfo::at(self.0).is_none() {
+                    break;
+                }
+                let _ = Command::new("umount").arg("-R").arg("-l").arg(self.0).output();
+            }
         }
     }
     let _unmount = Unmount(&view);
