@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a host with the real NVIDIA driver and torch: the view of the real
-# driver keeps CUDA working through SIGKILLs of nvlibfs's serving process
-# and five upgrades (`nvlibfs restart`), on both data paths.
+# driver keeps CUDA working through SIGKILLs of nvlibfs's serving process,
+# five upgrades (`nvlibfs restart`) and three takeovers by a daemon of
+# another process tree (`nvlibfs mount --take-over`), on both data paths.
 #
 #   benches/gpu-handover.sh BIN_DIR OUT_DIR
 #
@@ -73,6 +74,14 @@ for mode in passthrough no-passthrough; do
     # serves; the page cache is dropped after each.
     for i in 1 2 3 4 5; do
         "$bin/nvlibfs" restart "$mnt" | tee -a "$work/restart-$mode.log"
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        sleep 2
+    done
+    # Takeovers: a daemon that is not this one's child takes the mount
+    # over, as a DaemonSet's next pod does (the takeover socket checks that
+    # it may: CAP_SYS_ADMIN, read through its pidfd).
+    for i in 1 2 3; do
+        setsid "$bin/nvlibfs" mount "${flags[@]}" --take-over "$mnt" | tee -a "$work/takeover-$mode.log"
         sync; echo 3 > /proc/sys/vm/drop_caches
         sleep 2
     done

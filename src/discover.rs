@@ -8,7 +8,7 @@
 //! different files claim the same place in the view, the earlier one wins.
 //!
 //! The places are those the installers of GPU hosts use, each taken from
-//! the installer's own source or package file lists (the README's "Where
+//! the installer's own source or package file lists (docs/scan.md's "Where
 //! drivers are found" lists them with their sources, and tests/layouts.rs
 //! builds each): Debian's and Ubuntu's packages with their flavor
 //! directories, RHEL's and NVIDIA's CUDA repository packages, NVIDIA's

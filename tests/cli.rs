@@ -184,12 +184,19 @@ fn help_readme_and_docker_flags_give_the_same_examples() {
     // Every volume given anywhere a user copies from keeps rslave, so a
     // wholly new daemon's mount reaches running containers.
     let main_help = ok(nvlibfs().arg("--help").output().unwrap(), "--help");
-    for (name, text) in [
+    let docs = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/docs"))
+        .unwrap()
+        .map(|e| format!("docs/{}", e.unwrap().file_name().to_string_lossy()));
+    let mut texts: Vec<(String, String)> = [
         ("README.md", readme.clone()),
         ("contrib/README.md", self::readme("contrib/README.md")),
         ("mount --help", mount_help.clone()),
         ("docker-flags", flags.clone()),
-    ] {
+    ]
+    .map(|(n, t)| (n.to_owned(), t))
+    .into();
+    texts.extend(docs.map(|d| (d.clone(), self::readme(&d))));
+    for (name, text) in texts {
         let words: Vec<&str> = text.split_whitespace().collect();
         for (i, word) in words.iter().enumerate() {
             let spec = match word.strip_prefix("--volume=") {
