@@ -17,8 +17,10 @@ cache=${NVLIBFS_TEST_CACHE:-/var/cache/nvlibfs-test}
 # and the packages this script installed (listed as it installs them).
 installed=$cache/installed-packages
 leftovers() {
-    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots)"
-    echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless and (dockerd's) dockremap"
+    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots,"
+    echo "    and a Python venv with the kubernetes client and pyyaml)"
+    echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless (with its /run/user/UID)"
+    echo "    and (dockerd's) dockremap; podman's image store in /var/lib/containers"
     if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
 }
 
@@ -33,6 +35,7 @@ if [ "${1:-}" = --clean ]; then
             xargs -r docker rmi -f >/dev/null
     fi
     pkill -KILL -u nvlibfs-rootless 2>/dev/null || true
+    if uid=$(id -u nvlibfs-rootless 2>/dev/null); then rm -rf "/run/user/$uid"; fi
     for user in nvlibfs-rootless dockremap; do
         if id "$user" >/dev/null 2>&1; then userdel -r "$user" 2>/dev/null || userdel "$user"; fi
     done
@@ -45,8 +48,15 @@ if [ "${1:-}" = --clean ]; then
         done <"$installed"
     fi
     rm -rf "$cache"
+    # podman's image store (the CDI tests' images), if this script brought podman.
+    if [ -s "$installed" ] && grep -qx podman "$installed" && command -v podman >/dev/null; then
+        podman system reset --force >/dev/null 2>&1 || true
+        rm -rf /var/lib/containers
+    fi
     if [ ${#packages[@]} -gt 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get remove -y -q --autoremove "${packages[@]}"
+        # Purged, so that their configuration and the unit links their
+        # maintainer scripts made go too.
+        DEBIAN_FRONTEND=noninteractive apt-get purge -y -q --autoremove "${packages[@]}"
     fi
     echo "test.sh: done (Rust's toolchain and target/ are yours to keep)" >&2
     exit 0
@@ -70,6 +80,8 @@ packages=(gcc libc6-dev libc-bin util-linux mount dpkg apt debian-archive-keyrin
 # pip installs the Kubernetes client below; a python3 with pip of another
 # origin (pyenv, a venv) does as well as Debian's.
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3 python3-pip)
+# The kubernetes client lives in a venv (below), which needs venv and ensurepip.
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     is_installed "$p" || missing+=("$p")
@@ -95,13 +107,17 @@ if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
     . "$HOME/.cargo/env"
 fi
 
-# The official Kubernetes client's models check contrib/k8s offline. A
-# Debian python3 refuses pip installs outside a venv unless told (PEP 668);
-# older pips ignore the variable.
-if ! python3 -c 'import kubernetes, yaml' 2>/dev/null; then
-    echo "test.sh: installing Python's kubernetes client and pyyaml" >&2
-    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check kubernetes pyyaml
+# The official Kubernetes client's models check contrib/k8s offline. They
+# live in a venv in the test cache (the system's site-packages stay as they
+# were; --clean removes it with the cache), first on PATH for the tests.
+venv=$cache/venv
+if ! "$venv/bin/python3" -c 'import kubernetes, yaml' 2>/dev/null; then
+    echo "test.sh: installing Python's kubernetes client and pyyaml into $venv" >&2
+    mkdir -p "$cache"
+    python3 -m venv --system-site-packages "$venv"
+    "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check kubernetes pyyaml
 fi
+export PATH="$venv/bin:$PATH"
 
 [ -e /dev/fuse ] || modprobe fuse || echo "test.sh: warning: no /dev/fuse; the mount tests will fail" >&2
 

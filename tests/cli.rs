@@ -940,7 +940,9 @@ fn test_sh_clean_removes_what_the_tests_leave() {
     for named in [
         format!("{} (", cache.display()),
         "docker images nvlibfs-test-*".into(),
-        "users nvlibfs-rootless and (dockerd's) dockremap".into(),
+        "users nvlibfs-rootless (with its /run/user/UID)".into(),
+        "and (dockerd's) dockremap; podman's image store in /var/lib/containers".into(),
+        "a Python venv with the kubernetes client and pyyaml".into(),
         "packages this script installed: nvlibfs-no-such-package".into(),
     ] {
         assert!(err.contains(&named), "--clean does not name {named:?}:\n{err}");
