@@ -101,10 +101,15 @@ struct Scene {
     m: Mounted,
     failpoints: tempfile::TempDir,
     bin: PathBuf,
+    step_limit_ms: u64,
 }
 
 impl Scene {
     fn new(binaries: &Binaries, cached: bool) -> Scene {
+        Scene::with_step_limit(binaries, cached, STEP_LIMIT_MS)
+    }
+
+    fn with_step_limit(binaries: &Binaries, cached: bool, step_limit_ms: u64) -> Scene {
         let failpoints = tempfile::tempdir().unwrap();
         // Each scene its own copy: a refused restart installs another build.
         let bin = failpoints.path().join("bin");
@@ -123,10 +128,15 @@ impl Scene {
             Some(&bin),
             &[
                 ("NVLIBFS_FAILPOINTS", failpoints.path().as_os_str()),
-                ("NVLIBFS_STEP_LIMIT_MS", STEP_LIMIT_MS.to_string().as_ref()),
+                ("NVLIBFS_STEP_LIMIT_MS", step_limit_ms.to_string().as_ref()),
             ],
         );
-        Scene { m, failpoints, bin }
+        Scene {
+            m,
+            failpoints,
+            bin,
+            step_limit_ms,
+        }
     }
 
     /// The command that takes this scene's mount over, as a new daemon.
@@ -136,7 +146,7 @@ impl Scene {
             .arg("--take-over")
             .arg(&self.m.mountpoint)
             .env("NVLIBFS_FAILPOINTS", self.failpoints.path())
-            .env("NVLIBFS_STEP_LIMIT_MS", STEP_LIMIT_MS.to_string());
+            .env("NVLIBFS_STEP_LIMIT_MS", self.step_limit_ms.to_string());
         cmd
     }
 
@@ -643,6 +653,39 @@ fn parent(pid: u32) -> u32 {
 
 fn wait_for_file(scene: &Scene, point: &str) {
     common::wait_for(&format!("{point} to be reached"), || scene.fired(point));
+}
+
+/// A takeover step that is slow but within the step limit (a big state
+/// to restore, a drain that waits on a slow request): the takeover
+/// completes. The running daemon's reader of the other daemon used to
+/// keep the 5 s receive timeout of the offer, took 5 s of silence for
+/// the other daemon going away, and gave the takeover up (or, while its
+/// server drained, took the mount back), although the step limit (20 s
+/// in releases; 12 s here) had not run out.
+#[test]
+fn a_takeover_step_within_the_step_limit_is_waited_for() {
+    common::require_fixture_tools();
+    let binaries = binaries();
+    for point in ["server-restore", "server-drain"] {
+        let scene = Scene::with_step_limit(&binaries, false, 12_000);
+        let before = scene.m.status();
+        scene.arm(point, "sleep(7000)");
+        let out = scene.take_over().output().unwrap();
+        assert!(scene.fired(point));
+        assert!(
+            out.status.success(),
+            "{point}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            scene.log()
+        );
+        assert_settles(&scene, &by_hand(point));
+        assert_ne!(
+            scene.m.status().supervisor_pid,
+            before.supervisor_pid,
+            "{point}: {}",
+            scene.log()
+        );
+    }
 }
 
 /// The supervisor answers a checkpoint only after the server gave up on it
