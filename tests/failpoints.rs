@@ -602,6 +602,60 @@ fn a_root_without_capabilities_gets_nothing_from_any_socket() {
     assert_eq!(m.status().pid, before.pid);
 }
 
+/// An offer on a socket whose connecting process has ended (it connected
+/// in a child that exited, and the parent holds the socket): the daemon
+/// can read nothing about that process, and must refuse it. It used to
+/// take it for a peer of another PID namespace and challenge it, which
+/// holds the one thread answering takeovers (and, on the status socket,
+/// the one answering status) for 5 s per connection: a root without
+/// CAP_SYS_ADMIN holding a few such connections kept `nvlibfs status`
+/// failing and `--take-over` waiting for as long as it liked.
+#[test]
+fn an_offer_from_a_process_that_ended_is_refused_not_challenged() {
+    common::require_fixture_tools();
+    common::require("setpriv", "util-linux");
+    common::require("python3", "python3");
+    const ENDED: &str = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+pid = os.fork()
+if pid == 0:
+    s.connect(sys.argv[1])
+    os._exit(0)
+os.waitpid(pid, 0)
+s.settimeout(10)
+s.send(b"O" + json.dumps({"protocol": int(sys.argv[2]), "version": "0.1.0", "pid": os.getpid()}).encode())
+msg = s.recv(65536)
+print(chr(msg[0]) if msg else "EOF", msg[1:200].decode(errors="replace"))
+"#;
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let before = m.status();
+    let takeover = nvlibfs::control::takeover_path(&m.state_dir, &m.mountpoint);
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-all",
+            "--inh-caps",
+            "-all",
+            "--",
+            "python3",
+            "-c",
+            ENDED,
+        ])
+        .arg(&takeover)
+        .arg(the_protocol_version().to_string())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("X refused:") && said.contains("has ended"),
+        "got: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let now = m.status();
+    assert_eq!((now.pid, now.supervisor_pid), (before.pid, before.supervisor_pid));
+}
+
 /// The daemon taking over loses its server while ours drains (stalled
 /// there): it waits for the drain, then a successor of its own serves;
 /// ours exits. And the daemon taking over killed whole while ours drains:
