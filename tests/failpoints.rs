@@ -101,10 +101,15 @@ struct Scene {
     m: Mounted,
     failpoints: tempfile::TempDir,
     bin: PathBuf,
+    step_limit_ms: u64,
 }
 
 impl Scene {
     fn new(binaries: &Binaries, cached: bool) -> Scene {
+        Scene::with_step_limit(binaries, cached, STEP_LIMIT_MS)
+    }
+
+    fn with_step_limit(binaries: &Binaries, cached: bool, step_limit_ms: u64) -> Scene {
         let failpoints = tempfile::tempdir().unwrap();
         // Each scene its own copy: a refused restart installs another build.
         let bin = failpoints.path().join("bin");
@@ -123,10 +128,15 @@ impl Scene {
             Some(&bin),
             &[
                 ("NVLIBFS_FAILPOINTS", failpoints.path().as_os_str()),
-                ("NVLIBFS_STEP_LIMIT_MS", STEP_LIMIT_MS.to_string().as_ref()),
+                ("NVLIBFS_STEP_LIMIT_MS", step_limit_ms.to_string().as_ref()),
             ],
         );
-        Scene { m, failpoints, bin }
+        Scene {
+            m,
+            failpoints,
+            bin,
+            step_limit_ms,
+        }
     }
 
     /// The command that takes this scene's mount over, as a new daemon.
@@ -136,7 +146,7 @@ impl Scene {
             .arg("--take-over")
             .arg(&self.m.mountpoint)
             .env("NVLIBFS_FAILPOINTS", self.failpoints.path())
-            .env("NVLIBFS_STEP_LIMIT_MS", STEP_LIMIT_MS.to_string());
+            .env("NVLIBFS_STEP_LIMIT_MS", self.step_limit_ms.to_string());
         cmd
     }
 
@@ -592,6 +602,60 @@ fn a_root_without_capabilities_gets_nothing_from_any_socket() {
     assert_eq!(m.status().pid, before.pid);
 }
 
+/// An offer on a socket whose connecting process has ended (it connected
+/// in a child that exited, and the parent holds the socket): the daemon
+/// can read nothing about that process, and must refuse it. It used to
+/// take it for a peer of another PID namespace and challenge it, which
+/// holds the one thread answering takeovers (and, on the status socket,
+/// the one answering status) for 5 s per connection: a root without
+/// CAP_SYS_ADMIN holding a few such connections kept `nvlibfs status`
+/// failing and `--take-over` waiting for as long as it liked.
+#[test]
+fn an_offer_from_a_process_that_ended_is_refused_not_challenged() {
+    common::require_fixture_tools();
+    common::require("setpriv", "util-linux");
+    common::require("python3", "python3");
+    const ENDED: &str = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+pid = os.fork()
+if pid == 0:
+    s.connect(sys.argv[1])
+    os._exit(0)
+os.waitpid(pid, 0)
+s.settimeout(10)
+s.send(b"O" + json.dumps({"protocol": int(sys.argv[2]), "version": "0.1.0", "pid": os.getpid()}).encode())
+msg = s.recv(65536)
+print(chr(msg[0]) if msg else "EOF", msg[1:200].decode(errors="replace"))
+"#;
+    let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
+    let before = m.status();
+    let takeover = nvlibfs::control::takeover_path(&m.state_dir, &m.mountpoint);
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-all",
+            "--inh-caps",
+            "-all",
+            "--",
+            "python3",
+            "-c",
+            ENDED,
+        ])
+        .arg(&takeover)
+        .arg(the_protocol_version().to_string())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("X refused:") && said.contains("has ended"),
+        "got: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let now = m.status();
+    assert_eq!((now.pid, now.supervisor_pid), (before.pid, before.supervisor_pid));
+}
+
 /// The daemon taking over loses its server while ours drains (stalled
 /// there): it waits for the drain, then a successor of its own serves;
 /// ours exits. And the daemon taking over killed whole while ours drains:
@@ -643,6 +707,39 @@ fn parent(pid: u32) -> u32 {
 
 fn wait_for_file(scene: &Scene, point: &str) {
     common::wait_for(&format!("{point} to be reached"), || scene.fired(point));
+}
+
+/// A takeover step that is slow but within the step limit (a big state
+/// to restore, a drain that waits on a slow request): the takeover
+/// completes. The running daemon's reader of the other daemon used to
+/// keep the 5 s receive timeout of the offer, took 5 s of silence for
+/// the other daemon going away, and gave the takeover up (or, while its
+/// server drained, took the mount back), although the step limit (20 s
+/// in releases; 12 s here) had not run out.
+#[test]
+fn a_takeover_step_within_the_step_limit_is_waited_for() {
+    common::require_fixture_tools();
+    let binaries = binaries();
+    for point in ["server-restore", "server-drain"] {
+        let scene = Scene::with_step_limit(&binaries, false, 12_000);
+        let before = scene.m.status();
+        scene.arm(point, "sleep(7000)");
+        let out = scene.take_over().output().unwrap();
+        assert!(scene.fired(point));
+        assert!(
+            out.status.success(),
+            "{point}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            scene.log()
+        );
+        assert_settles(&scene, &by_hand(point));
+        assert_ne!(
+            scene.m.status().supervisor_pid,
+            before.supervisor_pid,
+            "{point}: {}",
+            scene.log()
+        );
+    }
 }
 
 /// The supervisor answers a checkpoint only after the server gave up on it

@@ -286,9 +286,16 @@ fn peer_pidfd(sock: &impl AsFd, cred_pid: i32) -> Result<(OwnedFd, i32), Why> {
         .find_map(|l| l.strip_prefix("Pid:"))
         .and_then(|v| v.trim().parse::<i32>().ok())
         .ok_or_else(|| "its pidfd names no pid".to_owned())?;
-    if pid <= 0 {
+    // -1: the process that connected has ended (the socket was passed on,
+    // or is held by a child): nothing can be read about it, and it is
+    // not one of another PID namespace, so it is refused, not challenged
+    // (a challenge holds the one thread that answers for 5 s).
+    if pid < 0 {
+        return Err(format!("pid {cred_pid}, which connected, has ended").into());
+    }
+    if pid == 0 {
         return Err(Why::Unseen(
-            "it runs in a PID namespace this daemon cannot see into (or has ended)".into(),
+            "it runs in a PID namespace this daemon cannot see into".into(),
         ));
     }
     Ok((pidfd, pid))

@@ -24,6 +24,18 @@ impl Supervisor {
 
     /// A peer of a takeover, read by a thread of its own.
     pub(super) fn peer(&mut self, sock: OwnedFd, pid: u32) -> Peer {
+        // The socket comes with the receive timeout of its first exchange
+        // (5 s for an offer, ANSWER_LIMIT for the joiner's answers); the
+        // reader below must wait as long as a step may take, which the
+        // step limits of the phases decide, not a recv that gives up and
+        // passes for the other daemon going away.
+        if let Err(e) = nix::sys::socket::setsockopt(
+            &sock,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 0),
+        ) {
+            tracing::warn!("clearing the receive timeout of the takeover socket: {e}");
+        }
         self.peers += 1;
         let id = self.peers;
         match sock.try_clone() {
