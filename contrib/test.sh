@@ -14,10 +14,12 @@ cd "$(dirname "$0")/.."
 cache=${NVLIBFS_TEST_CACHE:-/var/cache/nvlibfs-test}
 # What the tests leave, for the notice below and for --clean: the image
 # and package cache, the docker images built from it, the rootless user,
-# and the packages this script installed (listed as it installs them).
+# and the packages this script (or contrib/release.sh) installed (listed as
+# they are installed).
 installed=$cache/installed-packages
 leftovers() {
-    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots)"
+    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots,"
+    echo "    contrib/release.sh's build root (Debian 13, Rust, zig) and Debian 11 roots)"
     echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless and (dockerd's) dockremap"
     if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
 }
