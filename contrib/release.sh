@@ -30,9 +30,11 @@
 # The build root (with the Python venv holding zig), the Debian 11 roots of
 # the check live in /var/cache/nvlibfs-test (NVLIBFS_TEST_CACHE), which
 # `contrib/test.sh --clean` removes; host packages this script installs
-# (debootstrap, rpm, qemu-user, the aarch64 cross compiler the fixture
+# (debootstrap, rpm, the aarch64 cross compiler the fixture
 # needs) are recorded there for --clean as well.
 set -euo pipefail
+# A failure inside $(...) ends the script too.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 repo=$PWD
 
@@ -207,15 +209,39 @@ in_check_root() {
         exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin /bin/sh /check.sh "$@"' sh "$root" "$@"
 }
 
+# Debian 13's qemu-aarch64 (10.0, static): Debian 12's (7.2) lacks
+# openat2, which nvlibfs resolves every driver file with. Taken from the
+# build root's archive, cached on its own.
+qemu_aarch64() {
+    local dir=$cache/release-qemu-1
+    if [ ! -x "$dir/qemu-aarch64" ]; then
+        lock release-qemu-1
+        if [ ! -x "$dir/qemu-aarch64" ]; then
+            rm -rf "$dir.tmp" "$build_root"/tmp/qemu-user_*.deb
+            in_root "$build_root" sh -euc 'apt-get update -q && cd /tmp && apt-get download qemu-user
+                rm -rf /var/lib/apt/lists/*' >/dev/null
+            mkdir -p "$dir.tmp"
+            dpkg -x "$build_root"/tmp/qemu-user_*.deb "$dir.tmp/deb"
+            mv "$dir.tmp/deb/usr/bin/qemu-aarch64" "$dir.tmp/"
+            rm -rf "$dir.tmp/deb" "$build_root"/tmp/qemu-user_*.deb
+            mv "$dir.tmp" "$dir"
+        fi
+        unlock release-qemu-1
+    fi
+    echo "$dir/qemu-aarch64"
+}
+
 run_check() {
     [ -e "$dist/SHA256SUMS" ] || { log "no $dist/SHA256SUMS: run contrib/release.sh first"; exit 1; }
-    need_packages debootstrap rpm qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    need_packages debootstrap rpm gcc-aarch64-linux-gnu libc6-dev-arm64-cross
     echo "=== sha256sum -c SHA256SUMS"
     (cd "$dist" && sha256sum -c SHA256SUMS)
     cargo build --quiet -p nvlibfs-fixture
     local fixture=${CARGO_TARGET_DIR:-target}/debug/nvlibfs-fixture amd64 arm64
     amd64=$(bullseye_tar amd64)
     arm64=$(bullseye_tar arm64)
+    local qemu
+    qemu=$(qemu_aarch64)
     check_work=$(mktemp -d /tmp/nvlibfs-release-check.XXXXXX)
     trap 'rm -rf "$check_work"' EXIT
 
@@ -223,7 +249,7 @@ run_check() {
     local root=$check_work/bullseye-amd64 name=nvlibfs-$version-x86_64-linux
     mkdir "$root" && tar -C "$root" -xf "$amd64"
     "$fixture" --libcuda-mib 8 "$root/fake-host" >/dev/null
-    tar -C "$root/opt" -xzf "$dist/$name.tar.gz"
+    mkdir -p "$root/opt" && tar -C "$root/opt" -xzf "$dist/$name.tar.gz"
     cp "$dist/nvlibfs_${version}_amd64.deb" "$root/tmp/"
     {
         echo 'echo "--- $(ldd --version | head -1)"'
@@ -231,7 +257,7 @@ run_check() {
         try_binaries
         echo 'echo "=== dpkg -i the .deb"'
         echo "dpkg -i /tmp/nvlibfs_${version}_amd64.deb && dpkg-query -W -f='\${Package} \${Version} Depends: \${Depends}\n' nvlibfs"
-        echo 'command -v nvlibfs nvlibfs-mountd'
+        echo 'command -v nvlibfs; command -v nvlibfs-mountd'
     } | in_check_root "$root" "/opt/$name/bin/" "" x86_64-linux-gnu
     try_binaries | in_check_root "$root" "" "" x86_64-linux-gnu
 
@@ -250,21 +276,27 @@ run_check() {
     echo "=== aarch64: the tarball's binaries in Debian 11 (arm64) under qemu-user"
     root=$check_work/bullseye-arm64 name=nvlibfs-$version-aarch64-linux
     mkdir "$root" && tar -C "$root" -xf "$arm64"
+    # debootstrap's first stage leaves /proc a link to the host's.
+    rm "$root/proc" && mkdir "$root/proc"
     "$fixture" --arch aarch64 --libcuda-mib 8 "$root/fake-host" >/dev/null
-    tar -C "$root/opt" -xzf "$dist/$name.tar.gz"
+    mkdir -p "$root/opt" && tar -C "$root/opt" -xzf "$dist/$name.tar.gz"
     # binfmt_misc in a user namespace of its own (Linux 6.7+): aarch64
-    # programs started in it, and those they start, run under qemu; the
-    # host's binfmt_misc stays as it was. Its root is this root (uid 0).
-    try_binaries | sed '1a echo "--- $(/lib/ld-linux-aarch64.so.1 --version | head -1), uname -m: $(uname -m)"' >"$root/check.sh"
+    # programs started in it, and those they start, run under qemu (the
+    # static one, opened at registration: F; handed the program as an open
+    # file: O, else the supervisor's fexecve of its own binary, a
+    # close-on-exec /proc/self/fd path, fails); the host's binfmt_misc
+    # stays as it was. Its root is this root (uid 0).
+    echo "--- $("$qemu" --version | head -1)"
+    try_binaries | sed '1a echo "--- $(ls /lib/aarch64-linux-gnu/libc-*.so), uname -m: $(uname -m)"' >"$root/check.sh"
     unshare --user --map-root-user --pid --fork -m --propagation private sh -euc '
-        root=$1; shift
+        root=$1 qemu=$2; shift 2
         mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
-        printf "%b" ":nvlibfs-aarch64:M::\\x7fELF\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:$(command -v qemu-aarch64):F" \
+        printf "%b" ":nvlibfs-aarch64:M::\\x7fELF\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:$qemu:FO" \
             >/proc/sys/fs/binfmt_misc/register
         mount -t proc proc "$root/proc"
         mount --rbind /dev "$root/dev"
         exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin /bin/sh /check.sh "$@"' \
-        sh "$root" "/opt/$name/bin/" --no-passthrough aarch64-linux-gnu
+        sh "$root" "$qemu" "/opt/$name/bin/" --no-passthrough aarch64-linux-gnu
 
     echo "=== the image: contrib/Dockerfile on a Debian 11 base (made from the root above)"
     if ! docker info >/dev/null 2>&1; then log "no dockerd answers: start one for the image's check"; exit 1; fi
@@ -275,9 +307,12 @@ run_check() {
     docker run --rm "$image" nvlibfs-mountd --version
     "$fixture" --libcuda-mib 8 "$check_work/image-host" >/dev/null
     docker run --rm -v "$check_work/image-host:/host:ro" "$image" \
-        nvlibfs scan --driver-root /host --module-version-file /host/sys/module/nvidia/version | tail -2
-    # The mount in a container: FUSE and CAP_SYS_ADMIN, no more.
-    docker run --rm --device /dev/fuse --cap-add SYS_ADMIN --security-opt apparmor=unconfined \
+        nvlibfs scan --driver-root /host --module-version-file /host/sys/module/nvidia/version | head -4
+    # The mount in a container: FUSE, CAP_SYS_ADMIN and the
+    # CAP_DAC_READ_SEARCH the daemon keeps (it refuses to serve without
+    # being able to drop to exactly those), no more.
+    docker run --rm --device /dev/fuse --cap-add SYS_ADMIN --cap-add DAC_READ_SEARCH \
+        --security-opt apparmor=unconfined \
         -v "$check_work/image-host:/host:ro" "$image" sh -euc '
             mkdir /view
             nvlibfs mount --driver-root /host --module-version-file /host/sys/module/nvidia/version /view
