@@ -19,7 +19,7 @@ cache=${NVLIBFS_TEST_CACHE:-/var/cache/nvlibfs-test}
 installed=$cache/installed-packages
 leftovers() {
     echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots,"
-    echo "    contrib/release.sh's build root (Debian 13, Rust, zig) and Debian 11 roots)"
+    echo "    Debian 13's containerd and the CRI client's venv, contrib/release.sh's build root (Debian 13, Rust, zig) and Debian 11 roots)"
     echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless and (dockerd's) dockremap"
     if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
 }
@@ -72,6 +72,9 @@ packages=(gcc libc6-dev libc-bin util-linux mount dpkg apt debian-archive-keyrin
 # pip installs the Kubernetes client below; a python3 with pip of another
 # origin (pyenv, a venv) does as well as Debian's.
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3 python3-pip)
+# tests/cri.rs keeps its CRI client (grpcio, generated from the CRI's
+# api.proto) in a venv in the test cache, which needs venv and ensurepip.
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     is_installed "$p" || missing+=("$p")
