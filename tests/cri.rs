@@ -414,6 +414,19 @@ fn gpu_pods_and_the_daemonset_pod_through_the_cri() {
     let second_container = second["container"].as_str().unwrap().to_owned();
     let took = wait_ready(&node, &second_container, &probe);
     eprintln!("second DaemonSet pod ready (took the mount over) after {took:?}");
+    // What a liveness probe running `nvlibfs status` (the manifest had one)
+    // would see in the old pod now, between the takeover and its deletion.
+    let old_status = node.exec(&first_container, &["nvlibfs", "status", "/run/nvlibs"]);
+    let old_here = node.exec(&first_container, &probe);
+    eprintln!(
+        "old pod after the takeover: `nvlibfs status` exit {} ({} ms), its readiness probe exit {} ({} ms): {}{}",
+        exit_code(&old_status),
+        old_status["ms"],
+        exit_code(&old_here),
+        old_here["ms"],
+        old_here["stdout"].as_str().unwrap_or("").lines().next().unwrap_or(""),
+        old_here["stderr"].as_str().unwrap_or("").trim()
+    );
     // ... and the old one is deleted once the new one is ready.
     node.kubelet(&["remove-pod", first["pod"].as_str().unwrap()]);
     let status = node.exec(&second_container, &["nvlibfs", "status", "/run/nvlibs"]);
