@@ -398,6 +398,10 @@ Requires: glibc >= $glibc
 %define _build_id_links none
 %define __strip /bin/true
 %define __os_install_post %{nil}
+# The same package from the same commit: its time and host are the commit's.
+%define use_source_date_epoch_as_buildtime 1
+%define clamp_mtime_to_source_date_epoch 1
+%define _buildhost reproducible
 
 %description
 A FUSE daemon that serves the NVIDIA user-space driver files matching the
