@@ -13,8 +13,10 @@
 # for x86_64 and aarch64. The binaries are built by Debian 13's rustc
 # (1.85, the project's rust-version, which proves every dependency builds
 # with it) in a debootstrapped Debian 13 root, and linked by zig
-# (cargo-zigbuild) against glibc 2.17's symbols, so they run on any glibc
-# from 2.17 on (RHEL 7+, Amazon Linux 2, Debian 9+, Ubuntu 18.04+). The
+# (cargo-zigbuild) against glibc 2.17's symbols, so the C library is never
+# what stops them: they run wherever the kernel is new enough (5.6+, for
+# openat2; Amazon Linux 2 with its 5.10 kernel and glibc 2.26, Debian 11,
+# Ubuntu 20.04, RHEL 9; not RHEL 8, whose 4.18 kernel lacks openat2). The
 # script fails if a binary asks for a newer glibc symbol.
 #
 #   contrib/release.sh           # build dist/
