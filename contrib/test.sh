@@ -14,11 +14,13 @@ cd "$(dirname "$0")/.."
 cache=${NVLIBFS_TEST_CACHE:-/var/cache/nvlibfs-test}
 # What the tests leave, for the notice below and for --clean: the image
 # and package cache, the docker images built from it, the rootless user,
-# and the packages this script installed (listed as it installs them).
+# and the packages this script (or contrib/release.sh) installed (listed as
+# they are installed).
 installed=$cache/installed-packages
 leftovers() {
     echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots,"
-    echo "    and a Python venv with the kubernetes client and pyyaml)"
+    echo "    a Python venv with the kubernetes client and pyyaml, Debian 13's containerd and the CRI client's venv,"
+    echo "    contrib/release.sh's build root (Debian 13, Rust, zig) and Debian 11 roots)"
     echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless (with its /run/user/UID)"
     echo "    and (dockerd's) dockremap; podman's image store in /var/lib/containers"
     if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
@@ -80,7 +82,9 @@ packages=(gcc libc6-dev libc-bin util-linux mount dpkg apt debian-archive-keyrin
 # pip installs the Kubernetes client below; a python3 with pip of another
 # origin (pyenv, a venv) does as well as Debian's.
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3 python3-pip)
-# The kubernetes client lives in a venv (below), which needs venv and ensurepip.
+# The kubernetes client (below) and tests/cri.rs's CRI client (grpcio,
+# generated from the CRI's api.proto) live in venvs in the test cache,
+# which need venv and ensurepip.
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for p in "${packages[@]}"; do

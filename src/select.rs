@@ -76,13 +76,33 @@ impl Selected {
     }
 }
 
+/// A new memfd (close-on-exec, sealable), made by the system call itself,
+/// not by nix's (glibc's) wrapper: glibc has `memfd_create` only from 2.27,
+/// and the release binaries run on glibc 2.17 (RHEL 7, Amazon Linux 2);
+/// the kernel has had the call since 3.17.
+pub fn memfd_create(name: &std::ffi::CStr) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_memfd_create,
+            name.as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) })
+}
+
 /// A memfd holding `parts` one after another, sealed against every change:
 /// whoever holds it can trust its contents and length.
 pub fn sealed_memfd(name: &std::ffi::CStr, parts: &[&[u8]]) -> std::io::Result<File> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-    use nix::sys::memfd::{memfd_create, MFdFlags};
     use std::io::Write;
-    let mut file = File::from(memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?);
+    let mut file = File::from(memfd_create(name)?);
     for part in parts {
         file.write_all(part)?;
     }

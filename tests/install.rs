@@ -45,6 +45,8 @@ fn install_puts_every_piece_in_place() {
     assert!(bash.contains("_nvlibfs") && bash.contains("--driver-root"));
     assert!(root.join("share/zsh/vendor-completions/_nvlibfs").is_file());
     assert!(root.join("share/fish/vendor_completions.d/nvlibfs.fish").is_file());
+    let licence = std::fs::read_to_string(root.join("share/doc/nvlibfs/LICENSE")).unwrap();
+    assert!(licence.contains("Apache License"), "{licence}");
     let unit = std::fs::read_to_string(dest.path().join("lib/systemd/system/nvlibfs.service")).unwrap();
     assert!(
         unit.contains("ExecStart=/usr/local/bin/nvlibfs mount --foreground /run/nvlibs"),
@@ -77,12 +79,33 @@ fn the_deb_package_holds_the_same_files() {
     let deb = std::fs::read_dir(out.path()).unwrap().next().unwrap().unwrap().path();
     let info = run(Command::new("dpkg-deb").arg("--info").arg(&deb));
     assert!(info.contains("Package: nvlibfs") && info.contains(&format!("Version: {}", env!("CARGO_PKG_VERSION"))));
+    // The glibc floor is the newest GLIBC_ version the binaries ask for:
+    // a package of this machine's build must not install where it cannot run.
+    let needs = run(Command::new("readelf")
+        .args(["-V", "--wide"])
+        .arg(bin_dir().join("nvlibfs"))
+        .arg(bin_dir().join("nvlibfs-mountd")));
+    let newest = needs
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("GLIBC_"))
+        .filter_map(|v| {
+            let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+            Some((parts.next()??, parts.next().flatten().unwrap_or(0), v))
+        })
+        .max()
+        .map(|(_, _, v)| v)
+        .expect("the binaries use glibc");
+    assert!(
+        info.contains(&format!("Depends: libc6 (>= {newest})")),
+        "the package should depend on libc6 >= {newest}:\n{info}"
+    );
     let files = run(Command::new("dpkg-deb").arg("--contents").arg(&deb));
     for f in [
         "./usr/bin/nvlibfs",
         "./usr/bin/nvlibfs-mountd",
         "./usr/share/man/man1/nvlibfs.1",
         "./lib/systemd/system/nvlibfs.service",
+        "./usr/share/doc/nvlibfs/LICENSE",
     ] {
         assert!(files.contains(f), "{f} missing from the package:\n{files}");
     }

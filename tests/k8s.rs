@@ -47,6 +47,18 @@ fn manifests_load_into_the_kubernetes_client_models() {
     let daemonset = std::fs::read_to_string(format!("{DIR}/nvlibfs-daemonset.yaml")).unwrap();
     assert!(daemonset.contains("maxUnavailable: 0"));
     std::fs::write(&bad, daemonset.replace("maxUnavailable: 0", "maxUnavailable: 1")).unwrap();
-    let (ok, text) = validate(&[bad]);
+    let (ok, text) = validate(std::slice::from_ref(&bad));
     assert!(!ok && text.contains("maxSurge 1, maxUnavailable 0"), "{text}");
+
+    // A liveness probe: the kubelet would kill the supervisor on a slow status.
+    std::fs::write(
+        &bad,
+        daemonset.replace(
+            "          readinessProbe:",
+            "          livenessProbe:\n            exec:\n              command: [\"nvlibfs\", \"status\", \"/run/nvlibs\"]\n          readinessProbe:",
+        ),
+    )
+    .unwrap();
+    let (ok, text) = validate(&[bad]);
+    assert!(!ok && text.contains("no liveness probe"), "{text}");
 }

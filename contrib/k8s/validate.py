@@ -41,6 +41,8 @@ def check(path):
             probe = c.get("readinessProbe", {}).get("exec", {}).get("command", [])
             if "status" not in probe or "--here" not in probe:
                 problems.append(f"{what}: readiness probe must run nvlibfs status --here (ready once this pod serves)")
+            if "livenessProbe" in c:
+                problems.append(f"{what}: no liveness probe: its failure kills the supervisor that holds the mount")
             if "--take-over" not in c.get("command", []):
                 problems.append(f"{what}: the daemon must start with --take-over, so an update takes the mount over")
             rolling = doc["spec"].get("updateStrategy", {}).get("rollingUpdate", {})

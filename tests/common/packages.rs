@@ -195,3 +195,61 @@ pub fn owner(root: &Path, path: &str) -> Option<(String, String)> {
 pub fn deb_version(deb: &Path) -> Result<String, String> {
     run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version")).map(|v| v.trim().to_owned())
 }
+
+/// `packages` of Debian's `suite` (main), fetched once with `apt-get
+/// download` from the archive the cached root names (none of the host's
+/// sources change) and unpacked with `dpkg -x` into `cache_dir()/KEY`,
+/// which is returned.
+pub fn unpacked(key: &str, suite: &str, packages: &[&str]) -> Result<PathBuf, String> {
+    let dir = cache_dir().join(key);
+    if dir.join("complete").exists() {
+        return Ok(dir);
+    }
+    let _fetching = super::images::cache_lock(key)?;
+    if dir.join("complete").exists() {
+        return Ok(dir);
+    }
+    let partial = cache_dir().join(format!("{key}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    let apt = partial.join("apt");
+    for sub in ["lists/partial", "cache/archives/partial", "sources.d", "debs"] {
+        std::fs::create_dir_all(apt.join(sub)).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(
+        apt.join("sources.d/debian.sources"),
+        format!(
+            "Types: deb\nURIs: {}\nSuites: {suite}\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+            archive_uri()?
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let options = [
+        "-o".to_owned(),
+        "Dir::Etc::sourcelist=/dev/null".to_owned(),
+        "-o".to_owned(),
+        format!("Dir::Etc::sourceparts={}", apt.join("sources.d").display()),
+        "-o".to_owned(),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+        "-o".to_owned(),
+        format!("Dir::Cache={}", apt.join("cache").display()),
+        "-o".to_owned(),
+        "APT::Sandbox::User=root".to_owned(),
+    ];
+    run(Command::new("apt-get").args(&options).args(["-q", "update"]))?;
+    let wanted: Vec<String> = packages.iter().map(|p| format!("{p}/{suite}")).collect();
+    run(Command::new("apt-get")
+        .current_dir(apt.join("debs"))
+        .args(&options)
+        .args(["-q", "download"])
+        .args(&wanted))?;
+    for deb in std::fs::read_dir(apt.join("debs")).map_err(|e| e.to_string())? {
+        let deb = deb.map_err(|e| e.to_string())?.path();
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    }
+    std::fs::remove_dir_all(&apt).map_err(|e| e.to_string())?;
+    std::fs::write(partial.join("complete"), "").map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir).map_err(|e| e.to_string())?;
+    Ok(dir)
+}

@@ -37,8 +37,8 @@ pub(super) const COUNTS_BYTES: usize = COUNT_SLOTS * 16;
 impl Counts {
     pub(super) fn new() -> std::io::Result<Counts> {
         use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-        use nix::sys::memfd::{memfd_create, MFdFlags};
-        let fd = memfd_create(c"nvlibfs-counts", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+        // Not nix's memfd_create: glibc 2.17 has none (nvlibfs::select says more).
+        let fd = nvlibfs::select::memfd_create(c"nvlibfs-counts")?;
         nix::unistd::ftruncate(&fd, COUNTS_BYTES as i64)?;
         fcntl(
             &fd,
