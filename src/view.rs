@@ -7,7 +7,7 @@
 //! loader needs already in place, so nothing has to run `ldconfig` inside it.
 //! Inode numbers are indexes into one vector: lookups are a map probe.
 
-use crate::catalog::{Versioning, GLX_INDIRECT, TRIPLETS};
+use crate::catalog::{Versioning, GBM_BACKEND, GLX_INDIRECT, TRIPLETS};
 use crate::elf::ElfClass;
 use crate::pin::PinnedVersion;
 use crate::select::{FileKind, Selected};
@@ -366,6 +366,11 @@ fn loader_links(file: &Selected) -> Vec<(PathBuf, PathBuf)> {
     }
     if spec.name == GLX_INDIRECT.1 {
         links.push((dir.join(GLX_INDIRECT.0), PathBuf::from(name)));
+    }
+    // Mesa's GBM loads `gbm/<drm driver>_gbm.so` beside its own library;
+    // NVIDIA's installer (and the toolkit's create-symlinks hook) make it.
+    if spec.name == GBM_BACKEND.1 {
+        links.push((dir.join(GBM_BACKEND.0), Path::new("..").join(soname)));
     }
     links
 }
