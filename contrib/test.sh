@@ -17,7 +17,7 @@ cache=${NVLIBFS_TEST_CACHE:-/var/cache/nvlibfs-test}
 # and the packages this script installed (listed as it installs them).
 installed=$cache/installed-packages
 leftovers() {
-    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots)"
+    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, the NVIDIA Container Toolkit's binaries, rootless data roots)"
     echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless and (dockerd's) dockremap"
     if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
 }
