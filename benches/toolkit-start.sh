@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Container start with Docker 26 (Debian 13's dockerd, containerd, runc),
+# the same image and the same workload, three ways:
+#
+#   toolkit:  --device nvidia.com/gpu=all from the NVIDIA Container
+#             Toolkit's own spec (nvidia-ctk cdi generate): a bind mount per
+#             driver file, and its hooks (nvidia-cdi-hook create-symlinks,
+#             update-ldcache, enable-cuda-compat, disable-device-node-
+#             modification) run by runc in every container
+#   nvlibfs:  --device nvlibfs.io/gpu=all from nvlibfs's spec, in the same
+#             spec directory (another kind, so both live side by side): the
+#             view mounted once at /usr/local/nvidia, LD_LIBRARY_PATH
+#   baked:    the same driver files copied into the image (ldconfig run
+#             at build time), the device nodes given with --device
+#
+# The workload loads libcuda.so.1 and libnvidia-ml.so.1 with dlopen
+# (nvlibfs-load) and exits. 20 starts in a row (after 2 to warm up), then
+# 16 at once, 4 times, each way, interleaved; p50 and p95 of each `docker
+# run`'s wall time. Writes OUT_DIR/toolkit-start.md. NVLIBFS_BENCH_RUNS,
+# NVLIBFS_BENCH_TOGETHER and NVLIBFS_BENCH_ROUNDS change the counts.
+#
+#   benches/toolkit-start.sh DOCKER26_ROOTFS IMAGE_ROOTFS BIN_DIR TOOLKIT_DIR DRIVER_ROOT OUT_DIR [MOUNT FLAGS...]
+#
+# DOCKER26_ROOTFS: tarball of `debootstrap --variant=minbase --include=docker.io,docker-cli trixie`
+# IMAGE_ROOTFS: tarball of the image's root (a Debian with ldconfig)
+# BIN_DIR: nvlibfs, nvlibfs-mountd, nvlibfs-load; TOOLKIT_DIR: nvidia-ctk, nvidia-cdi-hook
+# DRIVER_ROOT: the driver's root, whose dev/ and proc/driver/nvidia/gpus
+#   the specs take (the fixture's with --device-nodes, or /)
+# benches/toolkit_start.rs builds all of these and runs it on the fixture.
+set -euo pipefail
+[ $# -ge 6 ] || { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
+[ "$(id -u)" = 0 ] || { echo "toolkit-start: needs root" >&2; exit 2; }
+rootfs=$(realpath "$1") image_rootfs=$(realpath "$2") bin=$(realpath "$3") toolkit=$(realpath "$4")
+driver_root=$(realpath "$5") out=$(realpath -m "$6")
+shift 6
+mount_flags=("$@")
+runs=${NVLIBFS_BENCH_RUNS:-20}
+together=${NVLIBFS_BENCH_TOGETHER:-16}
+rounds=${NVLIBFS_BENCH_ROUNDS:-4}
+mkdir -p "$out"
+work=$(mktemp -d /var/tmp/nvlibfs-toolkit-start.XXXXXX)
+root=$work/root
+mp=/run/nvlibfs-bench-toolkit-$$
+dev=$driver_root/dev
+[ "$driver_root" = / ] && dev=/dev
+say() { echo "toolkit-start: $*" >&2; }
+hd() { chroot "$root" docker -H unix:///run/nvlibfs-bench.sock "$@"; }
+cleanup() {
+    set +e
+    [ -f "$root/run/nvlibfs-bench.pid" ] && kill "$(cat "$root/run/nvlibfs-bench.pid")" 2>/dev/null
+    for _ in $(seq 100); do [ -e "$root/run/nvlibfs-bench.pid" ] || break; sleep 0.2; done
+    "$bin/nvlibfs" umount --state-dir "$work/state" "$mp" >/dev/null 2>&1
+    rmdir "$mp" 2>/dev/null
+    cp "$work/dockerd.log" "$out/toolkit-start-dockerd.log" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# 1. Docker 26's root, the view, and both specs in one spec directory.
+mkdir -p "$root"
+tar -C "$root" -xf "$rootfs"
+"$bin/nvlibfs" mount "${mount_flags[@]}" --state-dir "$work/state" --dev "$dev" "$mp" >&2
+mkdir -p "$root/share/cdi" "$root/etc/docker"
+"$toolkit/nvidia-ctk" cdi generate --format json --driver-root "$driver_root" --dev-root "$driver_root" \
+    --nvidia-cdi-hook-path "$toolkit/nvidia-cdi-hook" --output "$root/share/cdi/nvidia.json" 2>"$work/ctk.log" ||
+    { cat "$work/ctk.log" >&2; exit 1; }
+"$bin/nvlibfs" cdi generate --kind nvlibfs.io/gpu --spec-dirs "$root/share/cdi" --mountpoint "$mp" --dev "$dev" \
+    --output "$root/share/cdi/nvlibfs.json"
+echo '{"features": {"cdi": true}, "cdi-spec-dirs": ["/share/cdi"]}' >"$root/etc/docker/daemon.json"
+
+# 2. The images: the same root, with the loader; one with the driver's
+#    files (the view's lib64, links and all) baked in.
+make_image() { # NAME BAKE
+    local dir=$work/image-$1
+    mkdir -p "$dir"
+    tar -C "$dir" -xf "$image_rootfs"
+    install -m 755 "$bin/nvlibfs-load" "$dir/usr/local/bin/"
+    if [ "$2" = bake ]; then
+        cp -a "$mp/lib64/." "$dir/usr/lib/x86_64-linux-gnu/"
+        ldconfig -r "$dir"
+    fi
+    tar -C "$dir" -cf "$root/share/$1.tar" .
+    rm -rf "$dir"
+}
+make_image plain no
+make_image baked bake
+
+# 3. Docker 26 on this host: in a mount and network namespace of its own
+#    whose root is Debian 13's, with the host's /proc, /sys, /dev, the
+#    driver root, the view and the toolkit at their own paths (the
+#    toolkit's spec names host paths and its hook binary).
+unshare --mount --net --propagation slave sh -c "
+    set -e
+    mount --bind '$root' '$root'
+    for d in /proc /sys /dev '$driver_root' '$mp' '$toolkit'; do
+        [ \"\$d\" = / ] && continue
+        mkdir -p '$root'\$d; mount --rbind \$d '$root'\$d
+    done
+    cd '$root'
+    mkdir -p .old-root
+    pivot_root . .old-root
+    umount -l /.old-root
+    rmdir /.old-root
+    exec dockerd -H unix:///run/nvlibfs-bench.sock --pidfile /run/nvlibfs-bench.pid \
+        --iptables=false --ip-masq=false --bridge=none --storage-driver=overlay2
+" >"$work/dockerd.log" 2>&1 &
+for _ in $(seq 120); do hd info >/dev/null 2>&1 && break; sleep 0.5; done
+hd info >/dev/null || { tail -20 "$work/dockerd.log" >&2; exit 1; }
+for i in plain baked; do hd import "/share/$i.tar" "nvlibfs-bench-28:$i" >/dev/null; done
+say "dockerd $(hd version -f '{{.Server.Version}}') up, images imported"
+
+nodes=()
+while read -r n; do nodes+=(--device "$n:/dev/${n#"$dev"/}"); done < <(find "$dev" -maxdepth 1 -type c -name 'nvidia*' | sort)
+load='nvlibfs-load libcuda.so.1 libnvidia-ml.so.1'
+flags() { # WAY: the docker run flags and image
+    case $1 in
+    toolkit) echo "--device nvidia.com/gpu=all nvlibfs-bench-28:plain" ;;
+    nvlibfs) echo "--device nvlibfs.io/gpu=all nvlibfs-bench-28:plain" ;;
+    baked) echo "${nodes[*]} nvlibfs-bench-28:baked" ;;
+    esac
+}
+start() { # WAY FILE: one container start, its seconds appended to FILE
+    local t0 t1 o
+    t0=$EPOCHREALTIME
+    # shellcheck disable=SC2046
+    o=$(hd run --rm --network none $(flags "$1") sh -c "$load" 2>&1) || { echo "$1: $o" >>"$work/failed"; }
+    t1=$EPOCHREALTIME
+    grep -q "libcuda.so.1 " <<<"$o" || echo "$1: $o" >>"$work/failed"
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f\n", b - a }' >>"$2"
+}
+ways=(toolkit nvlibfs baked)
+for w in "${ways[@]}"; do
+    o=$(hd run --rm --network none $(flags "$w") sh -c "$load" 2>&1) || true
+    printf '%s: %s\n' "$w" "$(tr '\n' ' ' <<<"$o")" >>"$work/sample"
+done
+for _ in 1 2; do for w in "${ways[@]}"; do start "$w" /dev/null; done; done
+for _ in $(seq "$runs"); do for w in "${ways[@]}"; do start "$w" "$work/row-$w"; done; done
+say "$runs in a row done"
+for _ in $(seq "$rounds"); do
+    for w in "${ways[@]}"; do
+        t0=$EPOCHREALTIME
+        pids=()
+        for _ in $(seq "$together"); do
+            start "$w" "$work/together-$w" &
+            pids+=($!)
+        done
+        # Not a bare `wait`: that would wait for the dockerd too.
+        wait "${pids[@]}"
+        awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f\n", b - a }' >>"$work/batch-$w"
+    done
+done
+say "$together at once ($rounds rounds) done"
+
+pct() { # FILE P: the P-th percentile (nearest rank) in ms
+    sort -n "$1" | awk -v p="$2" '{ v[NR] = $1 } END { r = int((p / 100) * NR + 0.999999); if (r < 1) r = 1; printf "%.0f", v[r] * 1000 }'
+}
+{
+    echo "# Container start: the NVIDIA Container Toolkit's spec, nvlibfs's, and the driver baked in"
+    echo
+    echo "- $(uname -sr), $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -1 || echo "no GPU: the fixture driver")"
+    echo "- driver root \`$driver_root\`, driver $(cat "${driver_root%/}/sys/module/nvidia/version")"
+    echo "- dockerd $(hd version -f '{{.Server.Version}}') (overlay2), containerd $(chroot "$root" containerd --version | awk '{print $3}'), runc $(chroot "$root" runc --version | awk 'NR==1{print $3}'); NVIDIA Container Toolkit v1.18.0 built from source"
+    echo "- workload: \`docker run --rm --network none FLAGS IMAGE sh -c '$load'\`; $runs in a row (after 2 each to warm up), then $together at once, $rounds times; the three ways interleaved"
+    echo "- the toolkit's spec: $(grep -o '"hostPath"' "$root/share/cdi/nvidia.json" | wc -l) host paths (files and device nodes), hooks: $(grep -o '"nvidia-cdi-hook",[^]]*' "$root/share/cdi/nvidia.json" | cut -d'"' -f4 | sort -u | tr '\n' ' ')"
+    echo
+    echo "| way | in a row p50 (ms) | p95 | ×toolkit p50 | ×baked p50 | $together at once p50 (ms) | p95 | ×toolkit p50 | ×baked p50 | batch wall (s) |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
+    for w in "${ways[@]}"; do
+        r50=$(pct "$work/row-$w" 50) r95=$(pct "$work/row-$w" 95)
+        t50=$(pct "$work/together-$w" 50) t95=$(pct "$work/together-$w" 95)
+        rt=$(pct "$work/row-toolkit" 50) rb=$(pct "$work/row-baked" 50)
+        tt=$(pct "$work/together-toolkit" 50) tb=$(pct "$work/together-baked" 50)
+        printf '| %s | %s | %s | ×%s | ×%s | %s | %s | ×%s | ×%s | %s |\n' "$w" "$r50" "$r95" \
+            "$(awk -v a="$r50" -v b="$rt" 'BEGIN{printf "%.2f", a/b}')" "$(awk -v a="$r50" -v b="$rb" 'BEGIN{printf "%.2f", a/b}')" \
+            "$t50" "$t95" \
+            "$(awk -v a="$t50" -v b="$tt" 'BEGIN{printf "%.2f", a/b}')" "$(awk -v a="$t50" -v b="$tb" 'BEGIN{printf "%.2f", a/b}')" \
+            "$(tr '\n' ' ' <"$work/batch-$w")"
+    done
+    echo
+    echo "What each container printed (first run):"
+    echo
+    echo '```'
+    cat "$work/sample"
+    echo '```'
+    if [ -s "$work/failed" ]; then
+        echo
+        echo "FAILED starts:"
+        echo '```'
+        head -20 "$work/failed"
+        echo '```'
+    fi
+} >"$out/toolkit-start.md"
+cat "$out/toolkit-start.md"
+[ ! -s "$work/failed" ]
