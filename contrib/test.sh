@@ -18,7 +18,7 @@ cache=${NVLIBFS_TEST_CACHE:-/var/cache/nvlibfs-test}
 installed=$cache/installed-packages
 leftovers() {
     echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, the NVIDIA Container Toolkit's binaries, rootless data roots)"
-    echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless and (dockerd's) dockremap"
+    echo "  docker images nvlibfs-test-* in the host's dockerd, podman images nvlibfs-*; users nvlibfs-rootless and (dockerd's) dockremap"
     if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
 }
 
@@ -31,6 +31,11 @@ if [ "${1:-}" = --clean ]; then
         docker ps -aq --filter name=nvlibfs-test | xargs -r docker rm -f >/dev/null
         docker images --format '{{.Repository}}:{{.Tag}}' | { grep '^nvlibfs-test' || true; } |
             xargs -r docker rmi -f >/dev/null
+    fi
+    # podman's images (tests/cdi.rs, tests/toolkit.rs), in podman's own store.
+    if command -v podman >/dev/null 2>&1; then
+        podman images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | { grep '^localhost/nvlibfs-' || true; } |
+            xargs -r podman rmi -f >/dev/null 2>&1 || true
     fi
     pkill -KILL -u nvlibfs-rootless 2>/dev/null || true
     for user in nvlibfs-rootless dockremap; do

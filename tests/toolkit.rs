@@ -409,3 +409,138 @@ echo "== same kind"
         "podman took a device two specs of one directory define:\n{text}"
     );
 }
+
+/// Forward compatibility: an image with a newer `libcuda` in
+/// /usr/local/cuda/compat (590 against the host's 580). Under the
+/// toolkit's spec its enable-cuda-compat hook puts the compat library
+/// first; under nvlibfs's spec the view's `LD_LIBRARY_PATH` comes first,
+/// so the host's loads; `--env LD_LIBRARY_PATH=...` does not change that
+/// (the runtime applies the spec's variables over the user's); the
+/// compat directory put ahead in the container's own command does
+/// (README: forward compatibility). What happens, asserted.
+#[test]
+fn an_image_with_newer_cuda_compat_libraries_under_each_spec() {
+    common::require("podman", "podman");
+    common::require("unshare", "util-linux");
+    common::require_fixture_tools();
+    common::images::require_image_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Mounted::new(host_spec(1), &[]);
+    let root = &m.fixture.root;
+    let work = m.dir.path();
+    std::fs::write(work.join("toolkit.json"), toolkit_spec(root, root).to_string()).unwrap();
+    let compat_version = "590.10.01";
+    // What a user's entrypoint would do: the compat directory first.
+    let first = work.join("compat-first");
+    std::fs::write(
+        &first,
+        "#!/bin/sh\nLD_LIBRARY_PATH=/usr/local/cuda/compat:$LD_LIBRARY_PATH exec \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&first, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let image = compat_image(compat_version);
+    let podman = "podman --cgroup-manager cgroupfs --events-backend file";
+    let nvlibfs_bin = env!("CARGO_BIN_EXE_nvlibfs");
+    let run_with = |flags: &str| {
+        format!(
+            "{podman} run --rm --network none --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 {flags} \
+             --volume={}:/work:ro {image} /work/nvlibfs-load libcuda.so.1",
+            work.display()
+        )
+    };
+    let script = format!(
+        r#"set -u
+exec 2>&1
+for d in /etc/cdi /var/run/cdi; do mkdir -p $d; mount -t tmpfs nvlibfs-test $d; done
+cp {work}/toolkit.json /etc/cdi/nvidia.json
+{nvlibfs_bin} cdi generate --kind nvlibfs.io/gpu --mountpoint {mnt} --dev {root}/dev --output /etc/cdi/nvlibfs.json || exit 1
+echo "== toolkit"
+{toolkit} || exit 1
+echo "== nvlibfs"
+{ours} || exit 1
+echo "== nvlibfs, --env"
+{env} || exit 1
+echo "== nvlibfs, compat first"
+{first} || exit 1
+echo "== end"
+"#,
+        work = work.display(),
+        mnt = m.mountpoint.display(),
+        root = root.display(),
+        toolkit = run_with("--device=nvidia.com/gpu=all"),
+        ours = run_with("--device=nvlibfs.io/gpu=all"),
+        env = run_with(
+            "--device=nvlibfs.io/gpu=all \
+             --env=LD_LIBRARY_PATH=/usr/local/cuda/compat:/usr/local/nvidia/lib64:/usr/local/nvidia/lib"
+        ),
+        first = run_with("--device=nvlibfs.io/gpu=all --entrypoint=/work/compat-first"),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let part = |name: &str| -> &str {
+        let start = text
+            .find(&format!("== {name}\n"))
+            .unwrap_or_else(|| panic!("no {name}:\n{text}"));
+        let rest = &text[start + name.len() + 4..];
+        &rest[..rest.find("\n== ").unwrap_or(rest.len())]
+    };
+    let loads = |name: &str, version: &str| {
+        assert!(
+            part(name).contains(&format!("libcuda.so.1 {version}")),
+            "{name}: libcuda {version} expected:\n{text}"
+        );
+    };
+    loads("toolkit", compat_version);
+    loads("nvlibfs", VERSION);
+    loads("nvlibfs, --env", VERSION);
+    loads("nvlibfs, compat first", compat_version);
+}
+
+/// A podman image of the cached Debian root with a CUDA forward
+/// compatibility library of `version` in /usr/local/cuda/compat (and its
+/// SONAME link), as CUDA images that ship `cuda-compat` have it.
+fn compat_image(version: &str) -> String {
+    let tag = format!("nvlibfs-test-28-compat-{version}");
+    let podman = || {
+        let mut c = std::process::Command::new("podman");
+        c.args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+        c
+    };
+    if common::images::run(podman().args(["image", "exists", &tag])).is_ok() {
+        return tag;
+    }
+    let _building = common::images::cache_lock(&tag).unwrap();
+    if common::images::run(podman().args(["image", "exists", &tag])).is_ok() {
+        return tag;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("root");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let tar = common::images::inner_rootfs().unwrap_or_else(|e| panic!("building the image's root: {e}"));
+    common::images::run(
+        std::process::Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-xf")
+            .arg(&tar),
+    )
+    .unwrap();
+    let compat = rootfs.join("usr/local/cuda/compat");
+    let libcuda = nvlibfs::catalog::LIBRARIES
+        .iter()
+        .find(|l| l.name == "libcuda")
+        .unwrap();
+    let (file, soname) = nvlibfs_fixture::write_library(&compat, libcuda, version).unwrap();
+    std::os::unix::fs::symlink(&file, compat.join(&soname)).unwrap();
+    let import = format!(
+        "tar -C '{}' -c . | podman --cgroup-manager cgroupfs --events-backend file import - {tag}",
+        rootfs.display()
+    );
+    common::images::run(std::process::Command::new("sh").args(["-c", &import]))
+        .unwrap_or_else(|e| panic!("podman import: {e}"));
+    tag
+}
