@@ -544,3 +544,106 @@ fn compat_image(version: &str) -> String {
         .unwrap_or_else(|e| panic!("podman import: {e}"));
     tag
 }
+
+/// Debian 13's real driver packages (550), installed by dpkg into a
+/// Debian root: the toolkit (in its management mode, which needs no GPU
+/// to answer NVML) finds its files through Debian's alternatives and
+/// `nvidia/current` directory; every file it would mount is in the view
+/// with the same bytes, and every library link its hook makes is in the
+/// view's lib64.
+#[test]
+fn on_debians_packages_every_file_the_toolkit_finds_is_in_the_view() {
+    common::require("dpkg", "dpkg");
+    common::require("apt-get", "apt");
+    common::require("chroot", "coreutils");
+    common::images::require_image_tools();
+    common::require_fixture_tools();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let debs = common::packages::fetch().expect("fetching Debian's NVIDIA packages");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    common::packages::debian_root(&root).unwrap();
+    common::packages::dpkg_install(&root, &debs.join("trixie")).unwrap();
+    let current = root.join("usr/lib/x86_64-linux-gnu/nvidia/current");
+    let version = std::fs::read_dir(&current)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|n| {
+            n.strip_prefix("libcuda.so.")
+                .filter(|v| v.contains('.'))
+                .map(str::to_owned)
+        })
+        .expect("Debian's libcuda.so.<version>");
+    std::fs::create_dir_all(root.join("sys/module/nvidia")).unwrap();
+    std::fs::write(root.join("sys/module/nvidia/version"), format!("{version}\n")).unwrap();
+    // Stand-in nodes: the toolkit wants some under its --dev-root.
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    for (name, minor) in [("nvidia0", "0"), ("nvidiactl", "255")] {
+        ok(
+            std::process::Command::new("mknod")
+                .arg(root.join("dev").join(name))
+                .args(["c", "195", minor])
+                .output()
+                .unwrap(),
+            "mknod",
+        );
+    }
+    let theirs = toolkit::generate_with(&root, &root, &["--mode", "management"])
+        .unwrap_or_else(|e| panic!("nvidia-ctk cdi generate --mode management: {e}"));
+    let mnt = dir.path().join("mnt");
+    let state = dir.path().join("state");
+    ok(
+        common::mount_root_command(&root, &state).arg(&mnt).output().unwrap(),
+        "nvlibfs mount",
+    );
+    let _unmount = common::UnmountOnDrop(mnt.clone(), state.clone());
+    let scan = nvlibfs()
+        .args(["scan", "--json", "--driver-root"])
+        .arg(&root)
+        .arg("--module-version-file")
+        .arg(root.join("sys/module/nvidia/version"))
+        .output()
+        .unwrap();
+    let scan: Value = serde_json::from_str(&ok(scan, "nvlibfs scan --json")).unwrap();
+    // Host file (resolved) -> its path in the view.
+    let served: BTreeMap<PathBuf, String> = list(&scan, "files")
+        .filter_map(|f| {
+            let source = root.join(f["source"].as_str()?.trim_start_matches('/'));
+            Some((std::fs::canonicalize(source).ok()?, f["path"].as_str()?.to_owned()))
+        })
+        .collect();
+    let edits = &theirs["containerEdits"];
+    let mut missing = Vec::new();
+    let mut files = 0;
+    for mount in list(edits, "mounts") {
+        let host = std::fs::canonicalize(mount["hostPath"].as_str().unwrap()).unwrap();
+        match served.get(&host) {
+            Some(path) if std::fs::read(mnt.join(path)).unwrap() == std::fs::read(&host).unwrap() => files += 1,
+            Some(path) => missing.push(format!("{}: other bytes at {path}", host.display())),
+            None => missing.push(format!("{} is not served", host.display())),
+        }
+    }
+    assert!(files >= 6, "the toolkit found only {files} files:\n{theirs:#}");
+    let mut links = 0;
+    for hook in list(edits, "hooks") {
+        let args: Vec<&str> = list(hook, "args").map(|a| a.as_str().unwrap()).collect();
+        if args.get(1) != Some(&"create-symlinks") {
+            continue;
+        }
+        for pair in args.windows(2).filter(|w| w[0] == "--link").map(|w| w[1]) {
+            let (_, link) = pair.split_once("::").unwrap();
+            let name = Path::new(link).file_name().unwrap();
+            if mnt.join("lib64").join(name).exists() {
+                links += 1;
+            } else {
+                missing.push(format!("link {link}"));
+            }
+        }
+    }
+    assert!(links >= 4, "only {links} links checked:\n{theirs:#}");
+    assert!(
+        missing.is_empty(),
+        "what the toolkit finds in Debian's {version} packages and the view lacks:\n  {}",
+        missing.join("\n  ")
+    );
+}

@@ -124,6 +124,12 @@ pub fn toolkit() -> Result<PathBuf, String> {
 /// device nodes (and `/proc/driver/nvidia/gpus`) under `dev_root`: the
 /// toolkit's spec, as JSON, its hooks run by the cached `nvidia-cdi-hook`.
 pub fn generate(driver_root: &Path, dev_root: &Path) -> Result<serde_json::Value, String> {
+    generate_with(driver_root, dev_root, &[])
+}
+
+/// [`generate`] with more flags (`--mode management`: no NVML, for a
+/// driver with no GPU to answer it).
+pub fn generate_with(driver_root: &Path, dev_root: &Path, flags: &[&str]) -> Result<serde_json::Value, String> {
     let bin = toolkit()?;
     // It names the format by the file's extension (and adds one if missing).
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -136,7 +142,8 @@ pub fn generate(driver_root: &Path, dev_root: &Path) -> Result<serde_json::Value
         .arg("--dev-root")
         .arg(dev_root)
         .arg("--output")
-        .arg(&out))?;
+        .arg(&out)
+        .args(flags))?;
     let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
     serde_json::from_str(&text).map_err(|e| format!("nvidia-ctk's spec is not JSON: {e}\n{text}"))
 }
