@@ -151,6 +151,53 @@ for _ in $(seq "$rounds"); do
 done
 say "$together at once ($rounds rounds) done"
 
+# 4. The page cache of the driver for 4 different images: 4 images each
+#    with the driver baked in (each its own layer: a marker file makes
+#    their contents differ, so docker keeps 4 copies), against the same 4
+#    images using the view. Each copy of libcuda (the layers' and the
+#    host's, which the view serves with passthrough, or its own cache
+#    without) is evicted first (POSIX_FADV_DONTNEED, that file only), then
+#    each container loads libcuda and reads every page of it; then
+#    fincore says how much of each copy is in the page cache.
+evict() { python3 -c 'import os, sys
+for p in sys.argv[1:]:
+    fd = os.open(p, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)' "$@"; }
+resident_mib() { fincore -b -n -o RES "$@" | awk '{ s += $1 } END { printf "%.1f", s / 1048576 }'; }
+libcuda=$(basename "$(readlink -f "$mp/lib64/libcuda.so.1")")
+copies() { find "$root/var/lib/docker/overlay2" -path "*/diff/usr/lib/x86_64-linux-gnu/$libcuda" -type f | sort; }
+copies >"$work/copies-before"
+for i in 1 2 3 4; do
+    dir=$work/image-$i
+    mkdir -p "$dir"
+    tar -C "$dir" -xf "$root/share/baked.tar"
+    echo "image $i" >"$dir/etc/nvlibfs-bench-image"
+    tar -C "$dir" -cf - . | hd import - "nvlibfs-bench-28:baked-$i" >/dev/null
+    rm -rf "$dir"
+done
+for i in 1 2 3 4; do
+    dir=$work/image-plain-$i
+    mkdir -p "$dir"
+    tar -C "$dir" -xf "$root/share/plain.tar"
+    echo "image $i" >"$dir/etc/nvlibfs-bench-image"
+    tar -C "$dir" -cf - . | hd import - "nvlibfs-bench-28:plain-$i" >/dev/null
+    rm -rf "$dir"
+done
+mapfile -t baked_copies < <(copies | comm -13 "$work/copies-before" -)
+host_libcuda=$(find "$driver_root" -xdev -name "$libcuda" -type f | head -1)
+evict "${baked_copies[@]}" "$host_libcuda"
+for i in 1 2 3 4; do
+    # shellcheck disable=SC2086
+    hd run --rm --network none ${nodes[*]} "nvlibfs-bench-28:baked-$i" nvlibfs-load --touch libcuda.so.1 >/dev/null
+done
+baked_mib=$(resident_mib "${baked_copies[@]}")
+evict "${baked_copies[@]}" "$host_libcuda"
+for i in 1 2 3 4; do
+    hd run --rm --network none --device nvlibfs.io/gpu=all "nvlibfs-bench-28:plain-$i" nvlibfs-load --touch libcuda.so.1 >/dev/null
+done
+view_mib=$(resident_mib "$host_libcuda")
+libcuda_mib=$(stat -c %s "$host_libcuda" | awk '{ printf "%.1f", $1 / 1048576 }')
+say "page cache: baked ${baked_mib} MiB in ${#baked_copies[@]} copies, view ${view_mib} MiB"
+
 pct() { # FILE P: the P-th percentile (nearest rank) in ms
     sort -n "$1" | awk -v p="$2" '{ v[NR] = $1 } END { r = int((p / 100) * NR + 0.999999); if (r < 1) r = 1; printf "%.0f", v[r] * 1000 }'
 }
@@ -176,6 +223,15 @@ pct() { # FILE P: the P-th percentile (nearest rank) in ms
             "$(awk -v a="$t50" -v b="$tt" 'BEGIN{printf "%.2f", a/b}')" "$(awk -v a="$t50" -v b="$tb" 'BEGIN{printf "%.2f", a/b}')" \
             "$(tr '\n' ' ' <"$work/batch-$w")"
     done
+    echo
+    echo "## The page cache of 4 images"
+    echo
+    echo "4 images, each loading libcuda ($libcuda, $libcuda_mib MiB) and reading every page of it (nvlibfs-load --touch), after that file alone was evicted from the page cache:"
+    echo
+    echo "| | copies of libcuda on disk | libcuda in the page cache (MiB) |"
+    echo "|---|---|---|"
+    echo "| the driver baked into each image (4 layers) | ${#baked_copies[@]} | $baked_mib |"
+    echo "| the same 4 images with the view | 1 (the host's) | $view_mib |"
     echo
     echo "What each container printed (first run):"
     echo

@@ -317,7 +317,7 @@ fn declared_kind(text: &str) -> Option<String> {
 /// The spec files in `dirs` (`.json`, `.yaml`, `.yml`, as CDI reads them)
 /// that declare `kind`, but `except` (the file about to be written).
 pub fn conflicts(kind: &str, dirs: &[PathBuf], except: Option<&Path>) -> Vec<Conflict> {
-    let except = except.and_then(|p| std::path::absolute(p).ok());
+    let except = except.map(resolved);
     let mut found = Vec::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
@@ -327,7 +327,7 @@ pub fn conflicts(kind: &str, dirs: &[PathBuf], except: Option<&Path>) -> Vec<Con
             let spec_like = path
                 .extension()
                 .is_some_and(|e| e == "json" || e == "yaml" || e == "yml");
-            if !spec_like || Some(&path) == except.as_ref() {
+            if !spec_like || Some(resolved(&path)) == except {
                 continue;
             }
             let Ok(text) = std::fs::read_to_string(&path) else {
@@ -380,8 +380,16 @@ pub fn conflict_message(kind: &str, others: &[Conflict], output: Option<&Path>) 
 }
 
 fn same_path(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
+    resolved(a) == resolved(b)
+}
+
+/// `path` with its directory's links resolved (`/var/run` is `/run`), so
+/// that two names of one file compare equal; the file itself need not
+/// exist yet.
+pub fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).map_or(absolute.clone(), |d| d.join(name)),
+        _ => absolute,
     }
 }

@@ -155,16 +155,15 @@ fn cdi_generate(args: CdiArgs) -> Result<(), Box<dyn std::error::Error>> {
     let others = nvlibfs::cdi::conflicts(&args.kind, &args.spec_dirs, output);
     if !others.is_empty() {
         let message = nvlibfs::cdi::conflict_message(&args.kind, &others, output);
-        let into_spec_dir = output
-            .and_then(|o| std::path::absolute(o).ok())
-            .and_then(|o| o.parent().map(std::path::Path::to_owned))
-            .is_some_and(|dir| {
-                args.spec_dirs
-                    .iter()
-                    .any(|d| std::path::absolute(d).ok().as_deref() == Some(&dir))
-            });
-        if into_spec_dir {
-            return Err(format!("not writing {}:\n{message}", args.output.as_ref().unwrap().display()).into());
+        // Into one of the runtimes' directories, by any of its names.
+        let into_spec_dir = output.filter(|o| {
+            let dir = nvlibfs::cdi::resolved(o).parent().map(std::path::Path::to_owned);
+            args.spec_dirs
+                .iter()
+                .any(|d| std::fs::canonicalize(d).ok().or_else(|| std::path::absolute(d).ok()) == dir)
+        });
+        if let Some(o) = into_spec_dir {
+            return Err(format!("not writing {}:\n{message}", o.display()).into());
         }
         eprintln!("nvlibfs: warning: {message}");
     }
