@@ -45,8 +45,13 @@ dev=$driver_root/dev
 [ "$driver_root" = / ] && dev=/dev
 say() { echo "toolkit-start: $*" >&2; }
 hd() { chroot "$root" docker -H unix:///run/nvlibfs-bench.sock "$@"; }
+outer=
 cleanup() {
     set +e
+    if [ -n "$outer" ]; then
+        hd rm -f "$outer" >/dev/null 2>&1
+        hd volume rm -f "$outer" >/dev/null 2>&1
+    fi
     [ -f "$root/run/nvlibfs-bench.pid" ] && kill "$(cat "$root/run/nvlibfs-bench.pid")" 2>/dev/null
     for _ in $(seq 100); do [ -e "$root/run/nvlibfs-bench.pid" ] || break; sleep 0.2; done
     "$bin/nvlibfs" umount --state-dir "$work/state" "$mp" >/dev/null 2>&1
@@ -157,22 +162,25 @@ say "$together at once ($rounds rounds) done"
 #    images using the view. Each copy of libcuda (the layers' and the
 #    host's, which the view serves with passthrough, or its own cache
 #    without) is evicted first (POSIX_FADV_DONTNEED, that file only), then
-#    each container loads libcuda and reads every page of it; then
-#    fincore says how much of each copy is in the page cache.
+#    each container loads libcuda and reads every page of it; fincore
+#    says how much of each copy is in the page cache.
 evict() { python3 -c 'import os, sys
 for p in sys.argv[1:]:
     fd = os.open(p, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)' "$@"; }
 resident_mib() { fincore -b -n -o RES "$@" | awk '{ s += $1 } END { printf "%.1f", s / 1048576 }'; }
 libcuda=$(basename "$(readlink -f "$mp/lib64/libcuda.so.1")")
 copies() { find "$root/var/lib/docker/overlay2" -path "*/diff/usr/lib/x86_64-linux-gnu/$libcuda" -type f | sort; }
-copies >"$work/copies-before"
+baked_copies=()
 for i in 1 2 3 4; do
+    copies >"$work/copies-before"
     dir=$work/image-$i
     mkdir -p "$dir"
     tar -C "$dir" -xf "$root/share/baked.tar"
     echo "image $i" >"$dir/etc/nvlibfs-bench-image"
     tar -C "$dir" -cf - . | hd import - "nvlibfs-bench-28:baked-$i" >/dev/null
     rm -rf "$dir"
+    # This image's own copy of libcuda, in its layer.
+    baked_copies+=("$(copies | comm -13 "$work/copies-before" - | head -1)")
 done
 for i in 1 2 3 4; do
     dir=$work/image-plain-$i
@@ -182,14 +190,17 @@ for i in 1 2 3 4; do
     tar -C "$dir" -cf - . | hd import - "nvlibfs-bench-28:plain-$i" >/dev/null
     rm -rf "$dir"
 done
-mapfile -t baked_copies < <(copies | comm -13 "$work/copies-before" -)
 host_libcuda=$(find "$driver_root" -xdev -name "$libcuda" -type f | head -1)
+# Each copy is measured right after its container read it (the machine's
+# other users may drop caches meanwhile); the view's one copy after the
+# last container.
 evict "${baked_copies[@]}" "$host_libcuda"
+baked_mib=0
 for i in 1 2 3 4; do
     # shellcheck disable=SC2086
     hd run --rm --network none ${nodes[*]} "nvlibfs-bench-28:baked-$i" nvlibfs-load --touch libcuda.so.1 >/dev/null
+    baked_mib=$(awk -v a="$baked_mib" -v b="$(resident_mib "${baked_copies[$((i - 1))]}")" 'BEGIN { printf "%.1f", a + b }')
 done
-baked_mib=$(resident_mib "${baked_copies[@]}")
 evict "${baked_copies[@]}" "$host_libcuda"
 for i in 1 2 3 4; do
     hd run --rm --network none --device nvlibfs.io/gpu=all "nvlibfs-bench-28:plain-$i" nvlibfs-load --touch libcuda.so.1 >/dev/null
@@ -197,6 +208,74 @@ done
 view_mib=$(resident_mib "$host_libcuda")
 libcuda_mib=$(stat -c %s "$host_libcuda" | awk '{ printf "%.1f", $1 / 1048576 }')
 say "page cache: baked ${baked_mib} MiB in ${#baked_copies[@]} copies, view ${view_mib} MiB"
+
+# 5. Docker-in-Docker, nvlibfs alone (the toolkit's spec needs the host's
+#    paths and its hook binary, which an outer container lacks): an outer
+#    container of this dockerd runs Docker 26's dockerd (overlay2 on a
+#    volume), given the view, the device nodes and the one daemon.json
+#    line that points CDI at the spec the view carries; inside it, the
+#    same starts with --device nvidia.com/gpu=all, and with the driver
+#    baked into the image. The loop runs in the outer container and times
+#    each `docker run` there.
+dind=${NVLIBFS_BENCH_DIND:-1}
+if [ "$dind" = 1 ]; then
+    outer=nvlibfs-bench-28-outer-$$
+    cp "$rootfs" "$root/share/docker26.tar"
+    hd import /share/docker26.tar nvlibfs-bench-28:dockerd >/dev/null
+    rm "$root/share/docker26.tar"
+    echo "{\"features\": {\"cdi\": true}, \"cdi-spec-dirs\": [\"$mp/etc/cdi\"]}" >"$root/share/dind-daemon.json"
+    cat >"$root/share/dind-times.sh" <<'TIMES'
+#!/bin/bash
+# WAY RUNS TOGETHER ROUNDS LOAD WARM: times inner `docker run`s, one per line
+way=$1 runs=$2 together=$3 rounds=$4 load=$5 warm=$6
+case $way in
+nvlibfs) flags=(--device nvidia.com/gpu=all nvlibfs-bench-28:plain) ;;
+baked) flags=(); for n in /dev/nvidia*; do [ -c "$n" ] && flags+=(--device "$n"); done; flags+=(nvlibfs-bench-28:baked) ;;
+esac
+one() {
+    local t0=$EPOCHREALTIME o
+    o=$(docker run --rm --network none "${flags[@]}" sh -c "$load" 2>&1)
+    grep -q "libcuda.so.1 " <<<"$o" || echo "FAILED $way: $o" >&2
+    awk -v a="$t0" -v b="$EPOCHREALTIME" -v k="$1" 'BEGIN { printf "%s %.4f\n", k, b - a }'
+}
+for _ in $(seq "$warm"); do one warm >/dev/null; done
+for _ in $(seq "$runs"); do one row; done
+for _ in $(seq "$rounds"); do
+    pids=()
+    for _ in $(seq "$together"); do one together & pids+=($!); done
+    wait "${pids[@]}"
+done
+TIMES
+    entry='mount -o remount,rw /sys
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then mount -o remount,rw /sys/fs/cgroup
+    else for d in /sys/fs/cgroup/*; do mount -o remount,bind,rw "$d"; done; fi
+    exec dockerd --iptables=false --ip-masq=false --bridge=none --storage-driver=overlay2'
+    # shellcheck disable=SC2086
+    hd run -d --name "$outer" --privileged -v "$outer:/var/lib/docker" -v "$mp:$mp:ro,rslave" \
+        -v /share:/share:ro -v /share/dind-daemon.json:/etc/docker/daemon.json:ro \
+        ${nodes[*]} nvlibfs-bench-28:dockerd sh -c "$entry" >/dev/null
+    od() { hd exec "$outer" docker "$@"; }
+    for _ in $(seq 120); do od info >/dev/null 2>&1 && break; sleep 0.5; done
+    od info >/dev/null || { hd logs --tail 20 "$outer" >&2; exit 1; }
+    for i in plain baked; do od import "/share/$i.tar" "nvlibfs-bench-28:$i" >/dev/null; done
+    say "outer dockerd $(od version -f '{{.Server.Version}}') ($(od info -f '{{.Driver}}')) up"
+    # Interleaved, as on the host: 4 x (a quarter of the starts in a row
+    # each way), then the rounds of starts at once, each way in turn.
+    times() { # WAY RUNS TOGETHER ROUNDS WARM
+        hd exec "$outer" bash /share/dind-times.sh "$1" "$2" "$3" "$4" "$load" "$5" >>"$work/dind-$1" 2>>"$work/failed"
+    }
+    for w in nvlibfs baked; do times "$w" 0 0 0 2; done
+    for _ in 1 2 3 4; do for w in nvlibfs baked; do times "$w" "$(((runs + 3) / 4))" 0 0 0; done; done
+    for _ in $(seq "$((rounds / 2 > 0 ? rounds / 2 : 1))"); do for w in nvlibfs baked; do times "$w" 0 "$together" 1 0; done; done
+    for w in nvlibfs baked; do
+        grep '^row ' "$work/dind-$w" | cut -d' ' -f2 >"$work/dind-row-$w"
+        grep '^together ' "$work/dind-$w" | cut -d' ' -f2 >"$work/dind-together-$w"
+    done
+    dind_driver=$(od info -f '{{.Driver}}')
+    hd rm -f "$outer" >/dev/null
+    hd volume rm -f "$outer" >/dev/null
+    say "Docker-in-Docker done"
+fi
 
 pct() { # FILE P: the P-th percentile (nearest rank) in ms
     sort -n "$1" | awk -v p="$2" '{ v[NR] = $1 } END { r = int((p / 100) * NR + 0.999999); if (r < 1) r = 1; printf "%.0f", v[r] * 1000 }'
@@ -223,6 +302,22 @@ pct() { # FILE P: the P-th percentile (nearest rank) in ms
             "$(awk -v a="$t50" -v b="$tt" 'BEGIN{printf "%.2f", a/b}')" "$(awk -v a="$t50" -v b="$tb" 'BEGIN{printf "%.2f", a/b}')" \
             "$(tr '\n' ' ' <"$work/batch-$w")"
     done
+    if [ "$dind" = 1 ]; then
+        echo
+        echo "## Docker-in-Docker, nvlibfs alone"
+        echo
+        echo "An outer container (privileged, the view at its own path, rslave, and the device nodes) runs Docker 26's dockerd ($dind_driver on a volume), whose daemon.json points CDI at the spec the view carries; the loop runs in the outer container, timing each inner \`docker run\` ($runs in a row, then $together at once, $((rounds / 2 > 0 ? rounds / 2 : 1)) times). The toolkit's spec is not run there: it names the host's files and its hook binary by host paths, which the outer container would have to be given one by one."
+        echo
+        echo "| way | in a row p50 (ms) | p95 | ×baked p50 | $together at once p50 (ms) | p95 | ×baked p50 |"
+        echo "|---|---|---|---|---|---|---|"
+        for w in nvlibfs baked; do
+            r50=$(pct "$work/dind-row-$w" 50) t50=$(pct "$work/dind-together-$w" 50)
+            rb=$(pct "$work/dind-row-baked" 50) tb=$(pct "$work/dind-together-baked" 50)
+            printf '| %s | %s | %s | ×%s | %s | %s | ×%s |\n' "$w" "$r50" "$(pct "$work/dind-row-$w" 95)" \
+                "$(awk -v a="$r50" -v b="$rb" 'BEGIN{printf "%.2f", a/b}')" "$t50" "$(pct "$work/dind-together-$w" 95)" \
+                "$(awk -v a="$t50" -v b="$tb" 'BEGIN{printf "%.2f", a/b}')"
+        done
+    fi
     echo
     echo "## The page cache of 4 images"
     echo
