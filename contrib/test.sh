@@ -18,10 +18,10 @@ cache=${NVLIBFS_TEST_CACHE:-/var/cache/nvlibfs-test}
 # they are installed).
 installed=$cache/installed-packages
 leftovers() {
-    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, rootless data roots,"
+    echo "  $cache ($(du -sh "$cache" 2>/dev/null | cut -f1 || echo "not there yet"): Debian roots, NVIDIA's packages, the NVIDIA Container Toolkit's binaries, rootless data roots,"
     echo "    a Python venv with the kubernetes client and pyyaml, Debian 13's containerd and the CRI client's venv,"
     echo "    contrib/release.sh's build root (Debian 13, Rust, zig) and Debian 11 roots)"
-    echo "  docker images nvlibfs-test-* in the host's dockerd; users nvlibfs-rootless (with its /run/user/UID)"
+    echo "  docker images nvlibfs-test-* in the host's dockerd, podman images nvlibfs-*; users nvlibfs-rootless (with its /run/user/UID)"
     echo "    and (dockerd's) dockremap; podman's image store in /var/lib/containers"
     if [ -s "$installed" ]; then echo "  packages this script installed: $(tr '\n' ' ' <"$installed")"; fi
 }
@@ -35,6 +35,11 @@ if [ "${1:-}" = --clean ]; then
         docker ps -aq --filter name=nvlibfs-test | xargs -r docker rm -f >/dev/null
         docker images --format '{{.Repository}}:{{.Tag}}' | { grep '^nvlibfs-test' || true; } |
             xargs -r docker rmi -f >/dev/null
+    fi
+    # podman's images (tests/cdi.rs, tests/toolkit.rs), in podman's own store.
+    if command -v podman >/dev/null 2>&1; then
+        podman images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | { grep '^localhost/nvlibfs-' || true; } |
+            xargs -r podman rmi -f >/dev/null 2>&1 || true
     fi
     pkill -KILL -u nvlibfs-rootless 2>/dev/null || true
     if uid=$(id -u nvlibfs-rootless 2>/dev/null); then rm -rf "/run/user/$uid"; fi

@@ -115,6 +115,11 @@ pub const TRIPLETS: [&str; 2] = ["aarch64-linux-gnu", "arm-linux-gnueabihf"];
 /// to the GLX vendor library, and so does the view.
 pub const GLX_INDIRECT: (&str, &str) = ("libGLX_indirect.so.0", "libGLX_nvidia");
 
+/// The GBM backend Mesa's libgbm loads for the NVIDIA DRM driver
+/// (`gbm/nvidia-drm_gbm.so`, beside the libraries); NVIDIA's installer
+/// links it to the allocator library's SONAME, and so does the view.
+pub const GBM_BACKEND: (&str, &str) = ("gbm/nvidia-drm_gbm.so", "libnvidia-allocator");
+
 pub const BINARIES: &[&str] = &[
     "nvidia-smi",
     "nvidia-debugdump",

@@ -130,6 +130,16 @@ struct CdiArgs {
     /// /var/run/cdi) instead of standard output
     #[arg(long, short, value_name = "FILE")]
     output: Option<PathBuf>,
+
+    /// The devices' kind (VENDOR/CLASS): another than nvidia.com/gpu lets
+    /// the spec sit beside the NVIDIA Container Toolkit's
+    #[arg(long, value_name = "VENDOR/CLASS", default_value = nvlibfs::cdi::KIND)]
+    kind: String,
+
+    /// The CDI spec directories the runtimes read, in the order they
+    /// apply them, where another spec of the same kind is looked for
+    #[arg(long, value_name = "DIR", value_delimiter = ',', default_values = nvlibfs::cdi::DEFAULT_SPEC_DIRS)]
+    spec_dirs: Vec<PathBuf>,
 }
 
 fn cdi_generate(args: CdiArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -138,9 +148,29 @@ fn cdi_generate(args: CdiArgs) -> Result<(), Box<dyn std::error::Error>> {
     let absolute = |path: &std::path::Path, flag: &str| {
         std::path::absolute(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
     };
-    let spec = nvlibfs::cdi::generate(
+    nvlibfs::cdi::check_kind(&args.kind)?;
+    // Another spec of this kind (the NVIDIA Container Toolkit's) where the
+    // runtimes look: one of them would break the other's devices.
+    let output = args.output.as_deref();
+    let others = nvlibfs::cdi::conflicts(&args.kind, &args.spec_dirs, output);
+    if !others.is_empty() {
+        let message = nvlibfs::cdi::conflict_message(&args.kind, &others, output);
+        // Into one of the runtimes' directories, by any of its names.
+        let into_spec_dir = output.filter(|o| {
+            let dir = nvlibfs::cdi::resolved(o).parent().map(std::path::Path::to_owned);
+            args.spec_dirs
+                .iter()
+                .any(|d| std::fs::canonicalize(d).ok().or_else(|| std::path::absolute(d).ok()) == dir)
+        });
+        if let Some(o) = into_spec_dir {
+            return Err(format!("not writing {}:\n{message}", o.display()).into());
+        }
+        eprintln!("nvlibfs: warning: {message}");
+    }
+    let spec = nvlibfs::cdi::generate_kind(
         &absolute(&args.mountpoint, "--mountpoint")?,
         &absolute(&args.dev, "--dev")?,
+        &args.kind,
     );
     // Only `all` and no GPU: a spec that gives files but no GPU would look
     // fine until a container finds no device.

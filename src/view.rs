@@ -7,7 +7,7 @@
 //! loader needs already in place, so nothing has to run `ldconfig` inside it.
 //! Inode numbers are indexes into one vector: lookups are a map probe.
 
-use crate::catalog::{Versioning, GLX_INDIRECT, TRIPLETS};
+use crate::catalog::{Versioning, GBM_BACKEND, GLX_INDIRECT, TRIPLETS};
 use crate::elf::ElfClass;
 use crate::pin::PinnedVersion;
 use crate::select::{FileKind, Selected};
@@ -362,10 +362,27 @@ fn loader_links(file: &Selected) -> Vec<(PathBuf, PathBuf)> {
     }
     let dev = format!("{}.so", spec.name);
     if dev != *soname {
-        links.push((dir.join(dev), PathBuf::from(soname)));
+        links.push((dir.join(&dev), PathBuf::from(soname)));
     }
     if spec.name == GLX_INDIRECT.1 {
         links.push((dir.join(GLX_INDIRECT.0), PathBuf::from(name)));
+    }
+    // A library the view keeps in a subdirectory (VDPAU's, where libvdpau
+    // looks for it) is also named in the library directory itself, as
+    // hosts that install it there have it (the GPU machines; the
+    // toolkit's create-symlinks hook makes these links there): found by
+    // `LD_LIBRARY_PATH` or `VDPAU_DRIVER_PATH` naming the directory.
+    if let (Some(subdir), Some(lib_dir)) = (spec.subdir, dir.parent()) {
+        let subdir = Path::new(subdir.trim_end_matches('/'));
+        links.push((lib_dir.join(soname), subdir.join(name)));
+        if dev != *soname {
+            links.push((lib_dir.join(&dev), PathBuf::from(soname)));
+        }
+    }
+    // Mesa's GBM loads `gbm/<drm driver>_gbm.so` beside its own library;
+    // NVIDIA's installer (and the toolkit's create-symlinks hook) make it.
+    if spec.name == GBM_BACKEND.1 {
+        links.push((dir.join(GBM_BACKEND.0), Path::new("..").join(soname)));
     }
     links
 }

@@ -391,3 +391,82 @@ fn a_generated_spec_names_host_paths_absolutely() {
         "{text}"
     );
 }
+
+/// Another spec of kind nvidia.com/gpu where the runtimes look (the
+/// toolkit's, as YAML): `cdi generate` refuses to write beside it, names
+/// it and the flag that avoids it, writes nothing; elsewhere it warns;
+/// with `--kind` it writes, and writes again over its own spec, also
+/// through another name of the directory; a malformed kind is refused.
+#[test]
+fn cdi_generate_will_not_clash_with_another_spec_of_its_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = fake_dev(dir.path());
+    let (etc, run) = (dir.path().join("etc-cdi"), dir.path().join("run-cdi"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    std::os::unix::fs::symlink(&run, dir.path().join("var-run-cdi")).unwrap();
+    std::fs::write(
+        etc.join("nvidia.yaml"),
+        "---\ncdiVersion: 0.5.0\nkind: nvidia.com/gpu\ncontainerEdits:\n  hooks:\n  - hookName: createContainer\n    \
+         path: /usr/bin/nvidia-cdi-hook\n    args: [nvidia-cdi-hook, update-ldcache]\ndevices:\n- name: all\n",
+    )
+    .unwrap();
+    let dirs = format!("{},{}", etc.display(), dir.path().join("var-run-cdi").display());
+    let generate = |output: &Path, kind: Option<&str>| {
+        let mut c = nvlibfs();
+        c.args(["cdi", "generate", "--mountpoint", "/run/nvlibs", "--dev"])
+            .arg(&dev)
+            .args(["--spec-dirs", &dirs, "--output"])
+            .arg(output);
+        if let Some(kind) = kind {
+            c.args(["--kind", kind]);
+        }
+        c.output().unwrap()
+    };
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    for output in [etc.join("nvlibfs.json"), run.join("nvlibfs.json")] {
+        let refused = generate(&output, None);
+        let said = text(&refused);
+        assert!(
+            !refused.status.success(),
+            "wrote {} beside the toolkit's spec",
+            output.display()
+        );
+        assert!(
+            said.contains(&format!(
+                "{} is the NVIDIA Container Toolkit's spec of kind nvidia.com/gpu",
+                etc.join("nvidia.yaml").display()
+            )) && said.contains("--kind nvlibfs.io/gpu"),
+            "{said}"
+        );
+        assert!(!output.exists(), "{} written all the same", output.display());
+    }
+    let elsewhere = dir.path().join("nvlibfs.json");
+    let warned = generate(&elsewhere, None);
+    assert!(
+        warned.status.success() && text(&warned).contains("warning"),
+        "{}",
+        text(&warned)
+    );
+
+    // Its own kind: written, and written again over its own spec, also
+    // by the directory's other name.
+    let own = dir.path().join("var-run-cdi/nvlibfs.json");
+    for _ in 0..2 {
+        let wrote = generate(&own, Some("nvlibfs.io/gpu"));
+        assert!(wrote.status.success(), "{}", text(&wrote));
+        assert!(!text(&wrote).contains("warning"), "{}", text(&wrote));
+    }
+    let spec: Value = serde_json::from_str(&std::fs::read_to_string(run.join("nvlibfs.json")).unwrap()).unwrap();
+    assert_eq!(spec["kind"], "nvlibfs.io/gpu");
+    let again = generate(&run.join("nvlibfs.json"), Some("nvlibfs.io/gpu"));
+    assert!(again.status.success(), "{}", text(&again));
+
+    let bad = generate(&elsewhere, Some("nvlibfs"));
+    assert!(
+        !bad.status.success() && text(&bad).contains("--kind \"nvlibfs\""),
+        "{}",
+        text(&bad)
+    );
+}

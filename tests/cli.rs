@@ -928,9 +928,21 @@ fn test_sh_clean_removes_what_the_tests_leave() {
         root = env!("CARGO_MANIFEST_DIR"),
         cache = cache.display()
     );
+    // podman's store too is one of its own, empty: --clean must not remove
+    // the images of tests running beside this one.
+    let storage = dir.path().join("storage.conf");
+    std::fs::write(
+        &storage,
+        format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{d}/podman-graph\"\nrunroot = \"{d}/podman-run\"\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
     let out = Command::new("unshare")
         .args(["--mount", "--pid", "--fork", "--mount-proc", "bash", "-c", &script])
         .env("NVLIBFS_TEST_CACHE", &cache)
+        .env("CONTAINERS_STORAGE_CONF", &storage)
         .env("DOCKER_HOST", format!("unix://{}/no-docker.sock", dir.path().display()))
         .output()
         .unwrap();
@@ -940,6 +952,7 @@ fn test_sh_clean_removes_what_the_tests_leave() {
     for named in [
         format!("{} (", cache.display()),
         "docker images nvlibfs-test-*".into(),
+        "podman images nvlibfs-*".into(),
         "users nvlibfs-rootless (with its /run/user/UID)".into(),
         "and (dockerd's) dockremap; podman's image store in /var/lib/containers".into(),
         "a Python venv with the kubernetes client and pyyaml".into(),

@@ -159,6 +159,11 @@ fn random_host(rng: &mut Rng, root: &Path, pool: &Pool) -> Model {
                     .links
                     .insert("lib64/libGLX_indirect.so.0".into(), pinned_file.clone());
             }
+            if spec.name == "libnvidia-allocator" {
+                model
+                    .links
+                    .insert("lib64/gbm/nvidia-drm_gbm.so".into(), format!("../{soname}"));
+            }
         }
     }
     // The host-style mirror every view carries, for tools that take a driver root.

@@ -24,7 +24,7 @@ import time
 # The longest binaries, as measured on a 2-core machine (seconds, serial):
 # started first, so that the short ones fill in around them.
 LONGEST = ["failpoints", "dind26", "handover_exact", "takeover", "core_model", "systemd", "cri",
-           "rootless", "mount", "handover", "install", "lifecycle"]
+           "rootless", "mount", "toolkit", "handover", "install", "lifecycle"]
 
 
 def say(text):

@@ -6,6 +6,7 @@ pub mod builds;
 pub mod images;
 pub mod loaders;
 pub mod packages;
+pub mod toolkit;
 
 use nvlibfs::control::Status;
 use nvlibfs_fixture::{build, build_loader, Fixture, FixtureSpec};

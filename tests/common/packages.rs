@@ -129,7 +129,7 @@ pub fn fetch() -> Result<PathBuf, String> {
 
 /// The Debian archive the cached root came from, as its sources.list
 /// names it (`deb URI SUITE COMPONENTS`).
-fn archive_uri() -> Result<String, String> {
+pub fn archive_uri() -> Result<String, String> {
     let tar = inner_rootfs()?;
     let list = run(Command::new("tar").arg("-xOf").arg(&tar).arg("./etc/apt/sources.list"))?;
     list.lines()
