@@ -5,8 +5,9 @@
 //! binary with another version string, on both data paths: 8 loaders
 //! looping in mount namespaces (4 bound with rslave, 4 with docker's
 //! default private bind) see no failed load and no load slower than 1 s,
-//! and a process that mapped half of a 100 MB library reads every page of
-//! it after each event, with the page cache dropped, and lives.
+//! load only the pinned version and still load after the last event, and a
+//! process that mapped half of a 100 MB library reads every page of it after
+//! each event, with the page cache dropped, and lives.
 
 mod common;
 
@@ -55,7 +56,7 @@ fn events_that_nobody_notices(extra: &[&str]) {
     let loaders: Vec<Child> = (0..8)
         .map(|i| {
             let bind = if i % 2 == 0 { Bind::Rslave } else { Bind::Private };
-            loaders::start(&m, i, bind, 9000)
+            loaders::start_expecting(&m, i, bind, 12000, &[VERSION])
         })
         .collect();
 
@@ -77,6 +78,7 @@ fn events_that_nobody_notices(extra: &[&str]) {
     builds::install(&rebuilt, &bin);
     let said = ok(nvlibfs(&["restart"]), "nvlibfs restart");
     assert!(said.contains(BUILD_ID), "{said}");
+    let last_event = loaders::now_ns();
     drop_caches();
     assert!(holder.check().contains(VERSION));
 
@@ -97,6 +99,9 @@ fn events_that_nobody_notices(extra: &[&str]) {
         );
     }
     assert!(loads > 8 * 1000, "only {loads} loads");
+    // No load got another version than the pinned one (finish refuses
+    // those), and each loader still loaded it after the upgrade.
+    loaders::loaded_after(&outcomes, last_event, VERSION);
     assert!(slowest < 1000.0, "a load took {slowest:.0} ms");
     assert_eq!(status.handovers.len(), 4);
     assert!(status.version.contains(BUILD_ID), "{}", status.version);

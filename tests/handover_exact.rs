@@ -261,13 +261,15 @@ fn pause(ms: u64) -> Duration {
     Duration::from_millis(u64::from(nanos) % ms.max(1))
 }
 
-fn check_loaders(loaders: Vec<Child>, what: &str) {
+/// No failed or wrong load, and loads of `version` after `last_event`.
+fn check_loaders(loaders: Vec<Child>, what: &str, last_event: i128, version: &str) {
     let outcomes: Vec<Outcome> = loaders.into_iter().map(loaders::finish).collect();
     let (loads, failed, slowest) = loaders::totals(&outcomes);
     eprintln!("{what}: {loads} loads, {failed} failed, slowest {slowest:.1} ms");
     for o in &outcomes {
         assert_eq!(o.report.failed, 0, "{what}: failed loads:\n{}", o.text);
     }
+    loaders::loaded_after(&outcomes, last_event, version);
     assert!(slowest < 1000.0, "{what}: a load took {slowest:.0} ms");
 }
 
@@ -280,7 +282,10 @@ fn restarts_around_repins_and_crashes_lose_nothing() {
     // what it holds before it goes.
     let m = Mounted::new(spec(), &["--no-resend"]);
     let loaders: Vec<Child> = (0..4)
-        .map(|i| loaders::start(&m, i, if i % 2 == 0 { Bind::Rslave } else { Bind::Private }, 8000))
+        .map(|i| {
+            let bind = if i % 2 == 0 { Bind::Rslave } else { Bind::Private };
+            loaders::start_expecting(&m, i, bind, 12000, &[VERSION, OTHER])
+        })
         .collect();
     let mut last_generation = 0;
     let mut versions = [OTHER, VERSION].into_iter().cycle();
@@ -313,14 +318,24 @@ fn restarts_around_repins_and_crashes_lose_nothing() {
         let s = m.status();
         std::fs::read_to_string(m.fixture.module_version_file()).unwrap().trim() == s.driver_version
     });
-    check_loaders(loaders, "restarts around re-pins, no RESEND");
+    // Re-pinned: every load begun from now on gets the last pinned version.
+    let pinned = m.status().driver_version;
+    check_loaders(
+        loaders,
+        "restarts around re-pins, no RESEND",
+        loaders::now_ns(),
+        &pinned,
+    );
     drop(m);
 
     // SIGUSR2, then the server dies at once or a moment later: whatever
     // step the restart was at, a server serves and nothing is lost.
     let m = Mounted::new(spec(), &[]);
     let loaders: Vec<Child> = (0..4)
-        .map(|i| loaders::start(&m, i, if i % 2 == 0 { Bind::Rslave } else { Bind::Private }, 5000))
+        .map(|i| {
+            let bind = if i % 2 == 0 { Bind::Rslave } else { Bind::Private };
+            loaders::start_expecting(&m, i, bind, 7000, &[VERSION])
+        })
         .collect();
     let handovers = |s: &nvlibfs::control::Status| s.handovers.iter().filter(|h| h.refused.is_none()).count();
     for delay_us in [0, 500, 3000, 20_000] {
@@ -347,7 +362,7 @@ fn restarts_around_repins_and_crashes_lose_nothing() {
         // Settled: no step of the restart is left over.
         std::thread::sleep(Duration::from_millis(200));
     }
-    check_loaders(loaders, "SIGUSR2 then SIGKILL");
+    check_loaders(loaders, "SIGUSR2 then SIGKILL", loaders::now_ns(), VERSION);
 }
 
 /// The daemon's log, for a failure message.
