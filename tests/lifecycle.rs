@@ -257,8 +257,9 @@ fn a_new_daemon_takes_over_from_a_hung_connection_without_waiting() {
     // Nobody reads the connection now: a request on it waits.
     let mut waiting = Command::new("stat")
         .arg(m.mountpoint.join(".live/never-looked-up"))
+        .env("LC_ALL", "C")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -275,8 +276,16 @@ fn a_new_daemon_takes_over_from_a_hung_connection_without_waiting() {
     let took = start.elapsed();
     ok(out, "mount over the hung connection");
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    // The waiting request was failed by the abort, not left hanging.
+    // The waiting request was failed by the abort, not left hanging, nor
+    // answered by anyone (it would then say the name does not exist).
     wait_for("the waiting stat to end", || waiting.try_wait().unwrap().is_some());
+    let ended = waiting.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(1), "the waiting stat: {said}");
+    assert!(
+        said.contains("Software caused connection abort") || said.contains("Transport endpoint is not connected"),
+        "the waiting stat did not end by the abort: {said}"
+    );
     drop(hung);
     m.assert_loads_everything(&[]);
 }
