@@ -48,6 +48,13 @@ fn events_that_nobody_notices(extra: &[&str]) {
     };
     let first = m.status();
     assert!(first.supervisor_pid.is_some(), "no supervisor: {first:?}");
+    // The data path each run is for, not a quiet fallback.
+    let named = if extra.contains(&"--no-passthrough") {
+        "cached"
+    } else {
+        "passthrough"
+    };
+    assert_eq!(first.data_path, named, "{:?}", first.fallback_reason);
     assert_ne!(first.version, "", "status names the server's version");
 
     let (_, libcuda) = m.libcuda();
@@ -106,6 +113,7 @@ fn events_that_nobody_notices(extra: &[&str]) {
     assert_eq!(status.handovers.len(), 4);
     assert!(status.version.contains(BUILD_ID), "{}", status.version);
     assert_eq!(status.handovers[3].reason, "restart");
+    assert_eq!(status.data_path, named, "after the events");
     holder.release();
 }
 

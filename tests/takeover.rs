@@ -56,6 +56,13 @@ fn three_takeovers_in_a_row(extra: &[&str]) {
     let m = Mounted::with_binaries(FixtureSpec::new(VERSION), extra, Some(&bin));
     let first = m.status();
     let data_path = first.data_path.clone();
+    // The data path each variant is named for, not a quiet fallback.
+    let named = if extra.contains(&"--no-passthrough") {
+        "cached"
+    } else {
+        "passthrough"
+    };
+    assert_eq!(data_path, named, "{:?}", first.fallback_reason);
     // The supervisor holds the connection: the OOM killer is asked to pass
     // it over, as far as this machine lets a process ask (CAP_SYS_RESOURCE);
     // its server is as killable as any process.
