@@ -270,7 +270,8 @@ fn check_loaders(loaders: Vec<Child>, what: &str, last_event: i128, version: &st
         assert_eq!(o.report.failed, 0, "{what}: failed loads:\n{}", o.text);
     }
     loaders::loaded_after(&outcomes, last_event, version);
-    assert!(slowest < 1000.0, "{what}: a load took {slowest:.0} ms");
+    // Against a hang only: how slow loads are is benches/handover.rs's.
+    assert!(slowest < 10_000.0, "{what}: a load took {slowest:.0} ms");
 }
 
 #[test]

@@ -66,8 +66,8 @@ fn a_retired_generation_is_released_once_its_last_user_lets_go() {
     // No drop_caches: the names were deleted at the swap, so the kernel
     // evicts the inodes (and says FORGET) as soon as nothing uses them.
     holder.release();
-    let took = wait_for("generation 0 to be released", || m.status().retired_generations == 0);
-    assert!(took < Duration::from_secs(5), "released after {took:?}");
+    // wait_for's 20 s guard against a hang is the only limit.
+    wait_for("generation 0 to be released", || m.status().retired_generations == 0);
     let log = std::fs::read_to_string(m.state_dir.join(log_name(&m.mountpoint))).unwrap();
     assert!(log.contains("released a generation's files"), "{log}");
 }
@@ -98,8 +98,8 @@ fn a_retired_generation_is_released_after_a_takeover_too() {
     assert_eq!(status.retired_generations, 1, "{status:?}");
     assert!(status.generations[0].kernel_refs > 0, "{:?}", status.generations);
     holder.release();
-    let took = wait_for("generation 0 to be released", || m.status().retired_generations == 0);
-    assert!(took < Duration::from_secs(5), "released after {took:?}");
+    // wait_for's 20 s guard against a hang is the only limit.
+    wait_for("generation 0 to be released", || m.status().retired_generations == 0);
 }
 
 fn log_name(mountpoint: &Path) -> PathBuf {

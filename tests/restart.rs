@@ -111,9 +111,10 @@ fn running_namespaces_survive_sigkill_and_restarts_of_the_daemon() {
             o.text
         );
     }
+    // Against a hang only: how soon they load again is printed above.
     for gap in &gaps {
         assert!(
-            *gap < 1000.0,
+            *gap < 5000.0,
             "a loader needed {gap:.0} ms after the restart to load again"
         );
     }

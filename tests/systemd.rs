@@ -279,7 +279,8 @@ fn under_systemd(systemd: &Systemd) {
     // The pinned version all along (finish refuses any other), still
     // loaded after the reload.
     loaded_after(&outcomes, reloaded_at, VERSION);
-    assert!(slowest < 1000.0, "a load took {slowest:.0} ms");
+    // Against a hang only: how slow loads are is benches/handover.rs's.
+    assert!(slowest < 10_000.0, "a load took {slowest:.0} ms");
 
     let loaders: Vec<Child> = (0..4).map(|_| machine.loader(5000)).collect();
     std::thread::sleep(Duration::from_millis(1000));
