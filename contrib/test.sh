@@ -78,7 +78,8 @@ fi
 # built from a debootstrapped Debian and cached in /var/cache/nvlibfs-test);
 # podman is the CDI consumer for tests/cdi.rs. apt and the archive's keyring
 # fetch Debian's real NVIDIA driver packages for tests/debian_packages.rs
-# (about 160 MB, once, cached with the images). rootlesskit and uidmap run
+# (about 160 MB) and their graphics, video and Vulkan packages for
+# tests/catalog_oracle.rs (about 170 MB), once, cached with the images. rootlesskit and uidmap run
 # a rootless dockerd (docker.io's dockerd-rootless.sh) for tests/rootless.rs,
 # as a user it creates, nvlibfs-rootless. bindfs, squashfuse and
 # squashfs-tools are for the benchmarks only (cargo bench), not installed here.

@@ -231,6 +231,17 @@ pub struct LibraryName<'a> {
     pub suffix: &'a str,
 }
 
+/// ```
+/// use nvlibfs::catalog::{parse_library_name, Versioning};
+///
+/// let cuda = parse_library_name("libcuda.so.580.159.04").unwrap();
+/// assert_eq!((cuda.spec.name, cuda.suffix), ("libcuda", "580.159.04"));
+/// assert_eq!(cuda.spec.versioning, Versioning::Driver);
+/// // The development name, and names not NVIDIA's driver.
+/// assert_eq!(parse_library_name("libcuda.so").unwrap().suffix, "");
+/// assert!(parse_library_name("libfoo.so.1").is_none());
+/// assert!(parse_library_name("libcuda.sofa").is_none());
+/// ```
 pub fn parse_library_name(file_name: &str) -> Option<LibraryName<'_>> {
     let (stem, suffix) = match file_name.find(".so") {
         Some(i) => {

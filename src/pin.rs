@@ -23,6 +23,19 @@ pub struct DriverVersion(String);
 impl DriverVersion {
     /// Accepts 2 to 4 numeric components; a single number is a SONAME major
     /// (`libcuda.so.1`), not a driver version.
+    ///
+    /// ```
+    /// use nvlibfs::pin::DriverVersion;
+    ///
+    /// let v = DriverVersion::parse("580.159.04").unwrap();
+    /// assert_eq!(v.as_str(), "580.159.04");
+    /// assert_eq!(v.components(), [580, 159, 4]);
+    /// // Newer by its numbers, not its text.
+    /// assert!(DriverVersion::parse("1000.1").unwrap().components() > v.components());
+    /// // A SONAME's major and what is not a version at all.
+    /// assert_eq!(DriverVersion::parse("1"), None);
+    /// assert_eq!(DriverVersion::parse("580.x"), None);
+    /// ```
     pub fn parse(text: &str) -> Option<DriverVersion> {
         let parts: Vec<&str> = text.split('.').collect();
         let numeric = |p: &&str| !p.is_empty() && p.len() <= 6 && p.bytes().all(|b| b.is_ascii_digit());

@@ -222,6 +222,11 @@ fn searchable(file: &File) -> Option<Vec<u8>> {
 
 /// A Debian version's upstream part: `1:535.261.03-1~deb12u1` is
 /// `535.261.03`.
+///
+/// ```
+/// assert_eq!(nvlibfs::provenance::upstream("1:535.261.03-1~deb12u1"), "535.261.03");
+/// assert_eq!(nvlibfs::provenance::upstream("550.163.01-2"), "550.163.01");
+/// ```
 pub fn upstream(version: &str) -> &str {
     let version = version.split_once(':').map_or(version, |(_, v)| v);
     version.rsplit_once('-').map_or(version, |(v, _)| v)

@@ -344,7 +344,21 @@ fn a_watcher_of_the_spec_hears_it_change_after_the_kernel_dropped_its_names() {
     let m = Mounted::new(FixtureSpec::new(VERSION), &["--dev", dev.to_str().unwrap()]);
     let spec_dir = m.mountpoint.join("etc/cdi");
     let spec = spec_dir.join("nvlibfs.json");
-    std::fs::read(&spec).unwrap();
+    // The GPUs the spec lists, by name.
+    let gpus = |json: &str| -> Vec<String> {
+        let spec: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}:\n{json}"));
+        spec["devices"]
+            .as_array()
+            .expect("devices is a list")
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = gpus(&std::fs::read_to_string(&spec).unwrap());
+    assert!(
+        before.iter().any(|n| n == "1"),
+        "GPU 1 is not listed to begin with: {before:?}"
+    );
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
     inotify.add_watch(&spec_dir, AddWatchFlags::IN_ALL_EVENTS).unwrap();
     common::drop_caches();
@@ -362,7 +376,9 @@ fn a_watcher_of_the_spec_hears_it_change_after_the_kernel_dropped_its_names() {
     }
     assert!(gone(&heard), "the watcher heard only {heard:?}");
     let now = std::fs::read_to_string(&spec).unwrap();
-    assert!(!now.contains("\"name\": \"1\""), "the spec still lists GPU 1:\n{now}");
+    let after = gpus(&now);
+    assert!(!after.iter().any(|n| n == "1"), "the spec still lists GPU 1:\n{now}");
+    assert!(after.iter().any(|n| n == "0"), "GPU 0 went too:\n{now}");
 }
 
 /// A runtime reads the spec from its own working directory: every host

@@ -66,8 +66,8 @@ fn a_retired_generation_is_released_once_its_last_user_lets_go() {
     // No drop_caches: the names were deleted at the swap, so the kernel
     // evicts the inodes (and says FORGET) as soon as nothing uses them.
     holder.release();
-    let took = wait_for("generation 0 to be released", || m.status().retired_generations == 0);
-    assert!(took < Duration::from_secs(5), "released after {took:?}");
+    // wait_for's 20 s guard against a hang is the only limit.
+    wait_for("generation 0 to be released", || m.status().retired_generations == 0);
     let log = std::fs::read_to_string(m.state_dir.join(log_name(&m.mountpoint))).unwrap();
     assert!(log.contains("released a generation's files"), "{log}");
 }
@@ -98,8 +98,8 @@ fn a_retired_generation_is_released_after_a_takeover_too() {
     assert_eq!(status.retired_generations, 1, "{status:?}");
     assert!(status.generations[0].kernel_refs > 0, "{:?}", status.generations);
     holder.release();
-    let took = wait_for("generation 0 to be released", || m.status().retired_generations == 0);
-    assert!(took < Duration::from_secs(5), "released after {took:?}");
+    // wait_for's 20 s guard against a hang is the only limit.
+    wait_for("generation 0 to be released", || m.status().retired_generations == 0);
 }
 
 fn log_name(mountpoint: &Path) -> PathBuf {
@@ -257,8 +257,9 @@ fn a_new_daemon_takes_over_from_a_hung_connection_without_waiting() {
     // Nobody reads the connection now: a request on it waits.
     let mut waiting = Command::new("stat")
         .arg(m.mountpoint.join(".live/never-looked-up"))
+        .env("LC_ALL", "C")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -275,8 +276,16 @@ fn a_new_daemon_takes_over_from_a_hung_connection_without_waiting() {
     let took = start.elapsed();
     ok(out, "mount over the hung connection");
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    // The waiting request was failed by the abort, not left hanging.
+    // The waiting request was failed by the abort, not left hanging, nor
+    // answered by anyone (it would then say the name does not exist).
     wait_for("the waiting stat to end", || waiting.try_wait().unwrap().is_some());
+    let ended = waiting.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(1), "the waiting stat: {said}");
+    assert!(
+        said.contains("Software caused connection abort") || said.contains("Transport endpoint is not connected"),
+        "the waiting stat did not end by the abort: {said}"
+    );
     drop(hung);
     m.assert_loads_everything(&[]);
 }

@@ -356,14 +356,38 @@ fn human_output_names_the_pin_and_the_reasons() {
 fn the_procfs_format_pins_too() {
     common::require_fixture_tools();
     let dir = tempfile::tempdir().unwrap();
-    let f = fixture(&dir, FixtureSpec::new(PINNED));
+    let f = fixture(
+        &dir,
+        FixtureSpec {
+            stale: Some(STALE.into()),
+            ..FixtureSpec::new(PINNED)
+        },
+    );
     let pin = PinRequest::ModuleFile(f.root.join("proc/driver/nvidia/version"));
     let plan = nvlibfs::plan(&f.root, &pin, &KernelInfo::default()).unwrap();
     assert_eq!(plan.view.pin().version.as_str(), PINNED);
-    // --driver-version overrides whatever is on disk: here nothing matches.
+    // --driver-version overrides whatever is on disk: here nothing matches,
+    // neither the version the module file names nor the stale one.
     let pin = PinRequest::Version("999.1.1".into());
     let plan = nvlibfs::plan(&f.root, &pin, &KernelInfo::default()).unwrap();
-    assert!(plan.view.manifest().files.iter().all(|f| !f.path.contains(PINNED)));
+    let served: Vec<String> = plan.view.manifest().files.into_iter().map(|f| f.path).collect();
+    assert!(
+        served
+            .iter()
+            .all(|p| !p.contains(PINNED) && !p.contains(STALE) && !p.contains("libcuda")),
+        "served with nothing of version 999.1.1 on disk: {served:?}"
+    );
+    // Both versions' libcuda were found, and each refused for its version.
+    for version in [PINNED, STALE] {
+        let name = format!("libcuda.so.{version}");
+        assert!(
+            plan.rejected
+                .iter()
+                .any(|r| r.source.ends_with(&name) && r.reason.code() == "other_version"),
+            "{name} not rejected as another version: {:?}",
+            plan.rejected
+        );
+    }
 }
 
 #[test]

@@ -56,6 +56,13 @@ fn three_takeovers_in_a_row(extra: &[&str]) {
     let m = Mounted::with_binaries(FixtureSpec::new(VERSION), extra, Some(&bin));
     let first = m.status();
     let data_path = first.data_path.clone();
+    // The data path each variant is named for, not a quiet fallback.
+    let named = if extra.contains(&"--no-passthrough") {
+        "cached"
+    } else {
+        "passthrough"
+    };
+    assert_eq!(data_path, named, "{:?}", first.fallback_reason);
     // The supervisor holds the connection: the OOM killer is asked to pass
     // it over, as far as this machine lets a process ask (CAP_SYS_RESOURCE);
     // its server is as killable as any process.
@@ -83,7 +90,7 @@ fn three_takeovers_in_a_row(extra: &[&str]) {
     let loaders: Vec<Child> = (0..4)
         .map(|i| {
             let bind = if i % 2 == 0 { Bind::Rslave } else { Bind::Private };
-            loaders::start(&m, i, bind, 4000)
+            loaders::start_expecting(&m, i, bind, 6000, &[VERSION])
         })
         .collect();
 
@@ -141,12 +148,16 @@ fn three_takeovers_in_a_row(extra: &[&str]) {
         previous = Some(daemon);
         previous_pid = pid;
     }
+    let last_event = loaders::now_ns();
 
     let outcomes: Vec<_> = loaders.into_iter().map(loaders::finish).collect();
     let (loads, failed, slowest) = loaders::totals(&outcomes);
     let texts: Vec<&str> = outcomes.iter().map(|o| o.text.as_str()).collect();
     assert_eq!(failed, 0, "{failed} of {loads} loads failed:\n{texts:#?}");
     assert!(loads > 400, "only {loads} loads");
+    // Serving the pinned version all along (a stale libcuda would be a
+    // wrong load, refused by finish) and still after the last takeover.
+    loaders::loaded_after(&outcomes, last_event, VERSION);
     eprintln!("{data_path}: 3 takeovers, {loads} loads, none failed, slowest {slowest:.1} ms");
 
     // Stopping the daemon that serves still means unmounting.
@@ -190,7 +201,7 @@ fn a_takeover_that_cannot_be_exact_is_refused() {
     let other = tempfile::tempdir().unwrap();
     let other_bin = builds::binaries(other.path());
     builds::install(&builds::protocol_variant(), &other_bin);
-    let loader = loaders::start(&m, 0, Bind::Private, 1500);
+    let loader = loaders::start_expecting(&m, 0, Bind::Private, 3000, &[VERSION]);
     let template = mount_command(&m.fixture, &m.state_dir);
     let out = Command::new(other_bin.join("nvlibfs"))
         .args(template.get_args())
@@ -204,11 +215,13 @@ fn a_takeover_that_cannot_be_exact_is_refused() {
         err.contains("refused the takeover") && err.contains("protocol"),
         "{err}"
     );
+    let refused_at = loaders::now_ns();
     let after = m.status();
     assert_eq!(after.supervisor_pid, before.supervisor_pid, "{after:?}");
     assert_eq!(after.pid, before.pid, "the running server changed");
     let outcome = loaders::finish(loader);
     assert_eq!(outcome.report.failed, 0, "{}", outcome.text);
+    loaders::loaded_after(std::slice::from_ref(&outcome), refused_at, VERSION);
 
     // The running daemon still listens: a daemon of this build takes it over.
     common::ok(
@@ -445,6 +458,8 @@ fn take_over_in_containers(images: &Images, extra: &[&str]) {
                     "/loader/nvlibfs-load".into(),
                     "--loop".into(),
                     "15000".into(),
+                    "--expect".into(),
+                    VERSION.into(),
                     "/usr/local/nvidia/lib64/libcuda.so.1".into(),
                 ],
             )
@@ -476,6 +491,7 @@ fn take_over_in_containers(images: &Images, extra: &[&str]) {
         assert!(status().is_ok(), "stopping the daemon taken over stopped the mount");
         serving = next;
     }
+    let last_event = loaders::now_ns();
 
     let reports: Vec<(String, nvlibfs_fixture::LoopReport)> = loaders
         .iter()
@@ -489,6 +505,14 @@ fn take_over_in_containers(images: &Images, extra: &[&str]) {
     let failed: u64 = reports.iter().map(|(_, r)| r.failed).sum();
     assert_eq!(failed, 0, "{failed} of {loads} loads failed: {reports:#?}");
     assert!(loads > 1000, "only {loads} loads: {reports:#?}");
+    for (text, r) in &reports {
+        assert_eq!(r.wrong, 0, "loads of another version ({:?}):\n{text}", r.wrong_versions);
+        assert!(
+            r.loads_after(last_event) > 0,
+            "no load after the last takeover:\n{text}"
+        );
+        assert_eq!(r.version_after(last_event), Some(VERSION), "{text}");
+    }
     eprintln!("containers, {data_path}: 3 takeovers, {loads} loads, none failed");
 
     // Stopping the daemon that serves still unmounts.

@@ -17,16 +17,27 @@ pub enum Bind {
 }
 
 /// A loader looping for `ms` in its own mount namespace, where the view
-/// is bound at another path.
+/// is bound at another path; any version it loads counts as loaded.
 pub fn start(m: &Mounted, i: usize, bind: Bind, ms: u64) -> Child {
+    start_expecting(m, i, bind, ms, &[])
+}
+
+/// `start`, counting each load of a version not in `expect` (when not
+/// empty) as a wrong load, which `finish` refuses.
+pub fn start_expecting(m: &Mounted, i: usize, bind: Bind, ms: u64, expect: &[&str]) -> Child {
     let target = m.dir.path().join(format!("container-{i}"));
     std::fs::create_dir_all(&target).unwrap();
     let propagation = match bind {
         Bind::Rslave => "--make-rslave",
         Bind::Private => "--make-rprivate",
     };
+    let expect = if expect.is_empty() {
+        String::new()
+    } else {
+        format!("--expect '{}'", expect.join(","))
+    };
     let script = format!(
-        "mount --rbind '{top}' '{t}' && mount {propagation} '{t}' && exec '{loader}' --loop {ms} '{t}/lib64/libcuda.so.1'",
+        "mount --rbind '{top}' '{t}' && mount {propagation} '{t}' && exec '{loader}' --loop {ms} {expect} '{t}/lib64/libcuda.so.1'",
         top = m.mountpoint.display(),
         t = target.display(),
         loader = m.loader.display(),
@@ -50,8 +61,37 @@ pub fn finish(child: Child) -> Outcome {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "loader failed:\n{text}");
     let report = LoopReport::parse(&text);
+    assert_eq!(
+        report.wrong, 0,
+        "a loader loaded a version not served then ({:?}):\n{text}",
+        report.wrong_versions
+    );
     assert!(!report.failing_at_end, "a loader never loaded again:\n{text}");
     Outcome { report, text }
+}
+
+/// Now, as the loaders' clock (CLOCK_REALTIME) reads it, in ns.
+pub fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+}
+
+/// That every loader was still loading after `ns` (the last event), and
+/// that each load it began after it got `version`: the test's loaders ran
+/// past what they were there to watch.
+pub fn loaded_after(outcomes: &[Outcome], ns: i128, version: &str) {
+    for (i, o) in outcomes.iter().enumerate() {
+        let after = o.report.loads_after(ns);
+        assert!(after > 0, "loader {i} made no load after the last event:\n{}", o.text);
+        assert_eq!(
+            o.report.version_after(ns),
+            Some(version),
+            "loader {i}: the loads after the last event:\n{}",
+            o.text
+        );
+    }
 }
 
 /// All loaders together: loads, failed loads, the slowest load (ms).

@@ -66,18 +66,66 @@ const CURRENT: &[&str] = &[
     "nvidia-opencl-common",
 ];
 
+/// Debian 13's graphics, video and Vulkan packages of the same driver
+/// (550): GL/EGL/GLX/GLES, the cores they load, NVENC, NVDEC (cuvid),
+/// VDPAU, OptiX, NGX, NvAPI and the ICD packages, with OpenCL, the CUDA
+/// debugger and PKCS#11, for the catalog's oracle.
+pub const GRAPHICS: Release = Release {
+    name: "trixie-graphics",
+    suite: "trixie",
+    packages: &[
+        "libegl-nvidia0",
+        "libgles-nvidia1",
+        "libgles-nvidia2",
+        "libglx-nvidia0",
+        "libnvcuvid1",
+        "libnvidia-allocator1",
+        "libnvidia-api1",
+        "libnvidia-eglcore",
+        "libnvidia-encode1",
+        "libnvidia-fbc1",
+        "libnvidia-glcore",
+        "libnvidia-glvkspirv",
+        "libnvidia-gpucomp",
+        "libnvidia-ngx1",
+        "libnvidia-nvvm4",
+        "libnvidia-opticalflow1",
+        "libnvidia-rtcore",
+        "libnvoptix1",
+        "nvidia-egl-icd",
+        "nvidia-vulkan-icd",
+        "nvidia-vdpau-driver",
+        // Compute pieces the compute install above leaves out.
+        "nvidia-opencl-icd",
+        "libcudadebugger1",
+        "libnvidia-pkcs11-openssl3",
+    ],
+};
+
+/// Bump to fetch the graphics packages again.
+const GRAPHICS_KEY: &str = "debian-nvidia-graphics-2";
+
 /// The cached `.deb` files of each release, fetched on first use:
 /// `dir/<release name>/*.deb`.
 pub fn fetch() -> Result<PathBuf, String> {
-    let dir = cache_dir().join(PACKAGES_KEY);
+    fetch_releases(PACKAGES_KEY, &RELEASES)
+}
+
+/// `fetch`, for GRAPHICS: `dir/trixie-graphics/*.deb`.
+pub fn fetch_graphics() -> Result<PathBuf, String> {
+    fetch_releases(GRAPHICS_KEY, std::slice::from_ref(&GRAPHICS))
+}
+
+fn fetch_releases(key: &str, releases: &[Release]) -> Result<PathBuf, String> {
+    let dir = cache_dir().join(key);
     if dir.join("complete").exists() {
         return Ok(dir);
     }
-    let _fetching = super::images::cache_lock(PACKAGES_KEY)?;
+    let _fetching = super::images::cache_lock(key)?;
     if dir.join("complete").exists() {
         return Ok(dir);
     }
-    let partial = cache_dir().join(format!("{PACKAGES_KEY}.partial"));
+    let partial = cache_dir().join(format!("{key}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
     let apt = partial.join("apt");
     for sub in ["lists/partial", "cache/archives/partial", "sources.d"] {
@@ -106,7 +154,7 @@ pub fn fetch() -> Result<PathBuf, String> {
         "APT::Sandbox::User=root".to_owned(),
     ];
     run(Command::new("apt-get").args(&options).args(["-q", "update"]))?;
-    for release in &RELEASES {
+    for release in releases {
         let into = partial.join(release.name);
         std::fs::create_dir_all(&into).map_err(|e| e.to_string())?;
         let wanted: Vec<String> = release
