@@ -406,6 +406,8 @@ fn gpu_pods_and_the_daemonset_pod_through_the_cri() {
         "/loader/nvlibfs-load",
         "--loop",
         &loop_ms.to_string(),
+        "--expect",
+        common::VERSION,
         "/usr/local/nvidia/lib64/libcuda.so.1",
     ]);
     std::thread::sleep(Duration::from_secs(2));
@@ -448,9 +450,13 @@ fn gpu_pods_and_the_daemonset_pod_through_the_cri() {
     };
     let numbers: Vec<u64> = count.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     let text = std::fs::read_to_string(&log).unwrap();
-    eprintln!("loads in the GPU pod through the update: {count} (ok failed slowest_ns)");
-    assert!(numbers.len() == 3 && numbers[0] > 0, "{text}");
+    eprintln!("loads in the GPU pod through the update: {count} (ok failed slowest_ns wrong)");
+    assert!(numbers.len() == 4 && numbers[0] > 0, "{text}");
     assert_eq!(numbers[1], 0, "loads failed during the rolling update:\n{text}");
+    assert_eq!(
+        numbers[3], 0,
+        "loads of another version during the rolling update:\n{text}"
+    );
     assert!(libcuda.exists(), "the view still serves after the old pod went");
 
     // Deleting the last pod stops it: that unmounts.

@@ -491,12 +491,16 @@ fn serve_session(s: Serving<'_>, ready: &mut Readiness) -> Result<(), DaemonErro
             }
         })
         .map_err(|e| DaemonError(format!("starting the signal thread: {e}")))?;
+    let drain = Arc::new(std::sync::Mutex::new(Some(drain)));
     {
-        let (served, link, state_dir) = (served.clone(), link.clone(), serve.state_dir.clone());
+        let (served, link, state_dir, drain) = (served.clone(), link.clone(), serve.state_dir.clone(), drain.clone());
         std::thread::Builder::new()
             .name("supervisor".into())
             .spawn(move || hear_supervisor(link, served, drain, state_dir))
             .map_err(|e| DaemonError(format!("starting the supervisor thread: {e}")))?;
+    }
+    if took_over == Some(false) {
+        beside_deadline(served.clone(), link.clone(), drain);
     }
 
     wait_until_answering(&live)?;
@@ -598,9 +602,8 @@ fn spend_the_first_open(served: &Served, live: &Path) {
 /// away, the server goes on alone (a crash from then on ends the mount,
 /// as before there was a supervisor), or, where it served beside another
 /// that goes on, ends (`orphaned`).
-fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Drain, state_dir: std::path::PathBuf) {
+fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: SharedDrain, state_dir: std::path::PathBuf) {
     let answers = link.answers();
-    let mut drain = Some(drain);
     loop {
         let m = match protocol::recv(&link.socket()) {
             Ok(Some(m)) => m,
@@ -608,6 +611,7 @@ fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Dr
                 tracing::warn!("the supervisor is gone; serving on without one");
                 *served.supervisor_pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let _ = answers.send(Answer::Gone);
+                let drain = drain.lock().unwrap_or_else(|e| e.into_inner()).take();
                 orphaned(served, link, drain, state_dir);
                 return;
             }
@@ -649,6 +653,7 @@ fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Dr
             }
             Tag::Sole => {
                 tracing::info!("the previous server has stopped; this one serves alone");
+                link.sole.store(true, std::sync::atomic::Ordering::SeqCst);
                 serve_alone(&served, &link);
                 // It holds the token once the one before has ended.
                 let (served, state_dir) = (served.clone(), state_dir.clone());
@@ -660,11 +665,46 @@ fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: crate::drain::Dr
                 }
             }
             Tag::Drain => {
-                let Some(drain) = drain.take() else { continue };
+                let Some(drain) = drain.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                    continue;
+                };
                 drain_and_exit(drain, served.clone(), link.clone());
             }
             other => tracing::warn!("unexpected message {other:?} from the supervisor"),
         }
+    }
+}
+
+/// The drain, taken by whichever asks first: the supervisor, or a
+/// server's own deadline.
+type SharedDrain = Arc<std::sync::Mutex<Option<crate::drain::Drain>>>;
+
+/// A server serving beside another (a restart's or takeover's new one)
+/// that is told neither that it serves alone nor to drain within three
+/// times the step limit (a joiner waits twice it for the other daemon's
+/// drain) has a supervisor that stalled: its side of the handover is
+/// given up by then (the other daemon thaws its own server only after this
+/// deadline), so it drains and exits rather than read beside a server
+/// that may re-pin.
+fn beside_deadline(served: Arc<Served>, link: Arc<Link>, drain: SharedDrain) {
+    let limit = 3 * crate::failpoint::step_limit(protocol::STEP_LIMIT);
+    let spawned = std::thread::Builder::new().name("beside".into()).spawn(move || {
+        std::thread::sleep(limit);
+        if link.sole.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Some(drain) = drain.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        tracing::error!(
+            "not told to serve alone or to drain within {} s of serving beside another server: its supervisor \
+             is stuck; draining and exiting",
+            limit.as_secs_f64()
+        );
+        drain_and_exit(drain, served, link);
+    });
+    if let Err(e) = spawned {
+        tracing::error!("starting the beside deadline: {e}");
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Link {
     /// the same generations until one of them serves alone.
     repin: Mutex<()>,
     frozen: std::sync::atomic::AtomicBool,
+    /// Told it serves alone (`Sole`): a server beside another waits for it.
+    pub sole: std::sync::atomic::AtomicBool,
     /// Counts thaws: a freeze that waited for a re-pin under way and finds
     /// a thaw came meanwhile (its step was given up) does not freeze.
     thaws: std::sync::atomic::AtomicU64,
@@ -78,6 +80,7 @@ impl Link {
             repin: Mutex::new(()),
             frozen: std::sync::atomic::AtomicBool::new(false),
             thaws: std::sync::atomic::AtomicU64::new(0),
+            sole: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

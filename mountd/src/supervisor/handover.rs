@@ -166,7 +166,7 @@ impl Supervisor {
             ) => {
                 if let Err(e) = crate::failpoint::hit("handover-drain") {
                     peer.send(Tag::Refused, e.as_bytes());
-                    self.give_up_takeover(old, &peer, true, e);
+                    self.give_up_takeover(old, &peer, Other::MayRead, e);
                     return Ok(None);
                 }
                 tracing::info!(
@@ -183,7 +183,13 @@ impl Supervisor {
             }
             (Phase::HandingOver { old, peer, step, .. }, Tag::Refused) if step != Handing::Draining => {
                 let why = format!("the daemon taking over (pid {}) refused: {}", peer.pid, m.text());
-                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+                // It stopped its server before it said so.
+                let other = if step == Handing::Overlap {
+                    Other::Stopped
+                } else {
+                    Other::NeverRead
+                };
+                self.give_up_takeover(old, &peer, other, why);
                 return Ok(None);
             }
             (
@@ -222,7 +228,7 @@ impl Supervisor {
                 let why = format!("the daemon taking over (pid {}) went away: {why}", peer.pid);
                 // If its server had begun to read, what it read goes back
                 // in the queue for ours.
-                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+                self.give_up_takeover(old, &peer, Other::read_if(step == Handing::Overlap), why);
             }
             Phase::Joining { new, peer, step, .. } if peer.id == id => {
                 if step == Handing::Preparing {
@@ -384,14 +390,37 @@ impl Supervisor {
 
     /// A takeover that cannot go on: our server thaws and serves on; what
     /// the other's read, if it had begun to read, goes back in the queue.
-    pub(super) fn give_up_takeover(&mut self, old: Server, peer: &Peer, other_read: bool, why: String) {
-        if other_read {
-            self.resend();
-        }
-        old.send(Tag::Thaw, &[]);
+    /// Where the other's server may still be reading (its daemon went
+    /// away or stalled), ours stays frozen and nothing is resent until that
+    /// server's own deadline has passed (daemon.rs, `beside_deadline`): two
+    /// servers of different states must never both read.
+    pub(super) fn give_up_takeover(&mut self, old: Server, peer: &Peer, other: Other, why: String) {
         let pid = old.pid;
         self.phase = Phase::Serving(old);
+        match other {
+            Other::NeverRead => self.thaw_now(false),
+            Other::Stopped => self.thaw_now(true),
+            Other::MayRead => {
+                self.pending_thaw = Some(Instant::now() + 3 * self.step_limit + Duration::from_secs(1));
+                tracing::warn!(
+                    "the other daemon's server may still read: thawing and resending in {:.0} s",
+                    (3 * self.step_limit).as_secs_f64() + 1.0
+                );
+            }
+        }
         self.refusal(pid, peer.pid, why);
+    }
+
+    /// Thaws the serving server; with `resend`, what another server had
+    /// read and not answered goes back in the queue first.
+    pub(super) fn thaw_now(&mut self, resend: bool) {
+        self.pending_thaw = None;
+        if let Phase::Serving(server) = &self.phase {
+            if resend {
+                self.resend();
+            }
+            server.send(Tag::Thaw, &[]);
+        }
     }
 
     /// Handed over and the old server gone: this daemon is done. In the
@@ -424,23 +453,30 @@ impl Supervisor {
             }
             Phase::HandingOver { old, peer, step, .. } => {
                 peer.send(Tag::Refused, why.as_bytes());
-                self.give_up_takeover(old, &peer, step == Handing::Overlap, why);
+                self.give_up_takeover(old, &peer, Other::read_if(step == Handing::Overlap), why);
             }
-            // The other daemon was told to drain: there is no going back.
-            // Its own limit stops its server and says so; told nothing
-            // after twice that, this daemon goes on alone.
+            // The other daemon was told to drain (or its supervisor stalled
+            // before it could be): its own limit stops its server and says
+            // so. Told nothing after twice that, the serving token decides:
+            // free, the other's server has ended and ours goes on alone;
+            // held, it serves on and ours drains (as `peer_left`).
             Phase::Joining {
                 new,
                 peer,
                 step: Handing::Draining,
-                ..
+                since,
             } => {
                 tracing::error!(
-                    "the daemon taken over (pid {}) did not say that its server drained; serving alone",
+                    "the daemon taken over (pid {}) did not say that its server drained",
                     peer.pid
                 );
-                self.resend();
-                self.joined(new, &peer, 0)?;
+                self.phase = Phase::Joining {
+                    new,
+                    peer,
+                    step: Handing::Draining,
+                    since,
+                };
+                self.peer_left(Instant::now().checked_sub(self.step_limit).unwrap_or_else(Instant::now))?;
             }
             Phase::Joining { new, peer, .. } => {
                 new.stop();
@@ -580,4 +616,24 @@ pub(super) fn read_peer(id: u64, sock: &OwnedFd, events: &mpsc::Sender<Event>) {
         }
     };
     let _ = events.send(Event::PeerGone(id, why));
+}
+
+/// Whether the other daemon's server read the connection when a takeover
+/// is given up, and whether it may still.
+pub(super) enum Other {
+    NeverRead,
+    /// It read, and was stopped (and reaped) before its daemon said so.
+    Stopped,
+    /// It read, and its daemon went away or stalled: it may still read.
+    MayRead,
+}
+
+impl Other {
+    fn read_if(read: bool) -> Other {
+        if read {
+            Other::MayRead
+        } else {
+            Other::NeverRead
+        }
+    }
 }

@@ -323,6 +323,8 @@ struct Supervisor {
     gave_up: Option<String>,
     /// When the daemon taken over went away, mid-takeover.
     peer_left: Option<Instant>,
+    /// When a server kept frozen after a given-up takeover is thawed.
+    pending_thaw: Option<Instant>,
 }
 
 /// The status socket's listener, and the file's identity where this
@@ -442,6 +444,7 @@ impl Supervisor {
             join_server_died: None,
             gave_up: None,
             peer_left: None,
+            pending_thaw: None,
         };
         supervisor.phase = match (joining, fdstore::restore()) {
             (Some((sock, pid, kept, history)), _) => {

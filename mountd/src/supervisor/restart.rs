@@ -65,7 +65,7 @@ impl Supervisor {
                 Err(e) => {
                     let why = format!("handing over: {e}");
                     peer.send(Tag::Refused, why.as_bytes());
-                    self.give_up_takeover(old, &peer, false, why);
+                    self.give_up_takeover(old, &peer, handover::Other::NeverRead, why);
                     return Ok(());
                 }
             },
@@ -194,7 +194,7 @@ impl Supervisor {
                 ..
             } if old.pid == pid => {
                 peer.send(Tag::Refused, why.as_bytes());
-                self.give_up_takeover(old, &peer, false, why);
+                self.give_up_takeover(old, &peer, handover::Other::NeverRead, why);
             }
             other => self.phase = other,
         }
@@ -300,6 +300,9 @@ impl Supervisor {
         if let Some(since) = self.peer_left {
             self.peer_left(since)?;
             return Ok(None);
+        }
+        if self.pending_thaw.is_some_and(|at| Instant::now() >= at) {
+            self.thaw_now(true);
         }
         match &self.phase {
             // Draining, this side waits for the other's own limit first.

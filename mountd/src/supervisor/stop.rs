@@ -35,7 +35,12 @@ impl Supervisor {
                     // unmounting as ever.
                     Phase::HandingOver { old, peer, .. } => {
                         peer.send(Tag::Refused, format!("the daemon taken over got {signal}").as_bytes());
-                        self.give_up_takeover(old, &peer, false, format!("{signal} before the handover"));
+                        self.give_up_takeover(
+                            old,
+                            &peer,
+                            handover::Other::NeverRead,
+                            format!("{signal} before the handover"),
+                        );
                     }
                     Phase::Joining { new, peer, .. } => {
                         new.stop();
