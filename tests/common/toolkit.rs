@@ -134,7 +134,15 @@ pub fn generate_with(driver_root: &Path, dev_root: &Path, flags: &[&str]) -> Res
     // It names the format by the file's extension (and adds one if missing).
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let out = dir.path().join("spec.json");
-    run(Command::new(bin.join("nvidia-ctk"))
+    // In a mount namespace whose /dev is a fresh tmpfs: run as root, a real
+    // libnvidia-ml (Debian's, in the management mode) creates
+    // /dev/nvidiactl where there is none, which would reach the host's /dev
+    // and every other test (docker-flags would name it).
+    let fresh_dev = "mount -t tmpfs -o mode=755 nvlibfs-test-dev /dev && mknod -m 666 /dev/null c 1 3 && \
+                     mknod -m 666 /dev/zero c 1 5 && mknod -m 666 /dev/urandom c 1 9 && exec \"$0\" \"$@\"";
+    run(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", fresh_dev])
+        .arg(bin.join("nvidia-ctk"))
         .args(["cdi", "generate", "--format", "json", "--nvidia-cdi-hook-path"])
         .arg(bin.join("nvidia-cdi-hook"))
         .arg("--driver-root")
