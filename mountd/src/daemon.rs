@@ -341,6 +341,9 @@ fn take_over<'a>(
     link.number_above(highest);
     if alone {
         take_token(&served, &serve.state_dir);
+    } else {
+        *served.beside_token.lock().unwrap_or_else(|e| e.into_inner()) =
+            crate::statedir::beside_token(&serve.state_dir, &mountpoint);
     }
     let session = resumed
         .attach(&fuse)
@@ -654,6 +657,7 @@ fn hear_supervisor(link: Arc<Link>, served: Arc<Served>, drain: SharedDrain, sta
             Tag::Sole => {
                 tracing::info!("the previous server has stopped; this one serves alone");
                 link.sole.store(true, std::sync::atomic::Ordering::SeqCst);
+                *served.beside_token.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 serve_alone(&served, &link);
                 // It holds the token once the one before has ended.
                 let (served, state_dir) = (served.clone(), state_dir.clone());

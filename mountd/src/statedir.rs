@@ -136,20 +136,56 @@ pub fn identity_of(fd: &impl AsFd) -> Option<Identity> {
 /// goes on: the holder, or, once the holder has drained and ended, the
 /// one beside it. `None` if it is not free within `wait`.
 pub fn serving_token(state_dir: &Path, mountpoint: &Path, wait: std::time::Duration) -> Option<std::fs::File> {
-    let name = nvlibfs::control::lock_path(state_dir, mountpoint).with_extension("serving");
+    token(state_dir, mountpoint, "serving", libc::LOCK_EX, wait)
+}
+
+/// The beside token: a shared flock on `locks/<mount point>.beside`, held
+/// by every server serving beside another, until it is told it serves
+/// alone or ends. The daemon that gave a takeover up thaws its own server
+/// as soon as none holds it (no other server can read then).
+pub fn beside_token(state_dir: &Path, mountpoint: &Path) -> Option<std::fs::File> {
+    token(
+        state_dir,
+        mountpoint,
+        "beside",
+        libc::LOCK_SH,
+        std::time::Duration::ZERO,
+    )
+}
+
+/// Whether no server holds the beside token.
+pub fn nobody_beside(state_dir: &Path, mountpoint: &Path) -> bool {
+    token(
+        state_dir,
+        mountpoint,
+        "beside",
+        libc::LOCK_EX,
+        std::time::Duration::ZERO,
+    )
+    .is_some()
+}
+
+fn token(
+    state_dir: &Path,
+    mountpoint: &Path,
+    extension: &str,
+    kind: libc::c_int,
+    wait: std::time::Duration,
+) -> Option<std::fs::File> {
+    let name = nvlibfs::control::lock_path(state_dir, mountpoint).with_extension(extension);
     let name = name.file_name()?.to_str()?.to_owned();
     let file = match StateDir::open(state_dir).and_then(|d| d.locks()?.open_file(&name, OFlag::O_RDWR | OFlag::O_CREAT))
     {
         Ok(fd) => std::fs::File::from(fd),
         Err(e) => {
-            tracing::error!("the serving token: {e}");
+            tracing::error!("the {extension} token: {e}");
             return None;
         }
     };
     let deadline = std::time::Instant::now() + wait;
     loop {
         // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), kind | libc::LOCK_NB) } == 0 {
             return Some(file);
         }
         if std::time::Instant::now() >= deadline {
@@ -247,8 +283,10 @@ impl MountLock {
         );
         if alone {
             self.locks.remove_if(&self.name, self.identity);
-            let token = std::path::Path::new(&self.name).with_extension("serving");
-            self.locks.remove_unheld(&token.to_string_lossy());
+            for extension in ["serving", "beside"] {
+                let token = std::path::Path::new(&self.name).with_extension(extension);
+                self.locks.remove_unheld(&token.to_string_lossy());
+            }
         }
     }
 

@@ -166,6 +166,8 @@ pub struct Served {
     pub frozen_since: Mutex<Option<std::time::Instant>>,
     /// The serving token (statedir.rs), while this server serves alone.
     pub serving_token: Mutex<Option<std::fs::File>>,
+    /// The beside token (statedir.rs), while it serves beside another.
+    pub beside_token: Mutex<Option<std::fs::File>>,
     /// The session ended with the mount still there: the kernel aborted
     /// the connection (fs.rs, `destroy`).
     pub aborted: std::sync::atomic::AtomicBool,
@@ -201,6 +203,7 @@ impl Served {
             handovers: Mutex::new(Vec::new()),
             frozen_since: Mutex::new(None),
             serving_token: Mutex::new(None),
+            beside_token: Mutex::new(None),
             aborted: std::sync::atomic::AtomicBool::new(false),
             drained: Mutex::new(None),
             spec: Mutex::new(None),

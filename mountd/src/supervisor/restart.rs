@@ -301,7 +301,11 @@ impl Supervisor {
             self.peer_left(since)?;
             return Ok(None);
         }
-        if self.pending_thaw.is_some_and(|at| Instant::now() >= at) {
+        // As soon as no other server reads (none holds the beside token),
+        // or at the latest once their own deadline has passed.
+        if self.pending_thaw.is_some_and(|at| {
+            Instant::now() >= at || crate::statedir::nobody_beside(&self.command.state_dir, &self.mountpoint)
+        }) {
             self.thaw_now(true);
         }
         match &self.phase {
