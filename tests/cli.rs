@@ -812,7 +812,13 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
         c.output().unwrap()
     };
     let out = flags(Some(&mountpoint));
-    assert!(out.status.success() && out.stderr.is_empty(), "{}", text(&out.stderr));
+    // Nothing on stderr but, on a machine without GPU nodes, that notice.
+    let said: Vec<String> = text(&out.stderr)
+        .lines()
+        .filter(|l| !(common::nvidia_nodes().is_empty() && l.starts_with("nvlibfs: no /dev/nvidia* device node")))
+        .map(str::to_owned)
+        .collect();
+    assert!(out.status.success() && said.is_empty(), "{}", text(&out.stderr));
     let out = flags(Some(&other));
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
