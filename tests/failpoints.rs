@@ -519,17 +519,6 @@ fn by_hand(point: &str) -> Cell {
     }
 }
 
-fn the_protocol_version() -> u32 {
-    let source = include_str!("../mountd/src/protocol.rs");
-    let at = source.find("None => ").expect("the protocol version in protocol.rs") + 8;
-    source[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// What a process offering a takeover gets: the first message's tag and
 /// how many descriptors came with it, or what the connection said.
 const OFFER: &str = r#"
@@ -559,7 +548,7 @@ fn a_root_without_capabilities_gets_nothing_from_any_socket() {
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let before = m.status();
     let takeover = nvlibfs::control::takeover_path(&m.state_dir, &m.mountpoint);
-    let protocol = the_protocol_version().to_string();
+    let protocol = builds::protocol_version().to_string();
     let wrappers: [&[&str]; 2] = [
         &["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--"],
         &["unshare", "--user", "--map-root-user", "--"],
@@ -643,7 +632,7 @@ print(chr(msg[0]) if msg else "EOF", msg[1:200].decode(errors="replace"))
             ENDED,
         ])
         .arg(&takeover)
-        .arg(the_protocol_version().to_string())
+        .arg(builds::protocol_version().to_string())
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);

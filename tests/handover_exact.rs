@@ -212,7 +212,7 @@ fn a_restart_that_cannot_be_exact_is_refused_and_the_old_server_serves_on() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains(&format!("protocol version {}", protocol_version())) && err.contains("version 1000"),
+        err.contains(&format!("protocol version {}", builds::protocol_version())) && err.contains("version 1000"),
         "{err}"
     );
     assert!(
@@ -250,19 +250,6 @@ fn a_restart_that_cannot_be_exact_is_refused_and_the_old_server_serves_on() {
     builds::install(&built, &bin);
     ok(nvlibfs_with(&bin, &m, &["restart"]), "nvlibfs restart");
     assert_ne!(m.status().pid, first.pid);
-}
-
-/// The handover protocol's version this build speaks, as
-/// mountd/src/protocol.rs sets it (each change to the protocol bumps it).
-fn protocol_version() -> u32 {
-    let source = include_str!("../mountd/src/protocol.rs");
-    let at = source.find("None => ").expect("the protocol version in protocol.rs") + 8;
-    source[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// A pause of 0 to `ms` ms, from the clock.

@@ -63,6 +63,19 @@ pub fn failpoints_variant() -> PathBuf {
     variant_with("failpoints", &[], &["failpoints"])
 }
 
+/// The handover protocol's version this build speaks, as
+/// mountd/src/protocol.rs sets it (each change to the protocol bumps it).
+pub fn protocol_version() -> u32 {
+    let source = include_str!("../../mountd/src/protocol.rs");
+    let at = source.find("None => ").expect("the protocol version in protocol.rs") + 8;
+    source[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// The binaries cargo built, copied where the test may replace them.
 pub fn binaries(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
