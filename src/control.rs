@@ -275,7 +275,28 @@ pub fn prove(state_dir: &Path, name: &str, nonce: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// How often `query` asks again when a server took the connection and
+/// ended without answering.
+const UNANSWERED_TRIES: u32 = 5;
+
+/// Asks the daemon serving `mountpoint` for its status. Every server of a
+/// mount accepts on the same listener, and during a handover the one that
+/// takes a client may be the one that is ending: it closes without a word,
+/// and the server that goes on answers the next try.
 pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
+    let mut tries = 1;
+    loop {
+        match ask(state_dir, mountpoint) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && tries < UNANSWERED_TRIES => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            answer => return answer,
+        }
+    }
+}
+
+fn ask(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
     let path = socket_path(state_dir, mountpoint);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
         // "May not ask" is not "nobody serves": keep the kind for callers.
@@ -317,6 +338,16 @@ pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
         text.clear();
     }
     reader.read_to_string(&mut text)?;
+    if text.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the daemon serving {} closed {} without answering: the server that took the question ended",
+                mountpoint.display(),
+                path.display()
+            ),
+        ));
+    }
     if let Some(why) = text.strip_prefix(REFUSED) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -363,6 +394,44 @@ pub fn unserved_advice(mountpoint: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that takes the question and ends without a word (it was
+    /// the one handing over) is not the answer: the next server's is.
+    #[test]
+    fn a_question_closed_unanswered_is_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mountpoint = Path::new("/run/nvlibs");
+        let listener = std::os::unix::net::UnixListener::bind(socket_path(dir.path(), mountpoint)).unwrap();
+        let serving = Status::starting(mountpoint.to_path_buf());
+        let answer = serde_json::to_vec(&serving).unwrap();
+        let servers = std::thread::spawn(move || {
+            for _ in 0..2 {
+                drop(listener.accept().unwrap());
+            }
+            io::Write::write_all(&mut listener.accept().unwrap().0, &answer).unwrap();
+        });
+        let status = query(dir.path(), mountpoint).unwrap();
+        servers.join().unwrap();
+        assert_eq!(status.mountpoint, serving.mountpoint);
+    }
+
+    #[test]
+    fn a_question_never_answered_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mountpoint = Path::new("/run/nvlibs");
+        let listener = std::os::unix::net::UnixListener::bind(socket_path(dir.path(), mountpoint)).unwrap();
+        let servers = std::thread::spawn(move || {
+            for _ in 0..UNANSWERED_TRIES {
+                drop(listener.accept().unwrap());
+            }
+        });
+        let e = query(dir.path(), mountpoint).unwrap_err();
+        servers.join().unwrap();
+        assert!(
+            e.to_string().contains("closed") && e.to_string().contains("without answering"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn socket_names_are_readable_and_bounded() {
