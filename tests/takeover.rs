@@ -260,6 +260,73 @@ fn a_takeover_that_cannot_be_exact_is_refused() {
     common::umount(&fresh, &m.state_dir);
 }
 
+/// A root without capabilities opens more connections to the takeover
+/// socket than its queue holds, and says nothing on any: each is refused
+/// at once, not read for seconds, and while it holds them all open a real
+/// `--take-over` goes through. The running daemon used to read each for
+/// its offer, 5 s apiece on its one accepting thread, before it looked at
+/// who had connected, so a few idle connections held every takeover up.
+#[test]
+fn connections_that_say_nothing_hold_up_no_takeover() {
+    common::require_fixture_tools();
+    common::require("setpriv", "util-linux");
+    common::require("python3", "python3");
+    const IDLE: &str = r#"
+import socket, sys, time
+held, said = [], []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    held.append(s)
+for s in held:
+    try:
+        msg = s.recv(65536)
+        said.append(chr(msg[0]) if msg else "EOF")
+    except Exception as e:
+        said.append(type(e).__name__)
+print(" ".join(said), flush=True)
+time.sleep(120)
+"#;
+    const CONNECTIONS: usize = 12;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bins = tempfile::tempdir().unwrap();
+    let bin = builds::binaries(bins.path());
+    let m = Mounted::with_binaries(FixtureSpec::new(VERSION), &[], Some(&bin));
+    let before = m.status();
+    let takeover = nvlibfs::control::takeover_path(&m.state_dir, &m.mountpoint);
+    let mut idle = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-all",
+            "--inh-caps",
+            "-all",
+            "--",
+            "python3",
+            "-c",
+            IDLE,
+        ])
+        .arg(&takeover)
+        .arg(CONNECTIONS.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(idle.stdout.take().unwrap()), &mut said).unwrap();
+    let refused = said.split_whitespace().filter(|&tag| tag == "X").count();
+    let out = Command::new(bin.join("nvlibfs"))
+        .args(mount_command(&m.fixture, &m.state_dir).get_args())
+        .arg("--take-over")
+        .arg(&m.mountpoint)
+        .output()
+        .unwrap();
+    let _ = idle.kill();
+    let _ = idle.wait();
+    assert_eq!(refused, CONNECTIONS, "each idle connection got: {said}");
+    common::ok(out, "a takeover while a capless root holds idle connections");
+    assert_ne!(m.status().supervisor_pid, before.supervisor_pid);
+}
+
 /// The platforms' own form: every daemon in a container of an nvlibfs
 /// image, as a DaemonSet's pods or compose services are, sharing the
 /// state directory and the mount point (bound rshared, as a pod's

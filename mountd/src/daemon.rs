@@ -849,54 +849,77 @@ impl Drop for FreshSetup {
 
 /// Answers `nvlibfs status` on the listener the supervisor holds for the
 /// mount (every server of it answers on the same one): only to a peer
-/// that could mount, since status names host paths and files.
-fn answer_status(listener: UnixListener, served: &Served, state_dir: &Path) {
+/// that could mount, since status names host paths and files. A client
+/// this server cannot see proves CAP_SYS_ADMIN on a thread of its own, so
+/// that one that does not answer its challenge holds up nobody else.
+fn answer_status(listener: UnixListener, served: &Arc<Served>, state_dir: &Path) {
+    use crate::peer::Verdict;
     for stream in listener.incoming() {
-        match stream {
-            Ok(mut stream) => {
-                if let Err(why) = may_ask(&mut stream, state_dir) {
-                    tracing::info!("refused a status request: {why}");
-                    let _ = write!(stream, "{}{why}", control::REFUSED);
-                    continue;
-                }
-                let status = served.status();
-                match serde_json::to_vec(&status) {
-                    Ok(bytes) => {
-                        if let Err(e) = stream.write_all(&bytes) {
-                            tracing::debug!("status client went away: {e}");
-                        }
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!("status socket: {e}");
+                continue;
+            }
+        };
+        // No client may hold an answer up for longer than a send may.
+        let _ = stream.set_write_timeout(Some(protocol::SEND_LIMIT));
+        match crate::peer::check(&stream) {
+            Verdict::Privileged => tell_status(&mut stream, served),
+            Verdict::Refused(why) => refuse_status(&mut stream, &why),
+            Verdict::Unseen(_) => {
+                let (served, state_dir) = (served.clone(), state_dir.to_owned());
+                let mut client = match stream.try_clone() {
+                    Ok(client) => client,
+                    Err(e) => {
+                        tracing::warn!("status client: {e}");
+                        continue;
                     }
-                    Err(e) => tracing::error!("encoding status: {e}"),
+                };
+                let proving = crate::peer::off_the_accepting_thread("status-proof", move || {
+                    match prove_for_status(&mut client, &state_dir) {
+                        Ok(()) => tell_status(&mut client, &served),
+                        Err(why) => refuse_status(&mut client, &why),
+                    }
+                });
+                if let Err(why) = proving {
+                    refuse_status(&mut stream, &why);
                 }
             }
-            Err(e) => tracing::warn!("status socket: {e}"),
         }
     }
 }
 
-/// Whether a status client may be answered: `peer::check`, and a client
-/// this server cannot see proves CAP_SYS_ADMIN (a line with the challenge,
-/// `proved` back within 5 s).
-fn may_ask(stream: &mut std::os::unix::net::UnixStream, state_dir: &Path) -> Result<(), String> {
-    use crate::peer::{Challenge, Verdict};
-    match crate::peer::check(&*stream) {
-        Verdict::Privileged => Ok(()),
-        Verdict::Refused(why) => Err(why),
-        Verdict::Unseen(_) => {
-            let challenge = Challenge::new(state_dir)?;
-            let said = |e: std::io::Error| format!("answering the challenge: {e}");
-            writeln!(stream, "{}{} {}", control::CHALLENGE, challenge.name, challenge.nonce).map_err(said)?;
-            stream
-                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                .map_err(said)?;
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut std::io::BufReader::new(&*stream), &mut line).map_err(said)?;
-            match challenge.verdict() {
-                Verdict::Privileged if line.trim_end() == "proved" => Ok(()),
-                Verdict::Refused(why) => Err(why),
-                _ => Err(format!("it answered the challenge with {:?}", line.trim_end())),
+fn tell_status(stream: &mut std::os::unix::net::UnixStream, served: &Served) {
+    match serde_json::to_vec(&served.status()) {
+        Ok(bytes) => {
+            if let Err(e) = stream.write_all(&bytes) {
+                tracing::debug!("status client went away: {e}");
             }
         }
+        Err(e) => tracing::error!("encoding status: {e}"),
+    }
+}
+
+fn refuse_status(stream: &mut std::os::unix::net::UnixStream, why: &str) {
+    tracing::info!("refused a status request: {why}");
+    let _ = write!(stream, "{}{why}", control::REFUSED);
+}
+
+/// A status client this server cannot see proves CAP_SYS_ADMIN: a line
+/// with the challenge, `proved` back within the proof limit.
+fn prove_for_status(stream: &mut std::os::unix::net::UnixStream, state_dir: &Path) -> Result<(), String> {
+    use crate::peer::{Challenge, Verdict};
+    let challenge = Challenge::new(state_dir)?;
+    let said = |e: std::io::Error| format!("answering the challenge: {e}");
+    writeln!(stream, "{}{} {}", control::CHALLENGE, challenge.name, challenge.nonce).map_err(said)?;
+    stream.set_read_timeout(Some(crate::peer::PROOF_LIMIT)).map_err(said)?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&*stream), &mut line).map_err(said)?;
+    match challenge.verdict() {
+        Verdict::Privileged if line.trim_end() == "proved" => Ok(()),
+        Verdict::Refused(why) => Err(why),
+        _ => Err(format!("it answered the challenge with {:?}", line.trim_end())),
     }
 }
 

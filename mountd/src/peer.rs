@@ -44,10 +44,14 @@ pub fn listen_at(path: &Path) -> Result<OwnedFd, DaemonError> {
     Ok(sock)
 }
 
-/// Accepts daemons that would take over, one at a time, for ever: each
-/// that offers and is `privileged` (or proves it) is passed to `offered`
-/// with its offer; any other is refused before anything is frozen.
-pub fn accept_loop(listener: OwnedFd, state_dir: PathBuf, offered: impl Fn(OwnedFd, Offer) + Send + 'static) {
+/// Accepts daemons that would take over, for ever: each that is
+/// `privileged` and offers is passed to `offered` with its offer; one that
+/// cannot be seen from here proves CAP_SYS_ADMIN first, on a thread of its
+/// own; any other is refused at once, before anything is read or frozen.
+/// No peer but a privileged one holds the accepting thread: connections
+/// that say nothing cost a refusal each, not a wait.
+pub fn accept_loop(listener: OwnedFd, state_dir: PathBuf, offered: impl Fn(OwnedFd, Offer) + Send + Sync + 'static) {
+    let offered = std::sync::Arc::new(offered);
     let spawned = std::thread::Builder::new().name("takeover".into()).spawn(move || loop {
         let sock = match accept(std::os::fd::AsRawFd::as_raw_fd(&listener)) {
             // SAFETY: accept returned a new descriptor that nothing else owns.
@@ -59,24 +63,24 @@ pub fn accept_loop(listener: OwnedFd, state_dir: PathBuf, offered: impl Fn(Owned
             }
         };
         let _ = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-        // The offer is read first whoever sent it: closed with it unread,
-        // the socket would meet the peer with a reset, not the refusal.
-        let offer = match read_offer(&sock) {
-            Ok(offer) => offer,
-            Err(e) => {
-                tracing::warn!("a takeover that did not offer: {e}");
-                continue;
-            }
-        };
-        let verdict = match check(&sock) {
-            Verdict::Unseen(_) => challenge_over_protocol(&sock, &state_dir),
-            other => other,
-        };
-        match verdict {
-            Verdict::Privileged => offered(sock, offer),
-            Verdict::Refused(why) | Verdict::Unseen(why) => {
-                tracing::warn!("refused a takeover by pid {}: {why}", offer.pid);
-                let _ = protocol::send(&sock, Tag::Refused, format!("refused: {why}").as_bytes(), &[]);
+        match check(&sock) {
+            Verdict::Privileged => match read_offer(&sock) {
+                Ok(offer) => offered(sock, offer),
+                Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
+            },
+            Verdict::Refused(why) => refuse(&sock, &why),
+            Verdict::Unseen(_) => {
+                let (offered, state_dir) = (offered.clone(), state_dir.clone());
+                let proving = off_the_accepting_thread("takeover-proof", move || match read_offer(&sock) {
+                    Ok(offer) => match challenge_over_protocol(&sock, &state_dir) {
+                        Verdict::Privileged => offered(sock, offer),
+                        Verdict::Refused(why) | Verdict::Unseen(why) => refuse(&sock, &why),
+                    },
+                    Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
+                });
+                if let Err(why) = proving {
+                    tracing::warn!("refused a takeover: {why}");
+                }
             }
         }
     });
@@ -85,9 +89,56 @@ pub fn accept_loop(listener: OwnedFd, state_dir: PathBuf, offered: impl Fn(Owned
     }
 }
 
+/// Tells a peer it is refused, without waiting for anything from it.
+fn refuse(sock: &OwnedFd, why: &str) {
+    tracing::warn!("refused a takeover: {why}");
+    protocol::send_deadline(sock);
+    let _ = protocol::send(sock, Tag::Refused, format!("refused: {why}").as_bytes(), &[]);
+    // What it already sent is read, so that closing does not reset the
+    // connection before it reads the refusal.
+    let mut buf = [0u8; 4096];
+    while nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+        .is_ok_and(|n| n > 0)
+    {}
+}
+
+/// How many peers that cannot be seen from here may be proving
+/// CAP_SYS_ADMIN at once, across the takeover and status sockets; each
+/// takes at most PROOF_LIMIT.
+const PROVING_AT_ONCE: usize = 8;
+/// How long a peer has to answer a challenge.
+pub const PROOF_LIMIT: Duration = Duration::from_secs(5);
+
+static PROVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs `prove` (a challenge, which waits on the peer) on a thread of its
+/// own, so that a peer that does not answer holds up nobody else; while
+/// PROVING_AT_ONCE are under way it is not run, and `Err` says why.
+pub fn off_the_accepting_thread<F: FnOnce() + Send + 'static>(name: &str, prove: F) -> Result<(), String> {
+    use std::sync::atomic::Ordering;
+    if PROVING.fetch_add(1, Ordering::SeqCst) >= PROVING_AT_ONCE {
+        PROVING.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!(
+            "{PROVING_AT_ONCE} peers this daemon cannot see are already proving CAP_SYS_ADMIN; try again"
+        ));
+    }
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        prove();
+        PROVING.fetch_sub(1, Ordering::SeqCst);
+    });
+    match spawned {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            PROVING.fetch_sub(1, Ordering::SeqCst);
+            Err(format!("starting a thread for its challenge: {e}"))
+        }
+    }
+}
+
 /// The first message of a daemon that would take over: its `Offer`.
 fn read_offer(sock: &OwnedFd) -> Result<Offer, String> {
-    setsockopt(sock, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(5, 0)).map_err(|e| e.to_string())?;
+    let limit = nix::sys::time::TimeVal::new(PROOF_LIMIT.as_secs() as i64, 0);
+    setsockopt(sock, sockopt::ReceiveTimeout, &limit).map_err(|e| e.to_string())?;
     let m = match protocol::recv(sock) {
         Ok(Some(m)) if m.tag == Tag::Offer => m,
         Ok(Some(m)) => return Err(format!("it sent {:?}", m.tag)),
@@ -98,7 +149,7 @@ fn read_offer(sock: &OwnedFd) -> Result<Offer, String> {
 }
 
 /// A takeover's challenge, over the protocol: `Challenge`, then `Proved`
-/// within 5 s, then the attribute checked.
+/// within PROOF_LIMIT, then the attribute checked.
 fn challenge_over_protocol(sock: &OwnedFd, state_dir: &Path) -> Verdict {
     let challenge = match Challenge::new(state_dir) {
         Ok(c) => c,
@@ -129,9 +180,18 @@ pub fn offer(path: &Path) -> Result<Option<OwnedFd>, DaemonError> {
     let sock =
         socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(|e| not_served(&e))?;
     let addr = UnixAddr::new(path).map_err(|e| not_served(&e))?;
+    // A connect waits while the listener's queue is full (connections
+    // nobody answers): no longer than a send may.
+    protocol::send_deadline(&sock);
     match connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr) {
         Ok(()) => {}
         Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED) => return Ok(None),
+        Err(nix::errno::Errno::EAGAIN) => {
+            return Err(not_served(&format!(
+                "its queue of takeovers stayed full for {} s",
+                protocol::SEND_LIMIT.as_secs()
+            )))
+        }
         Err(e) => return Err(not_served(&e)),
     }
     let timeout = nix::sys::time::TimeVal::new(ANSWER_LIMIT.as_secs() as i64, 0);
@@ -144,8 +204,21 @@ pub fn offer(path: &Path) -> Result<Option<OwnedFd>, DaemonError> {
     };
     let body = serde_json::to_vec(&offer).expect("an offer encodes");
     crate::failpoint::hit("join-offer").map_err(|e| not_served(&e))?;
-    protocol::send(&sock, Tag::Offer, &body, &[]).map_err(|e| not_served(&e))?;
+    match protocol::send(&sock, Tag::Offer, &body, &[]) {
+        Ok(()) => {}
+        // Refused before it read the offer: the refusal waits to be read.
+        Err(_) if answered(&sock) => {}
+        Err(e) => return Err(not_served(&e)),
+    }
     Ok(Some(sock))
+}
+
+/// Whether a message waits to be read on `sock`.
+fn answered(sock: &OwnedFd) -> bool {
+    use nix::sys::socket::MsgFlags;
+    let mut byte = [0u8; 1];
+    nix::sys::socket::recv(sock.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
+        .is_ok_and(|n| n > 0)
 }
 
 /// The next message from the running supervisor, within ANSWER_LIMIT.
