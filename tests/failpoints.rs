@@ -850,6 +850,37 @@ fn state_files_are_never_opened_through_symbolic_links() {
     let err = String::from_utf8_lossy(&out.stderr);
     let _unmount = common::UnmountOnDrop(mountpoint.clone(), state.clone());
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched", "{err}");
+
+    // A FIFO nobody reads at the log's path: refused, naming it, where
+    // the open used to wait for a reader for ever.
+    let other = dir.path().join("mnt-fifo");
+    let fifo_log = nvlibfs::control::log_path(&state, &other);
+    nix::unistd::mkfifo(&fifo_log, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut mount = mount_command(&fixture, &state)
+        .arg(&other)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ended = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ended.is_none() && Instant::now() < deadline {
+        ended = mount.try_wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if ended.is_none() {
+        let _ = mount.kill();
+    }
+    let out = mount.wait_with_output().unwrap();
+    let _unmount_other = common::UnmountOnDrop(other.clone(), state.clone());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        ended.is_some(),
+        "a FIFO at the log's path held the mount for 60 s: {err}"
+    );
+    assert!(
+        !out.status.success() && err.contains("not a regular file") && err.contains(&*fifo_log.to_string_lossy()),
+        "{err}"
+    );
 }
 
 /// A fault nothing survives: the kernel aborting the connection. The

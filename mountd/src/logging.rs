@@ -50,16 +50,36 @@ pub fn open_file() -> Result<(), String> {
     let Some(path) = &sink.file else { return Ok(()) };
     // Not through a symbolic link: whoever could plant one in the log's
     // directory would have the daemon append to a file of their choosing.
-    let mut file = std::fs::OpenOptions::new()
+    // Not blocking either: a FIFO nobody reads would hold the open for
+    // ever, and one read slowly would stall every thread that logs.
+    let not_regular = || {
+        format!(
+            "log file {}: not a regular file (a FIFO or socket would stall the daemon when nobody reads it); \
+             name a file with --log-file, or use --foreground to log to stderr",
+            path.display()
+        )
+    };
+    let opened = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => format!("log file {}: a symbolic link; refusing to follow it", path.display()),
-            _ => format!("log file {}: {e}", path.display()),
-        })?;
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let mut file = opened.map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => format!("log file {}: a symbolic link; refusing to follow it", path.display()),
+        // A FIFO that nobody has open for reading.
+        Some(libc::ENXIO) => not_regular(),
+        _ => format!("log file {}: {e}", path.display()),
+    })?;
+    let kind = file
+        .metadata()
+        .map_err(|e| format!("log file {}: {e}", path.display()))?
+        .file_type();
+    if !(kind.is_file() || std::os::unix::fs::FileTypeExt::is_char_device(&kind)) {
+        return Err(not_regular());
+    }
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND))
+        .map_err(|e| format!("log file {}: {e}", path.display()))?;
     let mut target = sink.target.lock().unwrap_or_else(|e| e.into_inner());
     if let Target::Pending(lines) = &*target {
         file.write_all(lines)
