@@ -659,6 +659,8 @@ fn the_view_is_a_driver_root_for_nvidia_tools() {
 fn the_cached_path_warms_libcuda_before_the_mount_is_ready() {
     common::require_fixture_tools();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // What is warmed must still be cached when it is loaded.
+    let _kept = common::keep_page_cache();
     const OTHER: &str = "570.86.15";
     let spec = FixtureSpec {
         libcuda_bytes: 64 << 20,

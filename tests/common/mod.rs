@@ -365,9 +365,27 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> std::time::Durati
 
 /// Drops the page cache machine-wide (tests that prove mappings survive).
 pub fn drop_caches() {
+    let _dropping = page_cache_lock(nix::fcntl::FlockArg::LockExclusive);
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+}
+
+/// Held by a test that asserts what stays in the page cache: no test
+/// binary (they run side by side) drops the machine's cache meanwhile.
+pub fn keep_page_cache() -> nix::fcntl::Flock<std::fs::File> {
+    page_cache_lock(nix::fcntl::FlockArg::LockShared)
+}
+
+fn page_cache_lock(how: nix::fcntl::FlockArg) -> nix::fcntl::Flock<std::fs::File> {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("page-cache.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    nix::fcntl::Flock::lock(file, how).unwrap_or_else(|(_, e)| panic!("{}: {e}", path.display()))
 }
 
 /// A process that mapped every given library (the loader's `--hold`) and,
