@@ -526,7 +526,10 @@ import array, json, os, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.settimeout(10)
 s.connect(sys.argv[1])
-s.send(b"O" + json.dumps({"protocol": int(sys.argv[2]), "version": "0.1.0", "pid": os.getpid()}).encode())
+try:
+    s.send(b"O" + json.dumps({"protocol": int(sys.argv[2]), "version": "0.1.0", "pid": os.getpid()}).encode())
+except BrokenPipeError:
+    pass  # refused on sight, before the offer went out: the refusal is still queued
 try:
     msg, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(253 * 4))
 except Exception as e:
@@ -613,7 +616,10 @@ if pid == 0:
     os._exit(0)
 os.waitpid(pid, 0)
 s.settimeout(10)
-s.send(b"O" + json.dumps({"protocol": int(sys.argv[2]), "version": "0.1.0", "pid": os.getpid()}).encode())
+try:
+    s.send(b"O" + json.dumps({"protocol": int(sys.argv[2]), "version": "0.1.0", "pid": os.getpid()}).encode())
+except BrokenPipeError:
+    pass  # refused on sight, before the offer went out: the refusal is still queued
 msg = s.recv(65536)
 print(chr(msg[0]) if msg else "EOF", msg[1:200].decode(errors="replace"))
 "#;
