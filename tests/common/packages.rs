@@ -127,48 +127,17 @@ fn fetch_releases(key: &str, releases: &[Release]) -> Result<PathBuf, String> {
     }
     let partial = cache_dir().join(format!("{key}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
-    let apt = partial.join("apt");
-    for sub in ["lists/partial", "cache/archives/partial", "sources.d"] {
-        std::fs::create_dir_all(apt.join(sub)).map_err(|e| e.to_string())?;
-    }
-    let uri = archive_uri()?;
-    std::fs::write(
-        apt.join("sources.d/nvidia.sources"),
-        format!(
-            "Types: deb\nURIs: {uri}\nSuites: bookworm trixie\nComponents: non-free non-free-firmware\n\
-             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let options = [
-        "-o".to_owned(),
-        "Dir::Etc::sourcelist=/dev/null".to_owned(),
-        "-o".to_owned(),
-        format!("Dir::Etc::sourceparts={}", apt.join("sources.d").display()),
-        "-o".to_owned(),
-        format!("Dir::State::Lists={}", apt.join("lists").display()),
-        "-o".to_owned(),
-        format!("Dir::Cache={}", apt.join("cache").display()),
-        // The download lands in a directory root owns.
-        "-o".to_owned(),
-        "APT::Sandbox::User=root".to_owned(),
-    ];
-    run(Command::new("apt-get").args(&options).args(["-q", "update"]))?;
+    let apt = PrivateApt::new(&partial.join("apt"), "bookworm trixie", "non-free non-free-firmware")?;
     for release in releases {
         let into = partial.join(release.name);
-        std::fs::create_dir_all(&into).map_err(|e| e.to_string())?;
         let wanted: Vec<String> = release
             .packages
             .iter()
             .map(|p| format!("{p}/{}", release.suite))
             .collect();
-        run(Command::new("apt-get")
-            .current_dir(&into)
-            .args(&options)
-            .args(["-q", "download"])
-            .args(&wanted))?;
+        apt.download(&into, &wanted)?;
     }
-    std::fs::remove_dir_all(&apt).map_err(|e| e.to_string())?;
+    apt.remove()?;
     std::fs::write(partial.join("complete"), "").map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&partial, &dir).map_err(|e| e.to_string())?;
@@ -184,6 +153,65 @@ pub fn archive_uri() -> Result<String, String> {
         .find_map(|l| l.strip_prefix("deb ").and_then(|rest| rest.split_whitespace().next()))
         .map(str::to_owned)
         .ok_or_else(|| format!("{}: its etc/apt/sources.list names no archive:\n{list}", tar.display()))
+}
+
+/// An apt tree of its own (lists, cache, one sources file for the archive
+/// `archive_uri` names), read with the host's apt but none of the host's
+/// sources or state, so nothing on the host changes.
+pub struct PrivateApt {
+    pub dir: PathBuf,
+    options: Vec<String>,
+}
+
+impl PrivateApt {
+    /// Makes the tree at `dir` for `suites` and `components` (each
+    /// space-separated) and reads the archive's lists.
+    pub fn new(dir: &Path, suites: &str, components: &str) -> Result<PrivateApt, String> {
+        for sub in ["lists/partial", "cache/archives/partial", "sources.d"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(
+            dir.join("sources.d/archive.sources"),
+            format!(
+                "Types: deb\nURIs: {}\nSuites: {suites}\nComponents: {components}\n\
+                 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+                archive_uri()?
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let options = [
+            "Dir::Etc::sourcelist=/dev/null".to_owned(),
+            format!("Dir::Etc::sourceparts={}", dir.join("sources.d").display()),
+            format!("Dir::State::Lists={}", dir.join("lists").display()),
+            format!("Dir::Cache={}", dir.join("cache").display()),
+            // The download lands in a directory root owns.
+            "APT::Sandbox::User=root".to_owned(),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-o".to_owned(), o])
+        .collect();
+        let apt = PrivateApt {
+            dir: dir.to_owned(),
+            options,
+        };
+        run(Command::new("apt-get").args(&apt.options).args(["-q", "update"]))?;
+        Ok(apt)
+    }
+
+    /// Downloads the `.deb` of each of `packages` (`name/suite`) into `into`.
+    pub fn download(&self, into: &Path, packages: &[impl AsRef<std::ffi::OsStr>]) -> Result<(), String> {
+        std::fs::create_dir_all(into).map_err(|e| e.to_string())?;
+        run(Command::new("apt-get")
+            .current_dir(into)
+            .args(&self.options)
+            .args(["-q", "download"])
+            .args(packages))
+        .map(|_| ())
+    }
+
+    pub fn remove(self) -> Result<(), String> {
+        std::fs::remove_dir_all(&self.dir).map_err(|e| e.to_string())
+    }
 }
 
 /// A Debian 12 root (the cached minbase) unpacked into `root`.
@@ -259,43 +287,15 @@ pub fn unpacked(key: &str, suite: &str, packages: &[&str]) -> Result<PathBuf, St
     }
     let partial = cache_dir().join(format!("{key}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
-    let apt = partial.join("apt");
-    for sub in ["lists/partial", "cache/archives/partial", "sources.d", "debs"] {
-        std::fs::create_dir_all(apt.join(sub)).map_err(|e| e.to_string())?;
-    }
-    std::fs::write(
-        apt.join("sources.d/debian.sources"),
-        format!(
-            "Types: deb\nURIs: {}\nSuites: {suite}\nComponents: main\n\
-             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
-            archive_uri()?
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let options = [
-        "-o".to_owned(),
-        "Dir::Etc::sourcelist=/dev/null".to_owned(),
-        "-o".to_owned(),
-        format!("Dir::Etc::sourceparts={}", apt.join("sources.d").display()),
-        "-o".to_owned(),
-        format!("Dir::State::Lists={}", apt.join("lists").display()),
-        "-o".to_owned(),
-        format!("Dir::Cache={}", apt.join("cache").display()),
-        "-o".to_owned(),
-        "APT::Sandbox::User=root".to_owned(),
-    ];
-    run(Command::new("apt-get").args(&options).args(["-q", "update"]))?;
+    let apt = PrivateApt::new(&partial.join("apt"), suite, "main")?;
+    let debs = apt.dir.join("debs");
     let wanted: Vec<String> = packages.iter().map(|p| format!("{p}/{suite}")).collect();
-    run(Command::new("apt-get")
-        .current_dir(apt.join("debs"))
-        .args(&options)
-        .args(["-q", "download"])
-        .args(&wanted))?;
-    for deb in std::fs::read_dir(apt.join("debs")).map_err(|e| e.to_string())? {
+    apt.download(&debs, &wanted)?;
+    for deb in std::fs::read_dir(&debs).map_err(|e| e.to_string())? {
         let deb = deb.map_err(|e| e.to_string())?.path();
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
     }
-    std::fs::remove_dir_all(&apt).map_err(|e| e.to_string())?;
+    apt.remove()?;
     std::fs::write(partial.join("complete"), "").map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&partial, &dir).map_err(|e| e.to_string())?;

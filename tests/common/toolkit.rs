@@ -54,39 +54,11 @@ pub fn toolkit() -> Result<PathBuf, String> {
     }
     let work = cache_dir().join(format!("{TOOLKIT_KEY}.partial"));
     let _ = std::fs::remove_dir_all(&work);
-    let apt = work.join("apt");
-    for sub in ["lists/partial", "cache/archives/partial", "sources.d", "debs"] {
-        std::fs::create_dir_all(apt.join(sub)).map_err(|e| e.to_string())?;
-    }
-    let uri = super::packages::archive_uri()?;
-    std::fs::write(
-        apt.join("sources.d/trixie.sources"),
-        format!(
-            "Types: deb\nURIs: {uri}\nSuites: trixie\nComponents: main\n\
-             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let options = [
-        "-o".to_owned(),
-        "Dir::Etc::sourcelist=/dev/null".to_owned(),
-        "-o".to_owned(),
-        format!("Dir::Etc::sourceparts={}", apt.join("sources.d").display()),
-        "-o".to_owned(),
-        format!("Dir::State::Lists={}", apt.join("lists").display()),
-        "-o".to_owned(),
-        format!("Dir::Cache={}", apt.join("cache").display()),
-        "-o".to_owned(),
-        "APT::Sandbox::User=root".to_owned(),
-    ];
-    run(Command::new("apt-get").args(&options).args(["-q", "update"]))?;
-    run(Command::new("apt-get")
-        .current_dir(apt.join("debs"))
-        .args(&options)
-        .args(["-q", "download"])
-        .args(GO_PACKAGES))?;
+    let apt = super::packages::PrivateApt::new(&work.join("apt"), "trixie", "main")?;
+    let debs = apt.dir.join("debs");
+    apt.download(&debs, &GO_PACKAGES)?;
     let go = work.join("go");
-    for deb in std::fs::read_dir(apt.join("debs")).map_err(|e| e.to_string())? {
+    for deb in std::fs::read_dir(&debs).map_err(|e| e.to_string())? {
         let deb = deb.map_err(|e| e.to_string())?.path();
         run(Command::new("dpkg").arg("-x").arg(&deb).arg(&go))?;
     }
