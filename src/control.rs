@@ -230,18 +230,25 @@ pub fn own_pid_namespace() -> Option<u64> {
 }
 
 /// Whether process `pid` still runs (a zombie waiting for its reaper does
-/// not: a detached daemon's parent is whatever init the host has).
+/// not: a detached daemon's parent is whatever init the host has). Every
+/// thread counts: a killed process's first thread is a zombie while the
+/// others still end, and until the last has, its sockets and locks are
+/// open.
 pub fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
-        })
-        .is_some_and(|state| state != "Z" && state != "X")
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+            })
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
-/// Asks the daemon serving `mountpoint` for its status.
 /// What the daemon writes instead of a status to a peer it may not answer,
 /// before the reason.
 pub const REFUSED: &str = "refused: ";
@@ -275,14 +282,16 @@ pub fn prove(state_dir: &Path, name: &str, nonce: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// How often `query` asks again when a server took the connection and
-/// ended without answering.
+/// How often `query` asks again when a server took the connection, or
+/// let it wait in its listener's queue, and ended without answering.
 const UNANSWERED_TRIES: u32 = 5;
 
 /// Asks the daemon serving `mountpoint` for its status. Every server of a
 /// mount accepts on the same listener, and during a handover the one that
 /// takes a client may be the one that is ending: it closes without a word,
-/// and the server that goes on answers the next try.
+/// and the server that goes on answers the next try. A daemon killed
+/// whole resets a connection that waited in the queue of its listener, and
+/// the next try hears that nobody listens.
 pub fn query(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
     let mut tries = 1;
     loop {
@@ -318,9 +327,24 @@ fn ask(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
         io::Error::new(e.kind(), text)
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // A reset is the listener closed with this connection still in its
+    // queue: its process ended, as an EOF says of one that took it.
+    let unanswered = |e: io::Error| {
+        if e.kind() != io::ErrorKind::ConnectionReset {
+            return e;
+        }
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the daemon serving {} closed {} without answering: the server that took the question ended",
+                mountpoint.display(),
+                path.display()
+            ),
+        )
+    };
     let mut reader = io::BufReader::new(stream.try_clone()?);
     let mut text = String::new();
-    io::BufRead::read_line(&mut reader, &mut text)?;
+    io::BufRead::read_line(&mut reader, &mut text).map_err(unanswered)?;
     if let Some(challenge) = text.strip_prefix(CHALLENGE) {
         let (name, nonce) = challenge.trim_end().split_once(' ').unwrap_or_default();
         prove(state_dir, name, nonce).map_err(|e| {
@@ -337,16 +361,9 @@ fn ask(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
         io::Write::write_all(&mut stream, b"proved\n")?;
         text.clear();
     }
-    reader.read_to_string(&mut text)?;
+    reader.read_to_string(&mut text).map_err(unanswered)?;
     if text.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!(
-                "the daemon serving {} closed {} without answering: the server that took the question ended",
-                mountpoint.display(),
-                path.display()
-            ),
-        ));
+        return Err(unanswered(io::ErrorKind::ConnectionReset.into()));
     }
     if let Some(why) = text.strip_prefix(REFUSED) {
         return Err(io::Error::new(
@@ -395,6 +412,43 @@ pub fn unserved_advice(mountpoint: &Path) -> String {
 mod tests {
     use super::*;
 
+    /// A process whose first thread ended while another still runs (as a
+    /// SIGKILLed daemon is for a moment, holding its sockets) runs; once
+    /// every thread has ended it does not, reaped or not.
+    #[test]
+    fn a_process_runs_until_its_last_thread_ends() {
+        const LEADER_ENDS: &str = "import ctypes, sys, threading\n\
+             threading.Thread(target=sys.stdin.read).start()\n\
+             ctypes.CDLL(None).pthread_exit(None)\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", LEADER_ENDS])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (apt-get install python3) runs the process under test");
+        let pid = child.id();
+        let leader_state = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while leader_state() != 'Z' {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "python3's first thread never ended"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(process_running(pid), "a thread still runs");
+        drop(child.stdin.take());
+        while process_running(pid) {
+            assert!(std::time::Instant::now() < deadline, "the last thread never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(leader_state(), 'Z', "not running, not yet reaped");
+        assert!(child.wait().unwrap().success());
+        assert!(!process_running(pid));
+    }
+
     /// A server that takes the question and ends without a word (it was
     /// the one handing over) is not the answer: the next server's is.
     #[test]
@@ -408,6 +462,35 @@ mod tests {
             for _ in 0..2 {
                 drop(listener.accept().unwrap());
             }
+            io::Write::write_all(&mut listener.accept().unwrap().0, &answer).unwrap();
+        });
+        let status = query(dir.path(), mountpoint).unwrap();
+        servers.join().unwrap();
+        assert_eq!(status.mountpoint, serving.mountpoint);
+    }
+
+    /// The daemon killed whole while the question waited in its
+    /// listener's queue: the reset is asked again, and the next try finds
+    /// whoever listens then (here a daemon that came back).
+    #[test]
+    fn a_question_reset_in_the_queue_is_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mountpoint = Path::new("/run/nvlibs");
+        let path = socket_path(dir.path(), mountpoint);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let serving = Status::starting(mountpoint.to_path_buf());
+        let answer = serde_json::to_vec(&serving).unwrap();
+        let servers = std::thread::spawn(move || {
+            let mut queued = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, for the listener this thread owns.
+            assert_eq!(unsafe { libc::poll(&mut queued, 1, 10_000) }, 1);
+            std::fs::remove_file(&path).unwrap();
+            drop(listener);
+            let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
             io::Write::write_all(&mut listener.accept().unwrap().0, &answer).unwrap();
         });
         let status = query(dir.path(), mountpoint).unwrap();
