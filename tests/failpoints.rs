@@ -601,7 +601,10 @@ fn a_root_without_capabilities_gets_nothing_from_any_socket() {
 /// holds the one thread answering takeovers (and, on the status socket,
 /// the one answering status) for 5 s per connection: a root without
 /// CAP_SYS_ADMIN holding a few such connections kept `nvlibfs status`
-/// failing and `--take-over` waiting for as long as it liked.
+/// failing and `--take-over` waiting for as long as it liked. The
+/// supervisor, which accepts, is stopped until the child has ended: it
+/// judges a peer on accept, and a live child would be refused for its
+/// capabilities instead.
 #[test]
 fn an_offer_from_a_process_that_ended_is_refused_not_challenged() {
     common::require_fixture_tools();
@@ -615,6 +618,7 @@ if pid == 0:
     s.connect(sys.argv[1])
     os._exit(0)
 os.waitpid(pid, 0)
+print("ended", flush=True)
 s.settimeout(10)
 try:
     s.send(b"O" + json.dumps({"protocol": int(sys.argv[2]), "version": "0.1.0", "pid": os.getpid()}).encode())
@@ -623,10 +627,20 @@ except BrokenPipeError:
 msg = s.recv(65536)
 print(chr(msg[0]) if msg else "EOF", msg[1:200].decode(errors="replace"))
 "#;
+    /// Continues the stopped supervisor however the test goes on.
+    struct Stopped(nix::unistd::Pid);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::SIGCONT);
+        }
+    }
     let m = Mounted::new(FixtureSpec::new(VERSION), &[]);
     let before = m.status();
     let takeover = nvlibfs::control::takeover_path(&m.state_dir, &m.mountpoint);
-    let out = Command::new("setpriv")
+    let supervisor = nix::unistd::Pid::from_raw(before.supervisor_pid.unwrap() as i32);
+    nix::sys::signal::kill(supervisor, nix::sys::signal::SIGSTOP).unwrap();
+    let stopped = Stopped(supervisor);
+    let mut offer = Command::new("setpriv")
         .args([
             "--bounding-set",
             "-all",
@@ -639,13 +653,20 @@ print(chr(msg[0]) if msg else "EOF", msg[1:200].decode(errors="replace"))
         ])
         .arg(&takeover)
         .arg(builds::protocol_version().to_string())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
+    let mut said = String::new();
+    let mut stdout = std::io::BufReader::new(offer.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut said).unwrap();
+    assert_eq!(said, "ended\n", "the connecting child did not end");
+    drop(stopped);
+    said.clear();
+    std::io::Read::read_to_string(&mut stdout, &mut said).unwrap();
+    assert!(offer.wait().unwrap().success());
     assert!(
         said.starts_with("X refused:") && said.contains("has ended"),
-        "got: {said}{}",
-        String::from_utf8_lossy(&out.stderr)
+        "got: {said}"
     );
     let now = m.status();
     assert_eq!((now.pid, now.supervisor_pid), (before.pid, before.supervisor_pid));

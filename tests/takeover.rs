@@ -272,12 +272,15 @@ fn connections_that_say_nothing_hold_up_no_takeover() {
     common::require("setpriv", "util-linux");
     common::require("python3", "python3");
     const IDLE: &str = r#"
-import socket, sys, time
+import signal, socket, sys, time
+signal.alarm(60)
 held, said = [], []
 for _ in range(int(sys.argv[2])):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(10)
+    # Blocking, so that past the queue's 4 the connect waits for the
+    # daemon to accept (with a timeout it would be EAGAIN at once).
     s.connect(sys.argv[1])
+    s.settimeout(10)
     held.append(s)
 for s in held:
     try:
