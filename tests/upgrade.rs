@@ -19,17 +19,7 @@ const MISSING: &str = "595.10.02";
 /// the SONAME links. The module version files (sys/, proc/) are the
 /// kernel's and stay as they are.
 fn dpkg_upgrade(root: &Path, old: &Fixture, new: &Fixture) {
-    for file in walk_files(&new.root) {
-        let rel = file.strip_prefix(&new.root).unwrap();
-        if rel.starts_with("sys") || rel.starts_with("proc") || rel.starts_with("etc/ld.so.cache") {
-            continue;
-        }
-        let target = root.join(rel);
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        let staged = target.with_extension("dpkg-new");
-        std::fs::copy(&file, &staged).unwrap();
-        std::fs::rename(&staged, &target).unwrap();
-    }
+    unpack(root, new, |_| true);
     // `old` describes the previous version's files by their paths under any root.
     for lib in old.libraries.iter().filter(|l| l.version == old.version) {
         std::fs::remove_file(root.join(&lib.host_path)).unwrap();
@@ -39,6 +29,23 @@ fn dpkg_upgrade(root: &Path, old: &Fixture, new: &Fixture) {
         Command::new("ldconfig").arg("-r").arg(root).output().unwrap(),
         "ldconfig -r",
     );
+}
+
+/// Unpacks those of `new`'s files under `root` that `only` takes (by
+/// their path below the root), each as dpkg does: written beside, then
+/// renamed over.
+fn unpack(root: &Path, new: &Fixture, only: impl Fn(&Path) -> bool) {
+    for file in walk_files(&new.root) {
+        let rel = file.strip_prefix(&new.root).unwrap();
+        if rel.starts_with("sys") || rel.starts_with("proc") || rel.starts_with("etc/ld.so.cache") || !only(rel) {
+            continue;
+        }
+        let target = root.join(rel);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let staged = target.with_extension("dpkg-new");
+        std::fs::copy(&file, &staged).unwrap();
+        std::fs::rename(&staged, &target).unwrap();
+    }
 }
 
 /// The version a fresh process gets for `libcuda.so.1` through the mount.
@@ -167,10 +174,23 @@ fn upgrades_keep_the_pinned_files_then_follow_the_module() {
         m.mountpoint.join("etc/cdi/nvlibfs.json").is_file(),
         "the CDI spec, beside the generations, is still there"
     );
+    // They arrive as apt unpacks them, package by package: libcuda's
+    // last, after the daemon has pinned what came first. What it pinned
+    // then must grow by libcuda, not stay without it until the module
+    // changes again.
     let missing = build(&FixtureSpec::new(MISSING), &work.path().join("missing")).unwrap();
+    let libcuda = |rel: &Path| {
+        rel.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("libcuda."))
+    };
+    unpack(&m.fixture.root, &missing, |rel| !libcuda(rel));
+    wait_for("the re-pin once the first files appear", || {
+        m.status().pin_problem.is_none()
+    });
+    assert_eq!(loaded_version(&m), None, "libcuda is not there yet");
     dpkg_upgrade(&m.fixture.root, &new, &missing);
-    wait_for("the re-pin once the files appear", || {
+    wait_for("libcuda, which came later, to be served", || {
         loaded_version(&m).as_deref() == Some(MISSING)
     });
-    assert!(m.status().pin_problem.is_none());
+    assert_eq!(m.status().driver_version, MISSING);
 }

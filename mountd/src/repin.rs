@@ -4,7 +4,9 @@
 //! names up again, so new lookups see the new files; a second later it
 //! deletes the old generation's names below the root, so the old
 //! generation is freed as soon as its last user lets go. Open files keep
-//! the old generation until then.
+//! the old generation until then. For a while after each pin it also
+//! scans the pinned version again, for files a package manager unpacks
+//! after the pin was taken.
 
 use crate::link::Link;
 use crate::served::{Deletion, Forgetting, Served, FUSE_ROOT, SPEC_INO};
@@ -15,12 +17,18 @@ use nvlibfs::view::View;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// sysfs sends no inotify events for a module reload, so the module's
 /// version is polled; 500 ms keeps a re-pin well inside 2 s for a few
 /// microseconds of work per poll (one small file read).
 pub const POLL: Duration = Duration::from_millis(500);
+
+/// How long the pinned version's files are scanned again after a pin (the
+/// daemon's start, a re-pin): a package manager unpacks a driver package
+/// by package, and a pin taken in between would otherwise serve the part
+/// it saw until the module changes again. Quiet that long, it has settled.
+pub const SETTLE: Duration = Duration::from_secs(10);
 
 /// Checks every `POLL`, and at once when `wake` says so (SIGHUP); returns
 /// when `wake`'s sender is dropped.
@@ -48,6 +56,7 @@ pub fn watch(
     }
     let mut last_error = None;
     let mut checkpointed = served.live_generations();
+    let mut settling_since = Some(Instant::now());
     loop {
         match wake.recv_timeout(POLL) {
             Ok(()) => tracing::info!("checking the kernel module's version now (SIGHUP)"),
@@ -90,12 +99,16 @@ pub fn watch(
         };
         let Some(current) = served.current() else { continue };
         let waiting = served.pin_problem().is_some();
-        if pinned.version == current.view.pin().version && !waiting {
+        let repin = pinned.version != current.view.pin().version || waiting;
+        settling_since = settling_since.filter(|since| since.elapsed() < SETTLE);
+        if !repin && settling_since.is_none() {
             continue;
         }
-        // A scan that takes long (a slow driver root) holds re-pins, and a
-        // restart's freeze waits for it.
-        crate::failpoint::hit("server-repin").unwrap_or_else(|e| tracing::error!("{e}"));
+        if repin {
+            // A scan that takes long (a slow driver root) holds re-pins,
+            // and a restart's freeze waits for it.
+            crate::failpoint::hit("server-repin").unwrap_or_else(|e| tracing::error!("{e}"));
+        }
         // Pins again from the module, so the view says where its pin came from.
         let plan = match nvlibfs::plan(&driver.driver_root, &request, &nvlibfs::discover::KernelInfo::running()) {
             Ok(plan) => plan,
@@ -107,8 +120,12 @@ pub fn watch(
         let pinned = plan.view.pin().clone();
         let to = pinned.version.clone();
         let (view, problem) = if plan.view.has_driver_libraries() {
-            (plan.view, None)
-        } else if waiting && pinned.version == current.view.pin().version {
+            let view = with_spec_dir(plan.view);
+            if !repin && !adds_files(&view, &current.view) {
+                continue; // settling, and nothing new
+            }
+            (view, None)
+        } else if !repin || (waiting && pinned.version == current.view.pin().version) {
             continue; // still waiting for the same version's files
         } else {
             let why = format!(
@@ -118,9 +135,11 @@ pub fn watch(
                 driver.driver_root.display()
             );
             tracing::warn!("{why}");
-            (View::build(pinned, driver.driver_root.clone(), Vec::new()), Some(why))
+            (
+                with_spec_dir(View::build(pinned, driver.driver_root.clone(), Vec::new())),
+                Some(why),
+            )
         };
-        let view = with_spec_dir(view);
         let from = current.view.pin().version.clone();
         let forgetting = match served.swap_in(view, problem, |served| link.checkpoint(served)) {
             Ok(forgetting) => forgetting,
@@ -134,11 +153,27 @@ pub fn watch(
                 continue;
             }
         };
-        tracing::info!(%from, %to, "re-pinned");
+        if repin {
+            tracing::info!(%from, %to, "re-pinned");
+        } else {
+            tracing::info!(version = %to, "more of the pinned version's files appeared; serving them too");
+        }
+        settling_since = Some(Instant::now());
         checkpointed = served.live_generations();
         tell_kernel(&notifier, &forgetting);
         crate::warm::warm(&served, &notifier, &fuse_mount, &serve);
     }
+}
+
+/// Whether `scanned` serves every path `served` does and more: files of
+/// the pinned version that arrived since. A scan that lacks something
+/// served (a file being replaced just then) changes nothing: the served
+/// generation holds its files open.
+fn adds_files(scanned: &View, served: &View) -> bool {
+    let paths =
+        |view: &View| -> std::collections::HashSet<PathBuf> { view.walk().into_iter().map(|(p, _)| p).collect() };
+    let (scanned, served) = (paths(scanned), paths(served));
+    scanned.len() > served.len() && served.is_subset(&scanned)
 }
 
 /// A view as a mount serves it: with the directory its CDI spec is named
