@@ -876,8 +876,9 @@ fn answer_status(listener: UnixListener, served: &Arc<Served>, state_dir: &Path)
                         continue;
                     }
                 };
+                let deadline = std::time::Instant::now() + crate::peer::PROOF_LIMIT;
                 let proving = crate::peer::off_the_accepting_thread("status-proof", move || {
-                    match prove_for_status(&mut client, &state_dir) {
+                    match prove_for_status(&mut client, &state_dir, deadline) {
                         Ok(()) => tell_status(&mut client, &served),
                         Err(why) => refuse_status(&mut client, &why),
                     }
@@ -907,15 +908,36 @@ fn refuse_status(stream: &mut std::os::unix::net::UnixStream, why: &str) {
 }
 
 /// A status client this server cannot see proves CAP_SYS_ADMIN: a line
-/// with the challenge, `proved` back within the proof limit.
-fn prove_for_status(stream: &mut std::os::unix::net::UnixStream, state_dir: &Path) -> Result<(), String> {
+/// with the challenge, `proved` back by `deadline`. Nothing more than a
+/// short line is read, and no later than that, however it is sent.
+fn prove_for_status(
+    stream: &mut std::os::unix::net::UnixStream,
+    state_dir: &Path,
+    deadline: std::time::Instant,
+) -> Result<(), String> {
     use crate::peer::{Challenge, Verdict};
+    const LONGEST: usize = 16;
     let challenge = Challenge::new(state_dir)?;
-    let said = |e: std::io::Error| format!("answering the challenge: {e}");
+    let said = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+            "it did not answer the challenge within {} s",
+            crate::peer::PROOF_LIMIT.as_secs()
+        ),
+        _ => format!("answering the challenge: {e}"),
+    };
     writeln!(stream, "{}{} {}", control::CHALLENGE, challenge.name, challenge.nonce).map_err(said)?;
-    stream.set_read_timeout(Some(crate::peer::PROOF_LIMIT)).map_err(said)?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(&*stream), &mut line).map_err(said)?;
+    let mut said_back = Vec::new();
+    let mut buf = [0u8; LONGEST];
+    while !said_back.contains(&b'\n') && said_back.len() <= LONGEST {
+        stream
+            .set_read_timeout(Some(crate::peer::time_left(deadline)))
+            .map_err(said)?;
+        match std::io::Read::read(stream, &mut buf).map_err(said)? {
+            0 => break,
+            n => said_back.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&said_back);
     match challenge.verdict() {
         Verdict::Privileged if line.trim_end() == "proved" => Ok(()),
         Verdict::Refused(why) => Err(why),
@@ -953,5 +975,57 @@ fn wait_until_answering(mountpoint: &Path) -> Result<(), DaemonError> {
             ));
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    /// A status client this server cannot see, answering the challenge
+    /// with what `answer` writes until the server lets go; what
+    /// `prove_for_status` said, or `None` if it had not returned within
+    /// 20 s (it used to read a line of any length, each byte allowed 5 s).
+    fn challenged(deadline: Instant, answer: impl FnOnce(&mut UnixStream) + Send + 'static) -> Option<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut challenge = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(&client), &mut challenge).unwrap();
+            assert!(challenge.starts_with(control::CHALLENGE), "{challenge}");
+            answer(&mut client);
+        });
+        let (said, heard) = mpsc::channel();
+        let state_dir = dir.path().to_owned();
+        std::thread::spawn(move || {
+            let _ = said.send(prove_for_status(&mut server, &state_dir, deadline).unwrap_err());
+        });
+        let verdict = heard.recv_timeout(Duration::from_secs(20)).ok();
+        if verdict.is_some() {
+            peer.join().unwrap(); // else it would answer for ever
+        }
+        verdict
+    }
+
+    #[test]
+    fn a_challenge_answered_without_end_is_read_no_further_than_a_line() {
+        let flood = |client: &mut UnixStream| while client.write_all(&[b'a'; 65536]).is_ok() {};
+        let said = challenged(Instant::now() + Duration::from_secs(60), flood);
+        assert!(said.is_some(), "still reading the flood");
+    }
+
+    #[test]
+    fn a_challenge_answered_a_byte_at_a_time_ends_at_the_deadline() {
+        let drip = |client: &mut UnixStream| {
+            let until = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < until && client.write_all(b"p").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+        let said = challenged(Instant::now() + Duration::from_secs(1), drip);
+        assert!(said.is_some_and(|s| s.contains("did not answer the challenge")));
     }
 }

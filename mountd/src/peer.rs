@@ -64,22 +64,29 @@ pub fn accept_loop(listener: OwnedFd, state_dir: PathBuf, offered: impl Fn(Owned
         };
         let _ = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
         match check(&sock) {
-            Verdict::Privileged => match read_offer(&sock) {
+            Verdict::Privileged => match read_offer(&sock, std::time::Instant::now() + PROOF_LIMIT) {
                 Ok(offer) => offered(sock, offer),
                 Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
             },
             Verdict::Refused(why) => refuse(&sock, &why),
             Verdict::Unseen(_) => {
+                // Kept to refuse with where no thread takes the peer.
+                let kept = sock.try_clone();
                 let (offered, state_dir) = (offered.clone(), state_dir.clone());
-                let proving = off_the_accepting_thread("takeover-proof", move || match read_offer(&sock) {
-                    Ok(offer) => match challenge_over_protocol(&sock, &state_dir) {
-                        Verdict::Privileged => offered(sock, offer),
-                        Verdict::Refused(why) | Verdict::Unseen(why) => refuse(&sock, &why),
-                    },
-                    Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
+                let proving = off_the_accepting_thread("takeover-proof", move || {
+                    let deadline = std::time::Instant::now() + PROOF_LIMIT;
+                    match read_offer(&sock, deadline) {
+                        Ok(offer) => match challenge_over_protocol(&sock, &state_dir, deadline) {
+                            Verdict::Privileged => offered(sock, offer),
+                            Verdict::Refused(why) | Verdict::Unseen(why) => refuse(&sock, &why),
+                        },
+                        Err(e) => tracing::warn!("a takeover that did not offer: {e}"),
+                    }
                 });
-                if let Err(why) = proving {
-                    tracing::warn!("refused a takeover: {why}");
+                match (proving, kept) {
+                    (Err(why), Ok(sock)) => refuse(&sock, &why),
+                    (Err(why), Err(e)) => tracing::warn!("refused a takeover: {why} (and could not tell it: {e})"),
+                    (Ok(()), _) => {}
                 }
             }
         }
@@ -103,42 +110,63 @@ fn refuse(sock: &OwnedFd, why: &str) {
 }
 
 /// How many peers that cannot be seen from here may be proving
-/// CAP_SYS_ADMIN at once, across the takeover and status sockets; each
-/// takes at most PROOF_LIMIT.
+/// CAP_SYS_ADMIN at once, in this process (the supervisor's takeover
+/// socket, the server's status socket: each has its own); each takes at
+/// most PROOF_LIMIT, whatever it sends.
 const PROVING_AT_ONCE: usize = 8;
-/// How long a peer has to answer a challenge.
+/// How long a peer that must prove itself has for all of it: its offer or
+/// question and its answer to the challenge.
 pub const PROOF_LIMIT: Duration = Duration::from_secs(5);
 
 static PROVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// One of the PROVING_AT_ONCE, given back however its thread ends.
+struct ProofSlot;
+
+impl Drop for ProofSlot {
+    fn drop(&mut self) {
+        PROVING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Runs `prove` (a challenge, which waits on the peer) on a thread of its
 /// own, so that a peer that does not answer holds up nobody else; while
-/// PROVING_AT_ONCE are under way it is not run, and `Err` says why.
+/// PROVING_AT_ONCE are under way it is not run, and `Err` says why (the
+/// caller tells the peer).
 pub fn off_the_accepting_thread<F: FnOnce() + Send + 'static>(name: &str, prove: F) -> Result<(), String> {
-    use std::sync::atomic::Ordering;
-    if PROVING.fetch_add(1, Ordering::SeqCst) >= PROVING_AT_ONCE {
-        PROVING.fetch_sub(1, Ordering::SeqCst);
+    if PROVING.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= PROVING_AT_ONCE {
+        drop(ProofSlot);
         return Err(format!(
             "{PROVING_AT_ONCE} peers this daemon cannot see are already proving CAP_SYS_ADMIN; try again"
         ));
     }
+    let slot = ProofSlot;
     let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _slot = slot;
         prove();
-        PROVING.fetch_sub(1, Ordering::SeqCst);
     });
-    match spawned {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            PROVING.fetch_sub(1, Ordering::SeqCst);
-            Err(format!("starting a thread for its challenge: {e}"))
-        }
-    }
+    spawned
+        .map(drop)
+        .map_err(|e| format!("starting a thread for its challenge: {e}"))
+}
+
+/// What is left of `deadline`, as a receive timeout (at least 1 ms: zero
+/// would mean none).
+pub fn time_left(deadline: std::time::Instant) -> Duration {
+    deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+fn receive_until(sock: &OwnedFd, deadline: std::time::Instant) -> Result<(), String> {
+    let d = time_left(deadline);
+    let left = nix::sys::time::TimeVal::new(d.as_secs() as _, d.subsec_micros() as _);
+    setsockopt(sock, sockopt::ReceiveTimeout, &left).map_err(|e| e.to_string())
 }
 
 /// The first message of a daemon that would take over: its `Offer`.
-fn read_offer(sock: &OwnedFd) -> Result<Offer, String> {
-    let limit = nix::sys::time::TimeVal::new(PROOF_LIMIT.as_secs() as i64, 0);
-    setsockopt(sock, sockopt::ReceiveTimeout, &limit).map_err(|e| e.to_string())?;
+fn read_offer(sock: &OwnedFd, deadline: std::time::Instant) -> Result<Offer, String> {
+    receive_until(sock, deadline)?;
     let m = match protocol::recv(sock) {
         Ok(Some(m)) if m.tag == Tag::Offer => m,
         Ok(Some(m)) => return Err(format!("it sent {:?}", m.tag)),
@@ -150,7 +178,7 @@ fn read_offer(sock: &OwnedFd) -> Result<Offer, String> {
 
 /// A takeover's challenge, over the protocol: `Challenge`, then `Proved`
 /// within PROOF_LIMIT, then the attribute checked.
-fn challenge_over_protocol(sock: &OwnedFd, state_dir: &Path) -> Verdict {
+fn challenge_over_protocol(sock: &OwnedFd, state_dir: &Path, deadline: std::time::Instant) -> Verdict {
     let challenge = match Challenge::new(state_dir) {
         Ok(c) => c,
         Err(why) => return Verdict::Refused(why),
@@ -158,6 +186,9 @@ fn challenge_over_protocol(sock: &OwnedFd, state_dir: &Path) -> Verdict {
     let body = format!("{}\n{}", challenge.name, challenge.nonce);
     if let Err(e) = protocol::send(sock, Tag::Challenge, body.as_bytes(), &[]) {
         return Verdict::Refused(e.0);
+    }
+    if let Err(e) = receive_until(sock, deadline) {
+        return Verdict::Refused(e);
     }
     match protocol::recv(sock) {
         Ok(Some(m)) if m.tag == Tag::Proved => challenge.verdict(),
@@ -437,5 +468,49 @@ impl Drop for Challenge {
         if let Some(ours) = crate::statedir::identity_of(&self.file) {
             self.dir.remove_if(&self.name, ours);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// Past PROVING_AT_ONCE a peer is turned away (and its caller tells
+    /// it); a slot comes back however its thread ends, a panic included.
+    #[test]
+    fn proofs_under_way_are_bounded_and_their_slots_come_back() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Takes every slot with a proof that waits; each slot is retried
+        // until the deadline, as ended proofs give theirs back.
+        let occupy = || {
+            let (release, released) = mpsc::channel::<()>();
+            let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+            let (done, finished) = mpsc::channel();
+            for _ in 0..PROVING_AT_ONCE {
+                let started = || {
+                    let (released, done) = (released.clone(), done.clone());
+                    off_the_accepting_thread("test-proof", move || {
+                        let _ = released.lock().unwrap().recv();
+                        done.send(()).unwrap();
+                    })
+                };
+                while started().is_err() {
+                    assert!(std::time::Instant::now() < deadline, "a slot never came back");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            assert!(off_the_accepting_thread("test-proof", || {}).is_err_and(|why| why.contains("try again")));
+            for _ in 0..PROVING_AT_ONCE {
+                release.send(()).unwrap();
+                finished.recv().unwrap();
+            }
+        };
+        occupy();
+        while off_the_accepting_thread("test-proof", || panic!("a proof that panics")).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the slots never came back");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        occupy();
     }
 }
