@@ -331,7 +331,12 @@ pub fn umount(args: UmountArgs) -> Result<()> {
         }
         NotOurs::Other(message) => message,
     })?;
-    let daemon = control::query(&args.state_dir, &mountpoint).ok().map(|s| s.pid);
+    // A pid is this namespace's only where the daemon runs in it (not in
+    // a container or pod); elsewhere it would name another process.
+    let daemon = control::query(&args.state_dir, &mountpoint)
+        .ok()
+        .filter(|s| s.pid_namespace == control::own_pid_namespace())
+        .map(|s| s.pid);
     let lazy = if args.lazy {
         nix::mount::MntFlags::MNT_DETACH
     } else {
@@ -464,6 +469,16 @@ pub fn restart(args: RestartArgs) -> Result<()> {
     let mountpoint =
         std::fs::canonicalize(&args.mountpoint).map_err(|e| format!("{}: {e}", args.mountpoint.display()))?;
     let before = control::query(&args.state_dir, &mountpoint)?;
+    if before.pid_namespace != control::own_pid_namespace() {
+        return Err(format!(
+            "the daemon serving {} runs in another PID namespace (a container or a pod): its pids are not this \
+             namespace's, and a signal sent from here would reach another process; run `nvlibfs restart` in its \
+             container, or start the new daemon with `nvlibfs mount --take-over` (a DaemonSet's rolling update \
+             does)",
+            mountpoint.display()
+        )
+        .into());
+    }
     let supervisor = before.supervisor_pid.ok_or_else(|| {
         format!(
             "the daemon serving {} (pid {}) has no supervisor to hand over with; `nvlibfs umount` and \

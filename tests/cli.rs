@@ -788,6 +788,23 @@ fn both_processes_and_unserved_mount_points_are_named_alike_everywhere() {
         "{err}"
     );
 
+    // From another PID namespace the daemon's pids name other processes:
+    // restart refuses rather than signal one of them.
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--"])
+        .arg(env!("CARGO_BIN_EXE_nvlibfs"))
+        .args(["restart", "--state-dir"])
+        .arg(&state)
+        .arg(&mountpoint)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("another PID namespace") && err.contains("--take-over"),
+        "{err}"
+    );
+    assert_eq!(common::status_of(&state, &mountpoint).supervisor_pid, Some(supervisor));
+
     // Counters are the server's: after a restart, status says so.
     ok(on_mount("restart"), "restart");
     let shown = ok(on_mount("status"), "status");
