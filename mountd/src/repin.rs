@@ -153,6 +153,9 @@ pub fn watch(
                 continue;
             }
         };
+        if served.current().is_some_and(|now| now.number == current.number) {
+            continue; // no room for another generation; its error says so
+        }
         if repin {
             tracing::info!(%from, %to, "re-pinned");
         } else {
