@@ -48,6 +48,30 @@ pub fn init(verbose: u8, file: Option<&Path>) {
 pub fn open_file() -> Result<(), String> {
     let Some(sink) = SINK.get() else { return Ok(()) };
     let Some(path) = &sink.file else { return Ok(()) };
+    let opened = open(path);
+    let mut target = sink.target.lock().unwrap_or_else(|e| e.into_inner());
+    let written = opened.and_then(|mut file| match &*target {
+        Target::Pending(lines) => file
+            .write_all(lines)
+            .map(|()| file)
+            .map_err(|e| format!("log file {}: {e}", path.display())),
+        _ => Ok(file),
+    });
+    match written {
+        Ok(file) => {
+            *target = Target::File(file);
+            Ok(())
+        }
+        Err(e) => {
+            // Lines kept for a file that cannot be written would be kept
+            // for ever: stderr has them from now on, the error among them.
+            *target = Target::Stderr;
+            Err(e)
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<File, String> {
     // Not through a symbolic link: whoever could plant one in the log's
     // directory would have the daemon append to a file of their choosing.
     // Not blocking either: a FIFO nobody reads would hold the open for
@@ -63,9 +87,9 @@ pub fn open_file() -> Result<(), String> {
         .create(true)
         .append(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path);
-    let mut file = opened.map_err(|e| match e.raw_os_error() {
+    let file = opened.map_err(|e| match e.raw_os_error() {
         Some(libc::ELOOP) => format!("log file {}: a symbolic link; refusing to follow it", path.display()),
         // A FIFO that nobody has open for reading.
         Some(libc::ENXIO) => not_regular(),
@@ -80,13 +104,7 @@ pub fn open_file() -> Result<(), String> {
     }
     nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND))
         .map_err(|e| format!("log file {}: {e}", path.display()))?;
-    let mut target = sink.target.lock().unwrap_or_else(|e| e.into_inner());
-    if let Target::Pending(lines) = &*target {
-        file.write_all(lines)
-            .map_err(|e| format!("log file {}: {e}", path.display()))?;
-    }
-    *target = Target::File(file);
-    Ok(())
+    Ok(file)
 }
 
 struct SinkWriter(&'static Sink);
