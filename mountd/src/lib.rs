@@ -17,6 +17,7 @@ pub mod kept;
 pub mod layout;
 pub mod link;
 pub mod logging;
+pub mod own_mount;
 pub mod peer;
 pub mod privileges;
 pub mod protocol;

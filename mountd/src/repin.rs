@@ -246,12 +246,12 @@ pub fn follow_devices(served: &Served, dev: &Path, notifier: Option<&Notifier>, 
 /// without this, a runtime watching the spec's directory (docker's CDI
 /// cache) hears nothing and goes on with the old spec. The lookup is
 /// answered by this server's other threads; this one holds no lock they
-/// need.
+/// need. It is made from a child process (see `own_mount`).
 fn cache_spec_names(served: &Served) {
     let spec = (served.mountpoint.join(nvlibfs::control::LIVE_DIR))
         .join(nvlibfs::cdi::VIEW_SPEC_DIR)
         .join(nvlibfs::cdi::VIEW_SPEC_NAME);
-    if let Err(e) = std::fs::symlink_metadata(&spec) {
+    if let Some(Err(e)) = crate::own_mount::inodes(&[&spec], false).pop() {
         tracing::debug!("looking up {}: {e}", spec.display());
     }
 }

@@ -8,7 +8,6 @@
 use crate::served::Served;
 use fuser::{INodeNo, Notifier};
 use nvlibfs::args::ServeArgs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -26,20 +25,23 @@ struct Chunk {
 /// `--warm` libraries into the kernel's page cache, from one thread per
 /// server thread, and returns once they are there (about 30 ms for a
 /// 92 MiB libcuda in the host's page cache). `live` is the FUSE mount: each file is looked up through it
-/// first, as the kernel keeps pages only for inodes it knows. Nothing on
+/// first (from a child process: see `own_mount`), as the kernel keeps
+/// pages only for inodes it knows. Nothing on
 /// the passthrough path, where the host's page cache serves.
 pub fn warm(served: &Served, notifier: &Notifier, live: &Path, serve: &ServeArgs) {
     let libraries = serve.warm_libraries();
     let start = Instant::now();
     let Some(generation) = served.current() else { return };
+    let wanted: Vec<_> = (generation.view.files())
+        .filter(|(_, file)| file.library.is_some_and(|l| libraries.contains(&l.name)))
+        .map(|(_, file)| (live.join(&file.view_path), &file.view_path))
+        .collect();
+    let paths: Vec<&Path> = wanted.iter().map(|(path, _)| path.as_path()).collect();
     let mut files = Vec::new();
-    for (_, file) in generation.view.files() {
-        if !file.library.is_some_and(|l| libraries.contains(&l.name)) {
-            continue;
-        }
-        match std::fs::metadata(live.join(&file.view_path)) {
-            Ok(meta) => files.extend(served.warm_size(meta.ino()).map(|size| (meta.ino(), size))),
-            Err(e) => tracing::warn!("not warming {}: {e}", file.view_path.display()),
+    for (looked, (_, view_path)) in crate::own_mount::inodes(&paths, true).into_iter().zip(&wanted) {
+        match looked {
+            Ok(ino) => files.extend(served.warm_size(ino).map(|size| (ino, size))),
+            Err(e) => tracing::warn!("not warming {}: {e}", view_path.display()),
         }
     }
     let chunks: Vec<Chunk> = files
