@@ -327,12 +327,7 @@ fn ask(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
         io::Error::new(e.kind(), text)
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    // A reset is the listener closed with this connection still in its
-    // queue: its process ended, as an EOF says of one that took it.
-    let unanswered = |e: io::Error| {
-        if e.kind() != io::ErrorKind::ConnectionReset {
-            return e;
-        }
+    let unanswered = || {
         io::Error::new(
             io::ErrorKind::UnexpectedEof,
             format!(
@@ -342,9 +337,15 @@ fn ask(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
             ),
         )
     };
+    // A reset is the listener closed with this connection still in its
+    // queue: its process ended, as an EOF says of one that took it.
+    let reset_unanswered = |e: io::Error| match e.kind() {
+        io::ErrorKind::ConnectionReset => unanswered(),
+        _ => e,
+    };
     let mut reader = io::BufReader::new(stream.try_clone()?);
     let mut text = String::new();
-    io::BufRead::read_line(&mut reader, &mut text).map_err(unanswered)?;
+    io::BufRead::read_line(&mut reader, &mut text).map_err(reset_unanswered)?;
     if let Some(challenge) = text.strip_prefix(CHALLENGE) {
         let (name, nonce) = challenge.trim_end().split_once(' ').unwrap_or_default();
         prove(state_dir, name, nonce).map_err(|e| {
@@ -361,9 +362,9 @@ fn ask(state_dir: &Path, mountpoint: &Path) -> io::Result<Status> {
         io::Write::write_all(&mut stream, b"proved\n")?;
         text.clear();
     }
-    reader.read_to_string(&mut text).map_err(unanswered)?;
+    reader.read_to_string(&mut text).map_err(reset_unanswered)?;
     if text.is_empty() {
-        return Err(unanswered(io::ErrorKind::ConnectionReset.into()));
+        return Err(unanswered());
     }
     if let Some(why) = text.strip_prefix(REFUSED) {
         return Err(io::Error::new(
